@@ -1,0 +1,52 @@
+# The README's commands. Each target creates .venv when missing and installs with constraints.txt,
+# so a fresh machine with only Python 3.11 and the package registries can run any of them.
+PYTHON ?= python3.11
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+export RAY_USAGE_STATS_ENABLED := 0
+export RAY_AUTH_MODE := disabled
+
+.DEFAULT_GOAL := help
+.PHONY: help install demo test test-unit test-slow lint format constraints clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
+
+$(BIN)/python:
+	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) on PATH (or: make PYTHON=python3 ...)"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+
+# Reinstall only when the dependency files change.
+$(STAMP): $(BIN)/python pyproject.toml constraints.txt
+	$(BIN)/python -m pip install --quiet --upgrade "pip>=24"
+	$(BIN)/python -m pip install --quiet -c constraints.txt torch==2.13.0
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev]"
+	$(BIN)/python -m pip check
+	@touch $@
+
+install: $(STAMP)  ## create .venv and install pinned dependencies
+
+demo: $(STAMP)  ## the main job on the embedded synthetic default
+	$(BIN)/marn demo --config configs/local.yaml
+
+test: $(STAMP)  ## unit + integration tests (integration tests are marked slow)
+	$(BIN)/python -m pytest tests
+
+test-unit: $(STAMP)  ## fast unit tests only
+	$(BIN)/python -m pytest tests/unit -m "not slow"
+
+lint: $(STAMP)  ## ruff check + format check
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(STAMP)  ## apply ruff fixes and formatting
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+constraints: $(STAMP)  ## regenerate constraints.txt from the installed set
+	@{ head -2 constraints.txt; $(BIN)/python -m pip freeze --exclude-editable | sed 's/+cpu$$//'; } > constraints.new
+	mv constraints.new constraints.txt
+
+clean:  ## remove local outputs (keeps .venv)
+	rm -rf .marn .pytest_cache .ruff_cache

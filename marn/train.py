@@ -1,0 +1,174 @@
+"""The training loop: plain torch, one process. Ray Train will run ``fit`` unchanged inside its workers.
+
+``train_model`` is the whole job for one model on one dataset: DIN samples -> tensors -> ``fit`` with
+early stopping on validation AUC -> the best checkpoint scored on test -> ``metrics.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from torch import nn
+
+from marn.config import Config, TrainConfig
+from marn.data.samples import build_samples
+from marn.data.schema import Dataset
+from marn.data.tensors import EncodedSamples, ItemCatalog, encode_samples
+from marn.evaluate import ctr_metrics
+from marn.models import CTRModel, build_model
+
+CHECKPOINT = "model.pt"
+METRICS = "metrics.json"
+
+
+@dataclass(frozen=True)
+class EpochResult:
+    epoch: int
+    train_loss: float
+    valid: dict[str, float]
+    seconds: float
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    metrics: dict[str, Any]
+    checkpoint: Path
+    metrics_path: Path
+
+
+def seed_everything(seed: int) -> None:
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def predict(model: CTRModel, data: EncodedSamples, batch_size: int = 4096) -> np.ndarray:
+    """Click probabilities for every sample, in order."""
+    model.eval()
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(data), batch_size):
+            index = torch.arange(start, min(start + batch_size, len(data)))
+            out.append(torch.sigmoid(model(data.batch(index)).logits))
+    return torch.cat(out).numpy() if out else np.empty(0, dtype=np.float32)
+
+
+def evaluate_split(model: CTRModel, data: EncodedSamples) -> dict[str, float]:
+    labels = data.tensors["label"].numpy()
+    return ctr_metrics(data.users, labels, predict(model, data))
+
+
+def fit(
+    model: CTRModel,
+    train: EncodedSamples,
+    valid: EncodedSamples,
+    cfg: TrainConfig,
+    on_epoch: Callable[[EpochResult, dict[str, torch.Tensor]], None] | None = None,
+    show_progress: bool = True,
+) -> tuple[dict[str, torch.Tensor], list[EpochResult]]:
+    """Train with AdaGrad and early stopping on validation AUC; return the best state dict and history.
+
+    ``on_epoch`` sees each epoch's result and the current weights (Ray Train reports and checkpoints there).
+    """
+    optimizer = torch.optim.Adagrad(model.parameters(), lr=cfg.lr)
+    bce = nn.BCEWithLogitsLoss()
+    shuffle = torch.Generator().manual_seed(cfg.seed)
+    best_auc, best_state, stale, history = -1.0, _copy_state(model), 0, []
+    steps_per_epoch = max(1, -(-len(train) // cfg.batch_size))
+    with _progress(show_progress) as bar:
+        task = bar.add_task("train", total=cfg.epochs * steps_per_epoch)
+        for epoch in range(1, cfg.epochs + 1):
+            started, model_loss, seen = time.perf_counter(), 0.0, 0
+            model.train()
+            for index in torch.randperm(len(train), generator=shuffle).split(cfg.batch_size):
+                batch = train.batch(index)
+                out = model(batch)
+                loss = bce(out.logits, batch["label"])
+                if out.aux_loss is not None:
+                    loss = loss + out.aux_loss
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                model_loss += loss.item() * len(index)
+                seen += len(index)
+                bar.update(task, advance=1, description=f"epoch {epoch} loss {model_loss / seen:.4f}")
+            valid_metrics = evaluate_split(model, valid)
+            result = EpochResult(epoch, model_loss / max(seen, 1), valid_metrics, time.perf_counter() - started)
+            history.append(result)
+            if on_epoch is not None:
+                on_epoch(result, model.state_dict())
+            if result.valid["auc"] > best_auc:
+                best_auc, best_state, stale = result.valid["auc"], _copy_state(model), 0
+            else:
+                stale += 1
+                if stale >= cfg.patience:
+                    break
+    return best_state, history
+
+
+def train_model(
+    dataset: Dataset, cfg: Config, out_dir: str | Path, show_progress: bool = True
+) -> TrainResult:
+    """DIN samples -> fit -> test metrics; writes ``model.pt`` and ``metrics.json`` into ``out_dir``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    seed_everything(cfg.train.seed)
+    started = time.perf_counter()
+    samples = build_samples(dataset, cfg.samples)
+    catalog = ItemCatalog.from_items(dataset.items)
+    train, valid, test = (
+        encode_samples(samples.split(s), catalog, cfg.samples.max_history) for s in ("train", "valid", "test")
+    )
+    model = build_model(cfg.train.model, catalog)
+    best_state, history = fit(model, train, valid, cfg.train, show_progress=show_progress)
+    model.load_state_dict(best_state)
+    best = max(history, key=lambda r: r.valid["auc"])
+    metrics: dict[str, Any] = {
+        **evaluate_split(model, test),
+        "model": cfg.train.model,
+        "best_epoch": best.epoch,
+        "epochs_run": len(history),
+        "valid": best.valid,
+        "history": [
+            {"epoch": r.epoch, "train_loss": r.train_loss, "valid_auc": r.valid["auc"], "seconds": r.seconds}
+            for r in history
+        ],
+        "samples": {"train": len(train), "valid": len(valid), "test": len(test)},
+        "seed": cfg.train.seed,
+        "wall_s": time.perf_counter() - started,
+    }
+    checkpoint = out_dir / CHECKPOINT
+    torch.save(
+        {"model": cfg.train.model, "state_dict": best_state, "catalog": catalog.to_dict(),
+         "config": cfg.model_dump(mode="json")},
+        checkpoint,
+    )
+    metrics_path = out_dir / METRICS
+    metrics_path.write_text(json.dumps(metrics, indent=2, allow_nan=True) + "\n")
+    return TrainResult(metrics, checkpoint, metrics_path)
+
+
+def load_checkpoint(path: str | Path) -> tuple[CTRModel, dict[str, Any]]:
+    """Rebuild a trained model from ``model.pt``; returns the model (eval mode) and the saved config."""
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    model = build_model(saved["model"], ItemCatalog.from_dict(saved["catalog"]))
+    model.load_state_dict(saved["state_dict"])
+    return model.eval(), saved["config"]
+
+
+def _copy_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _progress(enabled: bool) -> Progress:
+    return Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+        disable=not enabled, transient=False,
+    )
