@@ -184,7 +184,9 @@ def demo(
 
     with stage("synthesize"):
         summary = synthesize(data_dir, cfg.synth)
-        console.print(f"{summary.events:,} events, {summary.items:,} items, {summary.users:,} users -> {data_dir}")
+        console.print(
+            f"{summary.events:,} events, {summary.items:,} items, {summary.users:,} users -> {data_dir}"
+        )
     with stage("validate"):
         report = check_dataset(data_dir, cfg.validation)  # raises, and stops the job, on bad data
         (root / "validation.html").write_text(report.to_html())
@@ -212,7 +214,12 @@ class _Timer:
 
 
 def _print_metrics(metrics: dict) -> None:
-    table = Table("metric", "test", "valid (best epoch)", title=f"{metrics['model']} (best epoch {metrics['best_epoch']})")
+    table = Table(
+        "metric",
+        "test",
+        "valid (best epoch)",
+        title=f"{metrics['model']} (best epoch {metrics['best_epoch']})",
+    )
     for key in ("auc", "user_auc", "logloss"):
         table.add_row(key, f"{metrics[key]:.4f}", f"{metrics['valid'][key]:.4f}")
     console.print(table)
@@ -220,5 +227,10 @@ def _print_metrics(metrics: dict) -> None:
 
 
 def _bar() -> Progress:
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    console=console)
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+    )

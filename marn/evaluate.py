@@ -21,10 +21,14 @@ def user_auc(users: np.ndarray, labels: np.ndarray, scores: np.ndarray) -> float
     Ties count one half (Mann-Whitney); Eq. 11's strict ``>`` would score a constant predictor 0,
     not 0.5. Users with a single class have no AUC and are left out, as the equation requires.
     """
-    frame = pd.DataFrame({"user": np.asarray(users), "label": np.asarray(labels), "score": np.asarray(scores)})
+    frame = pd.DataFrame(
+        {"user": np.asarray(users), "label": np.asarray(labels), "score": np.asarray(scores)}
+    )
     frame["rank"] = frame.groupby("user")["score"].rank(method="average")
     frame["pos_rank"] = frame["rank"].where(frame["label"] == 1, 0.0)
-    per_user = frame.groupby("user").agg(n=("label", "size"), n_pos=("label", "sum"), pos_rank=("pos_rank", "sum"))
+    per_user = frame.groupby("user").agg(
+        n=("label", "size"), n_pos=("label", "sum"), pos_rank=("pos_rank", "sum")
+    )
     n_neg = per_user["n"] - per_user["n_pos"]
     both = (per_user["n_pos"] > 0) & (n_neg > 0)
     if not both.any():
@@ -43,6 +47,6 @@ def ctr_metrics(users: np.ndarray, labels: np.ndarray, probabilities: np.ndarray
         "auc": auc(labels, probabilities),
         "user_auc": user_auc(users, labels, probabilities),
         "logloss": logloss(labels, probabilities),
-        "samples": int(len(labels)),
+        "samples": len(labels),
         "positive_rate": float(np.mean(labels)),
     }

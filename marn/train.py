@@ -100,7 +100,9 @@ def fit(
                 seen += len(index)
                 bar.update(task, advance=1, description=f"epoch {epoch} loss {model_loss / seen:.4f}")
             valid_metrics = evaluate_split(model, valid)
-            result = EpochResult(epoch, model_loss / max(seen, 1), valid_metrics, time.perf_counter() - started)
+            result = EpochResult(
+                epoch, model_loss / max(seen, 1), valid_metrics, time.perf_counter() - started
+            )
             history.append(result)
             if on_epoch is not None:
                 on_epoch(result, model.state_dict())
@@ -146,8 +148,12 @@ def train_model(
     }
     checkpoint = out_dir / CHECKPOINT
     torch.save(
-        {"model": cfg.train.model, "state_dict": best_state, "catalog": catalog.to_dict(),
-         "config": cfg.model_dump(mode="json")},
+        {
+            "model": cfg.train.model,
+            "state_dict": best_state,
+            "catalog": catalog.to_dict(),
+            "config": cfg.model_dump(mode="json"),
+        },
         checkpoint,
     )
     metrics_path = out_dir / METRICS
@@ -169,6 +175,10 @@ def _copy_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def _progress(enabled: bool) -> Progress:
     return Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-        disable=not enabled, transient=False,
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        disable=not enabled,
+        transient=False,
     )

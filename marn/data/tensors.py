@@ -90,7 +90,9 @@ class ItemCatalog:
 @dataclass(frozen=True)
 class EncodedSamples:
     users: np.ndarray  # (N,) user ids as strings, for per-user metrics
-    tensors: dict[str, torch.Tensor]  # item (N,), hist_items/hist_behavior/hist_gap (N, L), hist_len (N,), label
+    tensors: dict[
+        str, torch.Tensor
+    ]  # item (N,), hist_items/hist_behavior/hist_gap (N, L), hist_len (N,), label
 
     def __len__(self) -> int:
         return len(self.users)

@@ -43,5 +43,5 @@ def test_bad_files(tmp_path):
 def test_overrides_merge_into_nested_sections(tmp_path):
     cfg = load_config(REPO / "configs" / "local.yaml", {"synth": {"users": 5}, "train": {"epochs": 1}})
     assert cfg.synth.users == 5 and cfg.synth.items == Config().synth.items and cfg.train.epochs == 1
-    with pytest.raises(ConfigError, match="unknown key 'train.epochz'"):
+    with pytest.raises(ConfigError, match=r"unknown key 'train\.epochz'"):
         load_config(None, {"train": {"epochz": 1}})

@@ -23,8 +23,11 @@ def test_user_auc_ties_count_half_and_matches_sklearn_per_user():
     labels = rng.integers(0, 2, size=200)
     scores = np.round(rng.random(200), 1)  # many ties
     expected = np.mean(
-        [roc_auc_score(labels[users == u], scores[users == u]) for u in np.unique(users)
-         if 0 < labels[users == u].sum() < 10]
+        [
+            roc_auc_score(labels[users == u], scores[users == u])
+            for u in np.unique(users)
+            if 0 < labels[users == u].sum() < 10
+        ]
     )
     assert user_auc(users, labels, scores) == pytest.approx(expected)
     assert user_auc(np.array(["a", "a"]), np.array([1, 0]), np.array([0.5, 0.5])) == pytest.approx(0.5)

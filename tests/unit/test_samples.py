@@ -33,9 +33,7 @@ def test_split_positions_follow_the_protocol():
     data = _dataset()
     cfg = SamplesConfig(max_history=50, min_events=4, seed=3)
     samples = build_samples(data, cfg)
-    sequences = {
-        u: g.sort_values("ts")["item_id"].tolist() for u, g in data.events.groupby("user_id")
-    }
+    sequences = {u: g.sort_values("ts")["item_id"].tolist() for u, g in data.events.groupby("user_id")}
     eligible = {u: s for u, s in sequences.items() if len(s) >= 4}
     test = _pairs(samples.test)
     valid = _pairs(samples.valid)

@@ -30,7 +30,9 @@ def test_catalog_maps_items_to_attribute_codes_and_round_trips():
     catalog = ItemCatalog.from_items(ITEMS)
     code = catalog.items.encode(["c"])[0]
     cat, brand, shop = catalog.attributes[code]
-    assert catalog.categories.values[cat - 1] == "y" and catalog.brands.values[brand - 1] == "q" and shop == PAD
+    assert (
+        catalog.categories.values[cat - 1] == "y" and catalog.brands.values[brand - 1] == "q" and shop == PAD
+    )
     assert (catalog.attributes[PAD] == 0).all()
     again = ItemCatalog.from_dict(catalog.to_dict())
     assert again.items == catalog.items and (again.attributes == catalog.attributes).all()
@@ -39,12 +41,18 @@ def test_catalog_maps_items_to_attribute_codes_and_round_trips():
 def test_histories_keep_the_newest_entries_left_aligned_and_padded():
     t0 = pd.Timestamp("2025-01-01", tz="UTC")
     row = {
-        "user_id": "u", "item_id": "e", "label": 1, "ts": t0 + pd.Timedelta(seconds=1024),
-        "hist_item_ids": ["a", "b", "unknown", "d"], "hist_behaviors": ["click", "cart", "purchase", "click"],
+        "user_id": "u",
+        "item_id": "e",
+        "label": 1,
+        "ts": t0 + pd.Timedelta(seconds=1024),
+        "hist_item_ids": ["a", "b", "unknown", "d"],
+        "hist_behaviors": ["click", "cart", "purchase", "click"],
         "hist_ts": [t0, t0, t0 + pd.Timedelta(seconds=1016), t0 + pd.Timedelta(seconds=1023)],
     }
-    table = pa.Table.from_pylist([row, {**row, "hist_item_ids": ["a"], "hist_behaviors": ["click"],
-                                        "hist_ts": [t0]}], schema=SAMPLE_SCHEMA)
+    table = pa.Table.from_pylist(
+        [row, {**row, "hist_item_ids": ["a"], "hist_behaviors": ["click"], "hist_ts": [t0]}],
+        schema=SAMPLE_SCHEMA,
+    )
     catalog = ItemCatalog.from_items(ITEMS)
     enc = encode_samples(table.slice(0, 2), catalog, max_history=3)
     t = enc.tensors
@@ -60,8 +68,9 @@ def test_histories_keep_the_newest_entries_left_aligned_and_padded():
 
 def test_encoding_works_on_sliced_tables_from_the_protocol():
     ts = pd.date_range("2025-01-01", periods=5, freq="D", tz="UTC")
-    events = pd.DataFrame({"user_id": ["u1"] * 5, "item_id": ["a", "b", "c", "a", "b"], "behavior": "click",
-                           "ts": ts})
+    events = pd.DataFrame(
+        {"user_id": ["u1"] * 5, "item_id": ["a", "b", "c", "a", "b"], "behavior": "click", "ts": ts}
+    )
     events = pd.concat([events, events.assign(user_id="u2", item_id=["c", "d", "a", "b", "c"])])
     samples = build_samples(Dataset(events=events, items=ITEMS), SamplesConfig(min_events=4))
     catalog = ItemCatalog.from_items(ITEMS)
