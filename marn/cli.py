@@ -67,17 +67,21 @@ def data_synth(
     config: ConfigOption = None,
 ) -> None:
     """Generate the synthetic multimodal dataset (images, titles, statistics, planted user tastes)."""
-    from marn.data.synth import synthesize
-
     cfg = _config(config, {"synth": _drop_none({"users": users, "items": items, "seed": seed})})
     started = time.perf_counter()
-    with _bar() as bar:
-        task = bar.add_task("synthesize users", total=cfg.synth.users)
-        summary = synthesize(out, cfg.synth, progress=lambda done, total: bar.update(task, completed=done))
+    summary = _synthesize(out, cfg)
     console.print(
         f"wrote {summary.events:,} events, {summary.items:,} items ({summary.images:,} images), "
         f"{summary.users:,} users to {out} in {time.perf_counter() - started:.1f} s"
     )
+
+
+def _synthesize(out: Path, cfg: Config):
+    from marn.data.synth import synthesize
+
+    with _bar() as bar:
+        task = bar.add_task("synthesize users", total=cfg.synth.users)
+        return synthesize(out, cfg.synth, progress=lambda done, total: bar.update(task, completed=done))
 
 
 @import_app.command("movielens")
@@ -169,9 +173,8 @@ def demo(
 ) -> None:
     """The main job on the embedded default: synthesize -> validate -> train and evaluate."""
     from marn.data.schema import read_dataset
-    from marn.data.synth import synthesize
     from marn.train import train_model
-    from marn.validate import check_dataset
+    from marn.validate import validate_dataset
 
     cfg = _config(config)
     root = out or cfg.paths.work_dir / "demo"
@@ -183,13 +186,16 @@ def demo(
         return _Timer(times, name)
 
     with stage("synthesize"):
-        summary = synthesize(data_dir, cfg.synth)
+        summary = _synthesize(data_dir, cfg)
         console.print(
             f"{summary.events:,} events, {summary.items:,} items, {summary.users:,} users -> {data_dir}"
         )
     with stage("validate"):
-        report = check_dataset(data_dir, cfg.validation)  # raises, and stops the job, on bad data
+        report = validate_dataset(data_dir, cfg.validation)
         (root / "validation.html").write_text(report.to_html())
+        if not report.success:  # the gate: bad data stops the job here
+            err_console.print(report.to_text())
+            raise typer.Exit(1)
         console.print(f"[green]valid[/green]; report: {root / 'validation.html'}")
     with stage(f"train + evaluate ({cfg.train.model})"):
         result = train_model(read_dataset(data_dir), cfg, run_dir)
