@@ -8,7 +8,6 @@ the same point-in-time guarantee.
 
 from __future__ import annotations
 
-import gzip
 import io
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -16,10 +15,9 @@ from pathlib import Path
 
 import pandas as pd
 
+from marn.data.files import open_binary
 from marn.data.schema import EVENTS, ITEM_STATS, ITEMS, USERS, write_table
 from marn.data.stats import daily_item_stats
-
-_GZIP_MAGIC = b"\x1f\x8b"
 
 
 @dataclass(frozen=True)
@@ -48,11 +46,7 @@ def require_dir(path: Path, what: str = "input directory") -> Path:
 
 def open_text(path: Path, encoding: str = "utf-8") -> io.TextIOBase:
     """Open a text file, transparently gunzipping it (detected by content, not by the file name)."""
-    with path.open("rb") as probe:
-        gzipped = probe.read(2) == _GZIP_MAGIC
-    if gzipped:
-        return gzip.open(path, "rt", encoding=encoding, newline="")
-    return path.open("r", encoding=encoding, newline="")
+    return io.TextIOWrapper(open_binary(path), encoding=encoding, newline="")
 
 
 def read_delimited(

