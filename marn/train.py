@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,8 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
 
-from marn.config import Config, TrainConfig
+from marn.config import Config, ModelConfig, TrainConfig
+from marn.data.item_features import ItemFeatures, build_item_features
 from marn.data.samples import build_samples
 from marn.data.schema import Dataset
 from marn.data.tensors import EncodedSamples, ItemCatalog, encode_samples
@@ -32,9 +33,10 @@ METRICS = "metrics.json"
 @dataclass(frozen=True)
 class EpochResult:
     epoch: int
-    train_loss: float
+    train_loss: float  # the CTR log loss, averaged over the epoch's samples
     valid: dict[str, float]
     seconds: float
+    aux: dict[str, float] = field(default_factory=dict)  # auxiliary losses (adversarial, DIEN), epoch means
 
 
 @dataclass(frozen=True)
@@ -77,31 +79,43 @@ def fit(
 
     ``on_epoch`` sees each epoch's result and the current weights (Ray Train reports and checkpoints there).
     """
-    optimizer = torch.optim.Adagrad(model.parameters(), lr=cfg.lr)
+    optimizer = torch.optim.Adagrad(
+        model.parameters(), lr=cfg.lr, initial_accumulator_value=cfg.adagrad_initial_accumulator
+    )
     bce = nn.BCEWithLogitsLoss()
     shuffle = torch.Generator().manual_seed(cfg.seed)
     best_auc, best_state, stale, history = -1.0, _copy_state(model), 0, []
     steps_per_epoch = max(1, -(-len(train) // cfg.batch_size))
+    total_steps, step = cfg.epochs * steps_per_epoch, 0
     with _progress(show_progress) as bar:
-        task = bar.add_task("train", total=cfg.epochs * steps_per_epoch)
+        task = bar.add_task("train", total=total_steps)
         for epoch in range(1, cfg.epochs + 1):
-            started, model_loss, seen = time.perf_counter(), 0.0, 0
+            started, ctr_loss, seen = time.perf_counter(), 0.0, 0
+            aux_sums: dict[str, float] = {}
             model.train()
             for index in torch.randperm(len(train), generator=shuffle).split(cfg.batch_size):
                 batch = train.batch(index)
-                out = model(batch)
+                out = model(batch, progress=step / total_steps)  # p of the lambda schedule
                 loss = bce(out.logits, batch["label"])
+                ctr_loss += loss.item() * len(index)
                 if out.aux_loss is not None:
                     loss = loss + out.aux_loss
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-                model_loss += loss.item() * len(index)
+                for name, value in out.aux.items():
+                    aux_sums[name] = aux_sums.get(name, 0.0) + value.item() * len(index)
                 seen += len(index)
-                bar.update(task, advance=1, description=f"epoch {epoch} loss {model_loss / seen:.4f}")
+                step += 1
+                bar.update(task, advance=1, description=f"epoch {epoch} loss {ctr_loss / seen:.4f}")
             valid_metrics = evaluate_split(model, valid)
+            seen = max(seen, 1)
             result = EpochResult(
-                epoch, model_loss / max(seen, 1), valid_metrics, time.perf_counter() - started
+                epoch,
+                ctr_loss / seen,
+                valid_metrics,
+                time.perf_counter() - started,
+                {name: total / seen for name, total in aux_sums.items()},
             )
             history.append(result)
             if on_epoch is not None:
@@ -125,10 +139,11 @@ def train_model(
     started = time.perf_counter()
     samples = build_samples(dataset, cfg.samples)
     catalog = ItemCatalog.from_items(dataset.items)
+    features = build_item_features(dataset, catalog, cfg.features, cfg.model.stats_buckets)
     train, valid, test = (
         encode_samples(samples.split(s), catalog, cfg.samples.max_history) for s in ("train", "valid", "test")
     )
-    model = build_model(cfg.train.model, catalog)
+    model = build_model(cfg.train.model, catalog, features, cfg.model)
     best_state, history = fit(model, train, valid, cfg.train, show_progress=show_progress)
     model.load_state_dict(best_state)
     best = max(history, key=lambda r: r.valid["auc"])
@@ -139,7 +154,13 @@ def train_model(
         "epochs_run": len(history),
         "valid": best.valid,
         "history": [
-            {"epoch": r.epoch, "train_loss": r.train_loss, "valid_auc": r.valid["auc"], "seconds": r.seconds}
+            {
+                "epoch": r.epoch,
+                "train_loss": r.train_loss,
+                "valid_auc": r.valid["auc"],
+                "seconds": r.seconds,
+                **r.aux,
+            }
             for r in history
         ],
         "samples": {"train": len(train), "valid": len(valid), "test": len(test)},
@@ -152,6 +173,7 @@ def train_model(
             "model": cfg.train.model,
             "state_dict": best_state,
             "catalog": catalog.to_dict(),
+            "features": features.to_dict(),
             "config": cfg.model_dump(mode="json"),
         },
         checkpoint,
@@ -164,7 +186,12 @@ def train_model(
 def load_checkpoint(path: str | Path) -> tuple[CTRModel, dict[str, Any]]:
     """Rebuild a trained model from ``model.pt``; returns the model (eval mode) and the saved config."""
     saved = torch.load(path, map_location="cpu", weights_only=True)
-    model = build_model(saved["model"], ItemCatalog.from_dict(saved["catalog"]))
+    model = build_model(
+        saved["model"],
+        ItemCatalog.from_dict(saved["catalog"]),
+        ItemFeatures.from_dict(saved["features"]),
+        ModelConfig.model_validate(saved["config"]["model"]),
+    )
     model.load_state_dict(saved["state_dict"])
     return model.eval(), saved["config"]
 

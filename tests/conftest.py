@@ -3,9 +3,17 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from marn.config import FeaturesConfig, ModelConfig, load_config
+from marn.data.item_features import ItemFeatures, build_item_features
+from marn.data.samples import build_samples
+from marn.data.schema import read_dataset
+from marn.data.synth import synthesize
+from marn.data.tensors import EncodedSamples, ItemCatalog, encode_samples
 
 # /work/main/tests/conftest.py -> /work/shared: the shared folder sits beside the repository checkout.
 _DEFAULT_SHARED = Path(__file__).resolve().parents[2] / "shared"
@@ -22,3 +30,44 @@ def shared_dir() -> Path:
     if not path.is_dir():
         pytest.skip(f"shared data folder not found at {path}; set MARN_SHARED_DIR")
     return path
+
+
+@dataclass(frozen=True)
+class TinyWorld:
+    """A small synthetic dataset turned into everything a model needs: catalogue, item features, samples."""
+
+    catalog: ItemCatalog
+    features: ItemFeatures
+    model_cfg: ModelConfig
+    train: EncodedSamples
+    valid: EncodedSamples
+
+
+# Small widths so every model trains in well under a second per step on two cores.
+TINY_MODEL = {
+    "modality_dim": 16,
+    "rep_dim": 16,
+    "sequence_dim": 16,
+    "title_filters": 4,
+    "attention_hidden": [8],
+    "hidden": [16, 8],
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_world(tmp_path_factory: pytest.TempPathFactory) -> TinyWorld:
+    """Synthetic data (150 users, 80 items) with all four modalities; word vectors from a tiny GloVe file
+    so the test does not load the 400k-word default."""
+    root = tmp_path_factory.mktemp("tiny_world")
+    cfg = load_config(None, {"synth": {"users": 150, "items": 80, "events_per_user": 12, "seed": 3}})
+    synthesize(root / "data", cfg.synth)
+    glove = root / "glove.txt"
+    glove.write_text("red 0.1 0.2 0.3 0.4\nblue -0.1 0.0 0.2 0.1\nwool 0.3 -0.2 0.0 0.5\n")
+    dataset = read_dataset(root / "data")
+    catalog = ItemCatalog.from_items(dataset.items)
+    features_cfg = FeaturesConfig(image="pixels", image_pixels=4, word_vectors=str(glove), title_len=8)
+    model_cfg = ModelConfig.model_validate(TINY_MODEL)
+    features = build_item_features(dataset, catalog, features_cfg, model_cfg.stats_buckets)
+    samples = build_samples(dataset, cfg.samples)
+    train, valid = (encode_samples(samples.split(s), catalog, 12) for s in ("train", "valid"))
+    return TinyWorld(catalog, features, model_cfg, train, valid)

@@ -84,6 +84,7 @@ class Dataset:
     items: pd.DataFrame
     users: pd.DataFrame | None = None
     item_stats: pd.DataFrame | None = None
+    root: Path | None = None  # the directory it was read from; relative image paths resolve against it
 
 
 def item_stat_columns(items: pd.DataFrame) -> list[str]:
@@ -157,7 +158,8 @@ def read_table(data_dir: str | Path, table: str) -> pd.DataFrame | None:
 
 
 def read_dataset(data_dir: str | Path) -> Dataset:
-    return Dataset(**{table: read_table(data_dir, table) for table in (EVENTS, ITEMS, USERS, ITEM_STATS)})
+    tables = {table: read_table(data_dir, table) for table in (EVENTS, ITEMS, USERS, ITEM_STATS)}
+    return Dataset(**tables, root=Path(data_dir))
 
 
 def resolve_image_uri(data_dir: str | Path, image_uri: str | None) -> Path | None:

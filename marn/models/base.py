@@ -2,31 +2,35 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from marn.config import ModelConfig
+from marn.data.item_features import ItemFeatures
 from marn.data.tensors import ItemCatalog
 
 
 @dataclass
 class ModelOutput:
     logits: torch.Tensor  # (B,) click logits for the candidates
-    aux_loss: torch.Tensor | None = None  # extra training loss (adversarial terms, DIEN's auxiliary loss)
+    aux_loss: torch.Tensor | None = None  # extra training loss, already weighted (adversarial, DIEN's aux)
+    aux: dict[str, torch.Tensor] = field(default_factory=dict)  # its named parts, for logging only
 
 
 class CTRModel(nn.Module):
-    """Base class: a model sees the item catalogue at build time and a batch of encoded samples per call.
+    """Base class: a model sees the item catalogue and item features at build time, a batch per call.
 
     Batches are dicts from :func:`marn.data.tensors.encode_samples`: item (B,), hist_items, hist_behavior,
-    hist_gap (B, L), hist_len (B,).
+    hist_gap (B, L), hist_len (B,). ``progress`` in [0, 1] is the share of training done (MARN's lambda
+    schedule reads it; inference leaves the default).
     """
 
-    def __init__(self, catalog: ItemCatalog):
+    def __init__(self, catalog: ItemCatalog, features: ItemFeatures, cfg: ModelConfig):
         super().__init__()
         # (n_items + 1, 3) category, brand, shop codes per item code; a buffer so it moves with .to(device)
         self.register_buffer("item_attributes", torch.as_tensor(catalog.attributes), persistent=False)
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> ModelOutput:
+    def forward(self, batch: dict[str, torch.Tensor], progress: float = 1.0) -> ModelOutput:
         raise NotImplementedError

@@ -1,15 +1,29 @@
-"""Model names -> builders. ``marn models`` lists these; ``marn train --model NAME`` builds one."""
+"""Model names -> builders. ``marn models`` lists these; ``marn train --model NAME`` builds one.
+
+Every builder takes the item catalogue, the item features (all modalities; LR and FM read only IDs, as in
+the paper) and the ``model`` section of the config.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 
+from marn.config import ModelConfig
+from marn.data.item_features import ItemFeatures
 from marn.data.tensors import ItemCatalog
 from marn.models.base import CTRModel
+from marn.models.layers import glorot_init
 from marn.models.lr import LR
+from marn.models.marn import MARN, VARIANTS
 
-MODELS: dict[str, Callable[[ItemCatalog], CTRModel]] = {
+Builder = Callable[[ItemCatalog, ItemFeatures, ModelConfig], CTRModel]
+
+MODELS: dict[str, Builder] = {
+    # paper Table 2, group 1: shallow models on IDs
     "lr": LR,
+    # MARN and its ablations (paper Table 3)
+    **{name: partial(MARN, variant=variant) for name, variant in VARIANTS.items()},
 }
 
 
@@ -17,7 +31,7 @@ def model_names() -> list[str]:
     return list(MODELS)
 
 
-def build_model(name: str, catalog: ItemCatalog) -> CTRModel:
+def build_model(name: str, catalog: ItemCatalog, features: ItemFeatures, cfg: ModelConfig) -> CTRModel:
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; registered: {', '.join(MODELS)}")
-    return MODELS[name](catalog)
+    return glorot_init(MODELS[name](catalog, features, cfg))

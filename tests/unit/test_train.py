@@ -80,9 +80,12 @@ def test_lr_overfits_a_tiny_batch(dataset):
     samples = build_samples(dataset, _cfg().samples)
     catalog = ItemCatalog.from_items(dataset.items)
     data = encode_samples(samples.train.slice(0, 16), catalog, 50)
+    from marn.config import FeaturesConfig, ModelConfig
+    from marn.data.item_features import build_item_features
     from marn.models import build_model
 
-    model = build_model("lr", catalog)
+    features = build_item_features(dataset, catalog, FeaturesConfig(image="pixels"))
+    model = build_model("lr", catalog, features, ModelConfig())
     opt = torch.optim.Adagrad(model.parameters(), lr=0.5)
     batch = data.batch(torch.arange(16))
     for _ in range(200):

@@ -1,0 +1,186 @@
+"""Item modalities as model inputs (paper 3.1): one row per item code, row 0 (PAD / unknown) all empty.
+
+- image: a pre-extracted vector per item. ``DATA/image_embeddings.parquet`` (item_id, embedding) when the
+  embed stage wrote one (VGG16 fc7, 4096-d, in the paper; any dimension works); otherwise the raw pixels
+  of a small thumbnail, which is cheap and keeps colour and coarse shape.
+- title: token codes of the first ``title_len`` words, plus the frozen word vectors they index.
+- stats: multi-granularity discretisation (after AutoCross, the paper's [37]): each numeric statistic
+  becomes a 10-bucket and a 100-bucket code by the item's quantile rank ("according to the number of
+  items"); 0 means missing.
+
+Statistics are the items' static numeric columns plus behaviour counts over the *training log*: every
+event except each user's last two, which are the validation and test targets of the DIN protocol. Counting
+those would leak the held-out clicks into the candidate's popularity.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import torch
+from PIL import Image
+
+from marn.config import FeaturesConfig
+from marn.data.schema import BEHAVIORS, Dataset, item_stat_columns, resolve_image_uri
+from marn.data.tensors import ItemCatalog
+from marn.data.text import build_title_vocabulary, encode_titles, load_word_vectors
+
+log = logging.getLogger(__name__)
+
+IMAGE_EMBEDDINGS = "image_embeddings.parquet"  # item_id (str), embedding (list<float>)
+HELD_OUT_PER_USER = 2  # the DIN protocol's validation and test targets
+
+
+@dataclass(frozen=True)
+class ItemFeatures:
+    """Per-item model inputs, indexed by item code (``ItemCatalog.items``)."""
+
+    image: np.ndarray  # (n_items + 1, D_img) float32
+    title: np.ndarray  # (n_items + 1, H) int64 title-vocabulary codes
+    word_vectors: np.ndarray  # (V, D_word) float32, frozen; row 0 = PAD zeros
+    stats: np.ndarray  # (n_items + 1, F, 2) int64 bucket codes, 0 = missing
+    stat_names: tuple[str, ...]  # the F statistics, in column order
+    image_source: str  # "embeddings" or "pixels:<side>"
+
+    def __post_init__(self) -> None:
+        n = self.image.shape[0]
+        if self.title.shape[0] != n or self.stats.shape[0] != n:
+            raise ValueError(f"item feature tables disagree on the item count: {self.shapes}")
+        if self.stats.shape[1] != len(self.stat_names):
+            raise ValueError(f"{self.stats.shape[1]} stat columns but {len(self.stat_names)} names")
+
+    @property
+    def n_items(self) -> int:
+        return self.image.shape[0]
+
+    @property
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        names = ("image", "title", "word_vectors", "stats")
+        return {name: tuple(getattr(self, name).shape) for name in names}
+
+    def to_dict(self) -> dict[str, Any]:
+        """Tensors and plain values only, so a checkpoint loads with ``torch.load(weights_only=True)``."""
+        return {
+            "image": torch.from_numpy(self.image),
+            "title": torch.from_numpy(self.title),
+            "word_vectors": torch.from_numpy(self.word_vectors),
+            "stats": torch.from_numpy(self.stats),
+            "stat_names": list(self.stat_names),
+            "image_source": self.image_source,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ItemFeatures:
+        return cls(
+            image=data["image"].numpy(),
+            title=data["title"].numpy(),
+            word_vectors=data["word_vectors"].numpy(),
+            stats=data["stats"].numpy(),
+            stat_names=tuple(data["stat_names"]),
+            image_source=str(data["image_source"]),
+        )
+
+
+def build_item_features(
+    dataset: Dataset, catalog: ItemCatalog, cfg: FeaturesConfig, stats_buckets: tuple[int, int] = (10, 100)
+) -> ItemFeatures:
+    items = dataset.items.drop_duplicates("item_id").reset_index(drop=True)
+    codes = catalog.items.encode(items["item_id"].astype(str).tolist())  # (n,) row of each item
+    n_rows = len(catalog.items)
+    image, image_source = _image_matrix(dataset, items, codes, n_rows, cfg)
+    title, word_vectors = _title_codes(items, codes, n_rows, cfg)
+    values, stat_names = _stat_values(dataset, items)
+    stats = np.zeros((n_rows, len(stat_names), 2), dtype=np.int64)
+    for j in range(len(stat_names)):
+        for g, buckets in enumerate(stats_buckets):
+            stats[codes, j, g] = discretize(values[:, j], buckets)
+    return ItemFeatures(image, title, word_vectors, stats, tuple(stat_names), image_source)
+
+
+def discretize(values: np.ndarray, buckets: int) -> np.ndarray:
+    """Codes 1..buckets by quantile rank among the items that have a value (ties share a code); 0 = NaN."""
+    values = np.asarray(values, dtype=np.float64)
+    out = np.zeros(len(values), dtype=np.int64)
+    present = ~np.isnan(values)
+    if present.any():
+        rank = pd.Series(values[present]).rank(method="average", pct=True).to_numpy()  # (0, 1]
+        out[present] = 1 + np.minimum((rank * buckets).astype(np.int64), buckets - 1)
+    return out
+
+
+def _stat_values(dataset: Dataset, items: pd.DataFrame) -> tuple[np.ndarray, list[str]]:
+    static = item_stat_columns(items)
+    events = dataset.events[["user_id", "item_id", "behavior", "ts"]]
+    ordered = events.sort_values(["user_id", "ts"], kind="stable")
+    from_end = ordered.groupby("user_id", sort=False).cumcount(ascending=False)  # 0 = the user's last event
+    log_events = ordered[from_end.to_numpy() >= HELD_OUT_PER_USER]
+    counts = pd.crosstab(log_events["item_id"].astype(str), log_events["behavior"])
+    behaviors = [b for b in BEHAVIORS if b in counts.columns]
+    counts = counts.reindex(items["item_id"].astype(str)).fillna(0.0)
+    columns = {f"n_{b}": counts[b].to_numpy(dtype=np.float64) for b in behaviors}
+    columns["n_events"] = counts[behaviors].sum(axis=1).to_numpy(dtype=np.float64)
+    for name in static:
+        columns[name] = pd.to_numeric(items[name], errors="coerce").to_numpy(dtype=np.float64)
+    names = list(columns)
+    return np.stack([columns[c] for c in names], axis=1), names
+
+
+def _title_codes(
+    items: pd.DataFrame, codes: np.ndarray, n_rows: int, cfg: FeaturesConfig
+) -> tuple[np.ndarray, np.ndarray]:
+    titles = items.get("title", pd.Series("", index=items.index)).fillna("").astype(str).tolist()
+    vectors = load_word_vectors(cfg.word_vectors)
+    vocab = build_title_vocabulary(titles, vectors, min_count=cfg.title_min_count)
+    title = np.zeros((n_rows, cfg.title_len), dtype=np.int64)
+    title[codes] = encode_titles(titles, vocab, cfg.title_len)
+    log.info("titles: %d words, %.0f%% of tokens have a pre-trained vector", len(vocab), 100 * vocab.coverage)
+    return title, vocab.embeddings
+
+
+def _image_matrix(
+    dataset: Dataset, items: pd.DataFrame, codes: np.ndarray, n_rows: int, cfg: FeaturesConfig
+) -> tuple[np.ndarray, str]:
+    path = dataset.root / IMAGE_EMBEDDINGS if dataset.root is not None else None
+    if cfg.image == "embeddings" or (cfg.image == "auto" and path is not None and path.exists()):
+        if path is None or not path.exists():
+            raise FileNotFoundError(
+                f"features.image is 'embeddings' but {path or IMAGE_EMBEDDINGS} does not exist; "
+                "run the embed stage first or set features.image to 'pixels'"
+            )
+        return _read_embeddings(path, items, codes, n_rows), "embeddings"
+    side = cfg.image_pixels
+    image = np.zeros((n_rows, 3 * side * side), dtype=np.float32)
+    missing = 0
+    uris = items.get("image_uri", pd.Series(None, index=items.index, dtype=object))
+    for code, uri in zip(codes, uris, strict=True):
+        file = resolve_image_uri(dataset.root or ".", uri)
+        if file is None or not file.exists():
+            missing += 1
+            continue
+        with Image.open(file) as img:
+            thumb = img.convert("RGB").resize((side, side), Image.Resampling.BILINEAR)
+        image[code] = np.asarray(thumb, dtype=np.float32).reshape(-1) / 255.0 - 0.5
+    if missing:
+        log.warning("images: %d of %d items have no readable image; vector zeros", missing, len(codes))
+    return image, f"pixels:{side}"
+
+
+def _read_embeddings(path: Path, items: pd.DataFrame, codes: np.ndarray, n_rows: int) -> np.ndarray:
+    table = pq.read_table(path, columns=["item_id", "embedding"]).to_pandas()
+    if table.empty:
+        raise ValueError(f"{path}: no rows")
+    vectors = np.stack(table["embedding"].to_numpy()).astype(np.float32)  # (n_emb, D)
+    by_item = pd.Series(np.arange(len(table)), index=table["item_id"].astype(str))
+    row = by_item.reindex(items["item_id"].astype(str)).to_numpy()
+    image = np.zeros((n_rows, vectors.shape[1]), dtype=np.float32)
+    found = ~np.isnan(row)
+    image[codes[found]] = vectors[row[found].astype(np.int64)]
+    if not found.all():
+        log.warning("%s: %d of %d items have no embedding; vector zeros", path, (~found).sum(), len(row))
+    return image

@@ -1,0 +1,261 @@
+"""Layers shared by MARN and the baselines.
+
+Notation used in every shape comment of ``marn/models``:
+B batch, L history length, U unique items in a batch, M modalities, D a model width,
+H title tokens, F item statistics, P behaviour-property width.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from marn.config import ModelConfig
+from marn.data.item_features import ItemFeatures
+from marn.data.schema import BEHAVIORS
+from marn.data.tensors import GAP_BUCKETS, ItemCatalog
+
+MODALITIES = ("ids", "image", "title", "stats")  # paper 3.1.1, in the paper's order
+
+
+# --------------------------------------------------------------------------------------------------------
+# Small building blocks
+# --------------------------------------------------------------------------------------------------------
+
+
+class _ReverseGradient(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return -ctx.scale * grad, None
+
+
+def grad_reverse(x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """Gradient reversal layer (Ganin & Lempitsky 2015): identity forward, gradient * -scale backward."""
+    return _ReverseGradient.apply(x, scale)
+
+
+class MLP(nn.Sequential):
+    """Linear -> ReLU (-> Dropout) per hidden width, then an optional linear output layer."""
+
+    def __init__(self, in_dim: int, hidden: Sequence[int], out_dim: int | None = None, dropout: float = 0.0):
+        layers: list[nn.Module] = []
+        for width in hidden:
+            layers += [nn.Linear(in_dim, width), nn.ReLU()]
+            if dropout:
+                layers.append(nn.Dropout(dropout))
+            in_dim = width
+        if out_dim is not None:
+            layers.append(nn.Linear(in_dim, out_dim))
+            in_dim = out_dim
+        super().__init__(*layers)
+        self.out_dim = in_dim
+
+
+def glorot_init(model: nn.Module) -> nn.Module:
+    """Glorot-uniform weights and zero biases for every Linear and Conv1d, TensorFlow's defaults.
+
+    The paper's models are TensorFlow models trained with AdaGrad at lr 0.1; with PyTorch's smaller
+    default init the deeper models (a GRU behind two projections) barely move in the first epochs.
+    """
+    for module in model.modules():
+        if isinstance(module, nn.Linear | nn.Conv1d):
+            nn.init.xavier_uniform_(module.weight)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+    return model
+
+
+def sequence_mask(hist_len: torch.Tensor, max_len: int) -> torch.Tensor:
+    """(B,) lengths -> (B, L) bool, True on real (left-aligned) behaviours."""
+    return torch.arange(max_len, device=hist_len.device)[None, :] < hist_len[:, None]
+
+
+def masked_softmax(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last dim where ``mask``; rows with nothing to attend to get all zeros, not NaN."""
+    scores = scores.masked_fill(~mask, float("-inf"))
+    weights = torch.softmax(scores, dim=-1)
+    return torch.nan_to_num(weights, nan=0.0)
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B, L, D), (B, L) -> (B, D): the mean over real behaviours (zeros for an empty history)."""
+    weights = mask.float()
+    return (values * weights[..., None]).sum(1) / weights.sum(1, keepdim=True).clamp(min=1.0)
+
+
+def last_state(outputs: torch.Tensor, hist_len: torch.Tensor) -> torch.Tensor:
+    """(B, L, D) outputs of a left-aligned sequence -> (B, D) the output at each row's last behaviour."""
+    index = (hist_len - 1).clamp(min=0)
+    state = outputs[torch.arange(outputs.shape[0], device=outputs.device), index]
+    return state * (hist_len > 0)[:, None].float()
+
+
+def run_gru(gru: nn.GRU | nn.LSTM, inputs: torch.Tensor, hist_len: torch.Tensor) -> torch.Tensor:
+    """A batch_first cuDNN/ATen RNN over left-aligned, padded sequences; (B, L, D_in) -> (B, L, D)."""
+    lengths = hist_len.clamp(min=1).cpu()
+    packed = nn.utils.rnn.pack_padded_sequence(inputs, lengths, batch_first=True, enforce_sorted=False)
+    outputs, _ = gru(packed)
+    outputs, _ = nn.utils.rnn.pad_packed_sequence(outputs, batch_first=True, total_length=inputs.shape[1])
+    return outputs * sequence_mask(hist_len, inputs.shape[1])[..., None].float()
+
+
+class CandidateAttention(nn.Module):
+    """DIN's activation unit: score_t = MLP([h_t, q, h_t - q, h_t * q]); the candidate q is the query.
+
+    ``normalize=True`` applies a masked softmax (APGRU, DUPN, DIEN); DIN itself keeps raw weights.
+    """
+
+    def __init__(self, dim: int, hidden: Sequence[int], normalize: bool = True):
+        super().__init__()
+        self.score = MLP(4 * dim, hidden, out_dim=1)
+        self.normalize = normalize
+
+    def weights(self, keys: torch.Tensor, query: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        q = query[:, None, :].expand_as(keys)  # (B, L, D)
+        scores = self.score(torch.cat([keys, q, keys - q, keys * q], dim=-1)).squeeze(-1)  # (B, L)
+        if self.normalize:
+            return masked_softmax(scores, mask)
+        return scores * mask.float()
+
+    def forward(self, keys: torch.Tensor, query: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        weights = self.weights(keys, query, mask)  # (B, L)
+        return torch.einsum("bl,bld->bd", weights, keys)  # (B, D)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Modality embedding layer (paper 3.1)
+# --------------------------------------------------------------------------------------------------------
+
+
+class TitleCNN(nn.Module):
+    """Kim (2014): frozen word vectors -> 1-D convolutions of windows 2, 3, 4 -> ReLU -> max over time."""
+
+    def __init__(self, word_vectors: torch.Tensor, windows: Sequence[int], filters: int):
+        super().__init__()
+        self.register_buffer("word_vectors", word_vectors.float(), persistent=False)  # (V, D_word) frozen
+        dim = word_vectors.shape[1]
+        self.convs = nn.ModuleList(nn.Conv1d(dim, filters, w, padding=w - 1) for w in windows)
+        self.out_dim = filters * len(windows)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        words = F.embedding(tokens, self.word_vectors).transpose(1, 2)  # (U, H) -> (U, D_word, H)
+        pooled = [torch.relu(conv(words)).amax(dim=2) for conv in self.convs]  # each (U, filters)
+        return torch.cat(pooled, dim=1)  # (U, filters * windows)
+
+
+class ItemModalities(nn.Module):
+    """Paper 3.1.1: item codes -> one ``modality_dim`` vector e^m per modality.
+
+    IDs: item, category, brand, shop embeddings concatenated (Eq. 1). Image: the pre-extracted vector.
+    Title: Kim CNN over frozen word vectors. Statistics: two bucket embeddings per statistic. Each is
+    then projected linearly to the common size, as the paper does before S_m and I.
+    """
+
+    def __init__(
+        self,
+        catalog: ItemCatalog,
+        features: ItemFeatures,
+        cfg: ModelConfig,
+        modalities: Sequence[str] = MODALITIES,
+    ):
+        super().__init__()
+        unknown = set(modalities) - set(MODALITIES)
+        if unknown or not modalities:
+            raise ValueError(f"modalities must be a non-empty subset of {MODALITIES}, got {modalities}")
+        self.modalities = tuple(m for m in MODALITIES if m in modalities)
+        self.register_buffer("attributes", torch.as_tensor(catalog.attributes), persistent=False)
+        self.register_buffer("image", torch.as_tensor(features.image), persistent=False)
+        self.register_buffer("title", torch.as_tensor(features.title), persistent=False)
+        stats = torch.as_tensor(features.stats)  # (n, F, 2) codes, 0 = missing
+        fine_offset = cfg.stats_buckets[0] + 1
+        per_stat = fine_offset + cfg.stats_buckets[1] + 1  # codes of both granularities, each with 0
+        offsets = torch.arange(stats.shape[1])[:, None] * per_stat + torch.tensor([0, fine_offset])
+        self.register_buffer("stats", stats + offsets, persistent=False)  # one shared table, offset codes
+
+        d = cfg.modality_dim
+        self.id_tables = nn.ModuleList(
+            nn.Embedding(len(vocab), dim, padding_idx=0)
+            for vocab, dim in (
+                (catalog.items, cfg.item_dim),
+                (catalog.categories, cfg.category_dim),
+                (catalog.brands, cfg.brand_dim),
+                (catalog.shops, cfg.shop_dim),
+            )
+        )
+        id_width = cfg.item_dim + cfg.category_dim + cfg.brand_dim + cfg.shop_dim
+        self.project = nn.ModuleDict()
+        if "ids" in self.modalities:
+            self.project["ids"] = nn.Linear(id_width, d)
+        if "image" in self.modalities:
+            self.project["image"] = nn.Linear(features.image.shape[1], d)
+        if "title" in self.modalities:
+            words = torch.as_tensor(features.word_vectors)
+            self.title_cnn = TitleCNN(words, cfg.title_windows, cfg.title_filters)
+            self.project["title"] = nn.Linear(self.title_cnn.out_dim, d)
+        if "stats" in self.modalities:
+            n_stats = max(stats.shape[1], 1)
+            self.stat_table = nn.Embedding(n_stats * per_stat, cfg.stats_dim)
+            self.project["stats"] = nn.Linear(2 * n_stats * cfg.stats_dim, d)
+        self.dim = d
+
+    @property
+    def n_modalities(self) -> int:
+        return len(self.modalities)
+
+    def raw(self, items: torch.Tensor, modality: str) -> torch.Tensor:
+        """(U,) item codes -> (U, D_m) the modality's embedding before projection."""
+        if modality == "ids":
+            codes = torch.cat([items[:, None], self.attributes[items]], dim=1)  # (U, 4) item cat brand shop
+            return torch.cat([table(codes[:, j]) for j, table in enumerate(self.id_tables)], dim=1)
+        if modality == "image":
+            return self.image[items]
+        if modality == "title":
+            return self.title_cnn(self.title[items])
+        if modality == "stats":
+            stats = self.stats[items]  # (U, F, 2)
+            if stats.shape[1] == 0:  # a dataset without statistics: one all-zero slot keeps shapes fixed
+                return torch.zeros(len(items), self.project["stats"].in_features, device=items.device)
+            return self.stat_table(stats).flatten(1)  # (U, F * 2 * stats_dim)
+        raise ValueError(f"unknown modality {modality!r}")
+
+    def forward(self, items: torch.Tensor) -> torch.Tensor:
+        """(U,) item codes -> (U, M, D) projected modality embeddings e^m."""
+        return torch.stack([self.project[m](self.raw(items, m)) for m in self.modalities], dim=1)
+
+
+class BehaviorProperty(nn.Module):
+    """Paper 3.1.2: behaviour type and time-gap bucket -> p_t, (B, L) x 2 -> (B, L, P)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.kind = nn.Embedding(len(BEHAVIORS) + 1, cfg.behavior_dim, padding_idx=0)
+        self.gap = nn.Embedding(GAP_BUCKETS, cfg.behavior_dim, padding_idx=0)
+        self.dim = 2 * cfg.behavior_dim
+
+    def forward(self, behavior: torch.Tensor, gap: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.kind(behavior), self.gap(gap)], dim=-1)
+
+
+def batch_items(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The distinct item codes of a batch and where each position finds its item.
+
+    Returns ``unique`` (U,) and ``inverse`` (B, 1 + L): column 0 the candidate, then the history. Item
+    encoders run once per distinct item (histories repeat items a lot), then results are gathered.
+    """
+    ids = torch.cat([batch["item"][:, None], batch["hist_items"]], dim=1)  # (B, 1 + L)
+    unique, inverse = torch.unique(ids, return_inverse=True)
+    return unique, inverse
+
+
+def gather_items(per_item: torch.Tensor, inverse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(U, ...) per distinct item -> candidate (B, ...) and history (B, L, ...)."""
+    rows = per_item[inverse]  # (B, 1 + L, ...)
+    return rows[:, 0], rows[:, 1:]

@@ -1,0 +1,270 @@
+"""MARN: Multimodal Adversarial Representation Network (Li et al., WWW 2020), and its ablations.
+
+    items --ItemModalities--> e^m (U, M, D_e)                           paper 3.1, Eq. 1
+    e^m --S_m--> s^m,  e^m --I--> c^m                    (U, M, D)      paper 3.2
+    s = sum_m tanh(W_m s^m + b_m) * s^m                  (U, D)         MAF, Eq. 2-3
+    D0(c^m, gradient into I stopped); w^m = 1 - D0^m(c^m), detached     DDMA, 3.3.2
+    D1(GRL(c^m)) weighted by w^m; c = max_m w^m c^m      (U, D)         Eq. 7
+    Ds = D1's weights on S_m(e^m) with e^m detached                     3.3.3
+    rep = s + c;  APGRU over (rep_t, p_t) + candidate attention -> u_X  3.4.1
+    logit = MLP([u_X, rep_X])                                           3.4.2
+    loss = L_ctr + lambda (L_Ds + L_D0 + L_adv),  lambda = lambda0 (2 / (1 + exp(-gamma p)) - 1)
+
+Notation: B batch, L history, U distinct items in the batch, M modalities, D = rep_dim, H = sequence_dim.
+
+Eq. 10 is missing from the paper; DESIGN.md gives our reading, which this file implements. The choices the
+paper leaves open are fields of :class:`marn.config.ModelConfig` or of :class:`Variant` below:
+discriminators are linear M-way classifiers (``discriminator_hidden`` = 0); S_m and I are Linear + ReLU;
+discriminator losses are averaged over the distinct, non-padding items of a batch; Eq. 7's weights w^m
+scale each item's log-likelihood (``d1_weighting="loss"``) rather than its input.
+
+Ablations (paper Table 3) are the same network with parts switched off, see ``VARIANTS``:
+BaseModel = one modality or a fusion of them, a plain GRU whose last state is the user vector.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from marn.config import ModelConfig
+from marn.data.item_features import ItemFeatures
+from marn.data.tensors import PAD, ItemCatalog
+from marn.models.base import CTRModel, ModelOutput
+from marn.models.layers import (
+    MLP,
+    MODALITIES,
+    BehaviorProperty,
+    ItemModalities,
+    batch_items,
+    gather_items,
+    grad_reverse,
+    last_state,
+    masked_softmax,
+    run_gru,
+    sequence_mask,
+)
+
+
+@dataclass(frozen=True)
+class Variant:
+    modalities: tuple[str, ...] = MODALITIES
+    fusion: Literal["single", "sum", "maf"] = "maf"  # single modality | CONC (sum) | MAF (vector attention)
+    adversarial: Literal["none", "adv", "ddma"] = "ddma"  # none | one plain discriminator | D0 + D1 + Ds
+    sequence: Literal["gru", "apgru"] = "apgru"  # plain GRU, last state | APGRU + candidate attention
+
+
+VARIANTS: dict[str, Variant] = {
+    "base_ids": Variant(("ids",), "single", "none", "gru"),
+    "base_image": Variant(("image",), "single", "none", "gru"),
+    "base_conc": Variant(MODALITIES, "sum", "none", "gru"),
+    "base_maf": Variant(MODALITIES, "maf", "none", "gru"),
+    "base_maf_adv": Variant(MODALITIES, "maf", "adv", "gru"),
+    "base_maf_ddma": Variant(MODALITIES, "maf", "ddma", "gru"),
+    "marn": Variant(MODALITIES, "maf", "ddma", "apgru"),
+}
+
+
+@dataclass
+class ItemParts:
+    """The intermediates of an item's representation, for the losses, the tests and the figures."""
+
+    e: torch.Tensor  # (U, M, D_e) projected modality embeddings e^m
+    specific: torch.Tensor  # (U, M, D) s^m
+    atten: torch.Tensor | None  # (U, M, D) MAF's vector attention (None without MAF)
+    s: torch.Tensor  # (U, D) fused modality-specific representation
+    rep: torch.Tensor  # (U, D) rep = s + c (= s without the adversarial branch)
+    invariant: torch.Tensor | None = None  # (U, M, D) c^m
+    w: torch.Tensor | None = None  # (U, M) importance weights w^m (ones for ADV)
+    c: torch.Tensor | None = None  # (U, D) max_m w^m c^m
+    d0_logits: torch.Tensor | None = None  # (U, M, M) D0 on each c^m
+
+
+def adversarial_weight(progress: float, lambda0: float, gamma: float) -> float:
+    """The paper's schedule (4.1): lambda grows from 0 to ~lambda0 as training progress p goes 0 -> 1."""
+    return lambda0 * (2.0 / (1.0 + math.exp(-gamma * progress)) - 1.0)
+
+
+class PerModalityLinear(nn.Module):
+    """M independent linear maps applied in one einsum: (U, M, D_in) -> (U, M, D_out)."""
+
+    def __init__(self, modalities: int, in_dim: int, out_dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(modalities, in_dim, out_dim))
+        self.bias = nn.Parameter(torch.zeros(modalities, out_dim))
+        bound = math.sqrt(6.0 / (in_dim + out_dim))  # Glorot uniform, as layers.glorot_init
+        nn.init.uniform_(self.weight, -bound, bound)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("umi,mio->umo", x, self.weight) + self.bias
+
+
+class MultimodalAttentionFusion(nn.Module):
+    """MAF, Eq. 2-3: vector attention atten^m = tanh(W_m s^m + b_m) per modality; s = sum_m atten^m * s^m."""
+
+    def __init__(self, modalities: int, dim: int):
+        super().__init__()
+        self.attention = PerModalityLinear(modalities, dim, dim)
+
+    def forward(self, specific: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        atten = torch.tanh(self.attention(specific))  # (U, M, D): one weight per modality and dimension
+        return (atten * specific).sum(1), atten  # (U, D), (U, M, D)
+
+
+class APGRU(nn.Module):
+    """Attentional Property GRU (paper 3.4.1).
+
+    The update gate sees the behaviour property: u_t = sigmoid(W^u rep_t + P^u p_t + U^u h_{t-1} + b^u);
+    reset gate and candidate state are a standard GRU's; h_t = (1 - u_t) h_{t-1} + u_t h~_t. Then an MLP
+    over [h_t, rep_X] scores each step and the softmax-weighted sum of h_t is the user vector u_X.
+    """
+
+    def __init__(self, input_dim: int, property_dim: int, hidden: int, attention_hidden: tuple[int, ...]):
+        super().__init__()
+        self.input = nn.Linear(input_dim, 3 * hidden)  # W^r, W^u, W^h
+        self.property = nn.Linear(property_dim, hidden, bias=False)  # P^u
+        self.recurrent = nn.Linear(hidden, 3 * hidden, bias=False)  # U^r, U^u, U^h
+        self.attention = MLP(hidden + input_dim, attention_hidden, out_dim=1)
+        self.hidden = hidden
+
+    def states(self, reps: torch.Tensor, props: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(B, L, D), (B, L, P), (B, L) -> hidden states (B, L, H) and update gates (B, L, H)."""
+        x_r, x_u, x_h = self.input(reps).chunk(3, dim=-1)  # each (B, L, H), all steps at once
+        x_u = x_u + self.property(props)
+        h = reps.new_zeros(reps.shape[0], self.hidden)  # (B, H)
+        states, gates = [], []
+        for t in range(reps.shape[1]):
+            h_r, h_u, h_h = self.recurrent(h).chunk(3, dim=-1)
+            r = torch.sigmoid(x_r[:, t] + h_r)
+            u = torch.sigmoid(x_u[:, t] + h_u)
+            candidate = torch.tanh(x_h[:, t] + r * h_h)
+            h = torch.where(mask[:, t, None], (1 - u) * h + u * candidate, h)  # padding keeps the state
+            states.append(h)
+            gates.append(u)
+        return torch.stack(states, 1), torch.stack(gates, 1)
+
+    def forward(
+        self, reps: torch.Tensor, props: torch.Tensor, mask: torch.Tensor, candidate: torch.Tensor
+    ) -> torch.Tensor:
+        states, _ = self.states(reps, props, mask)  # (B, L, H)
+        query = candidate[:, None, :].expand(-1, reps.shape[1], -1)  # (B, L, D)
+        scores = self.attention(torch.cat([states, query], dim=-1)).squeeze(-1)  # (B, L)
+        return torch.einsum("bl,blh->bh", masked_softmax(scores, mask), states)  # (B, H)
+
+
+class MARN(CTRModel):
+    def __init__(
+        self,
+        catalog: ItemCatalog,
+        features: ItemFeatures,
+        cfg: ModelConfig,
+        variant: Variant = VARIANTS["marn"],
+        d1_weighting: Literal["loss", "input"] = "loss",
+    ):
+        super().__init__(catalog, features, cfg)
+        self.variant, self.cfg, self.d1_weighting = variant, cfg, d1_weighting
+        self.embedding = ItemModalities(catalog, features, cfg, variant.modalities)  # paper 3.1.1
+        m, d = self.embedding.n_modalities, cfg.rep_dim
+        self.specific = PerModalityLinear(m, cfg.modality_dim, d)  # S_m: own weights per modality
+        if variant.fusion == "maf":
+            self.fusion = MultimodalAttentionFusion(m, d)
+        if variant.adversarial != "none":
+            if m < 2:
+                raise ValueError("adversarial variants need at least two modalities")
+            self.invariant = nn.Linear(cfg.modality_dim, d)  # I: shared across modalities
+            self.d1 = self._discriminator(d, m)  # modality discriminator (also Ds: shared weights)
+        if variant.adversarial == "ddma":
+            self.d0 = self._discriminator(d, m)  # importance discriminator
+        if variant.sequence == "apgru":
+            self.behavior = BehaviorProperty(cfg)  # paper 3.1.2
+            self.sequence = APGRU(d, self.behavior.dim, cfg.sequence_dim, cfg.attention_hidden)
+        else:
+            self.sequence = nn.GRU(d, cfg.sequence_dim, batch_first=True)
+        self.predict = MLP(cfg.sequence_dim + d, cfg.hidden, out_dim=1, dropout=cfg.dropout)  # paper 3.4.2
+        self.register_buffer("modality_labels", torch.arange(m), persistent=False)
+
+    def _discriminator(self, dim: int, classes: int) -> nn.Module:
+        if self.cfg.discriminator_hidden:
+            return MLP(dim, (self.cfg.discriminator_hidden,), out_dim=classes)
+        return nn.Linear(dim, classes)
+
+    # -- item representations ---------------------------------------------------------------------------
+
+    def decompose(self, items: torch.Tensor) -> ItemParts:
+        """(U,) item codes -> every intermediate of paper 3.1-3.3 for these items (see ItemParts)."""
+        e = self.embedding(items)  # (U, M, D_e)
+        specific = torch.relu(self.specific(e))  # (U, M, D) s^m
+        atten = None
+        if self.variant.fusion == "maf":
+            s, atten = self.fusion(specific)  # (U, D), (U, M, D)
+        else:
+            s = specific.sum(1)  # CONC: the projected modalities summed; "single": M = 1
+        if self.variant.adversarial == "none":
+            return ItemParts(e, specific, atten, s, rep=s)
+        invariant = torch.relu(self.invariant(e))  # (U, M, D) c^m
+        d0_logits = None
+        if self.variant.adversarial == "ddma":
+            d0_logits = self.d0(invariant.detach())  # (U, M, M): no gradient of L_D0 reaches I
+            w = 1.0 - torch.softmax(d0_logits, -1).diagonal(dim1=1, dim2=2).detach()  # (U, M) w^m in [0, 1]
+        else:
+            w = torch.ones(invariant.shape[:2], device=invariant.device)  # ADV: no importance weights
+        c = (w[..., None] * invariant).amax(dim=1)  # (U, D) elementwise max over w^m c^m
+        return ItemParts(e, specific, atten, s, s + c, invariant, w, c, d0_logits)
+
+    def adversarial_losses(self, items: torch.Tensor, parts: ItemParts) -> dict[str, torch.Tensor]:
+        """L_adv (D1 vs I through the GRL), L_D0 and L_Ds on the non-padding items; {} without DDMA/ADV."""
+        if self.variant.adversarial == "none":
+            return {}
+        real = items != PAD  # padding rows carry no modality
+        losses = {"adv": self._d1_loss(parts.invariant[real], parts.w[real])}
+        if self.variant.adversarial == "ddma":
+            losses["d0"] = self._modality_ce(parts.d0_logits[real])
+            e_stopped = parts.e[real].detach()  # Ds: gradient stops before the embedding layer
+            losses["ds"] = self._modality_ce(self.d1(torch.relu(self.specific(e_stopped))))  # D1's weights
+        return losses
+
+    def represent(self, items: torch.Tensor) -> torch.Tensor:
+        """(U,) item codes -> rep (U, D). Depends on the item alone, so serving can precompute it (4.9.2)."""
+        return self.decompose(items).rep
+
+    def _d1_loss(self, invariant: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """Eq. 7 through a gradient reversal layer: D1 learns to tell modalities apart, I to confuse it."""
+        if self.d1_weighting == "input":
+            return self._modality_ce(self.d1(grad_reverse(w[..., None] * invariant)))
+        logits = self.d1(grad_reverse(invariant))  # (U', M, M)
+        return self._modality_ce(logits, weights=w)
+
+    def _modality_ce(self, logits: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+        """Cross-entropy of M-way modality logits (U', M, M) against each slot's own modality."""
+        if logits.shape[0] == 0:
+            return logits.sum()  # zero, but still attached to the graph
+        labels = self.modality_labels.expand(logits.shape[0], -1)  # (U', M)
+        ce = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none").view_as(labels)
+        if weights is not None:
+            ce = ce * weights
+        return ce.mean()
+
+    # -- the CTR network ---------------------------------------------------------------------------------
+
+    def forward(self, batch: dict[str, torch.Tensor], progress: float = 1.0) -> ModelOutput:
+        unique, inverse = batch_items(batch)
+        parts = self.decompose(unique)
+        losses = self.adversarial_losses(unique, parts) if self.training else {}
+        candidate, history = gather_items(parts.rep, inverse)  # (B, D), (B, L, D)
+        mask = sequence_mask(batch["hist_len"], history.shape[1])  # (B, L)
+        if self.variant.sequence == "apgru":
+            props = self.behavior(batch["hist_behavior"], batch["hist_gap"])  # (B, L, P)
+            user = self.sequence(history, props, mask, candidate)  # (B, H)
+        else:
+            user = last_state(run_gru(self.sequence, history, batch["hist_len"]), batch["hist_len"])  # (B, H)
+        logits = self.predict(torch.cat([user, candidate], dim=1)).squeeze(-1)  # (B,)
+        if not losses:
+            return ModelOutput(logits)
+        weight = adversarial_weight(progress, self.cfg.lambda0, self.cfg.gamma)
+        aux = {name: loss.detach() for name, loss in losses.items()}
+        return ModelOutput(logits, aux_loss=weight * sum(losses.values()), aux=aux)

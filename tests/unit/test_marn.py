@@ -1,0 +1,164 @@
+"""Tests that pin MARN's math to the paper (sections 3.2-3.4) and to DESIGN.md's reading of Eq. 10."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from marn.models.layers import grad_reverse
+from marn.models.marn import APGRU, MARN, VARIANTS, adversarial_weight
+
+
+@pytest.fixture
+def model(tiny_world):
+    torch.manual_seed(0)
+    return MARN(tiny_world.catalog, tiny_world.features, tiny_world.model_cfg).train()
+
+
+@pytest.fixture
+def items(tiny_world):
+    return torch.arange(1, tiny_world.features.n_items)  # every real item code
+
+
+def _grads(module):
+    return [p.grad for p in module.parameters()]
+
+
+def _zero_or_none(grads):
+    return all(g is None or torch.count_nonzero(g) == 0 for g in grads)
+
+
+def test_gradient_reversal_flips_and_scales_gradients():
+    x = torch.randn(5, 3, requires_grad=True)
+    weights = torch.randn(5, 3)
+    (grad_reverse(x, scale=0.3) * weights).sum().backward()
+    assert torch.allclose(x.grad, -0.3 * weights)
+    y = torch.randn(4, requires_grad=True)
+    assert torch.equal(grad_reverse(y, 2.0), y)  # identity forward
+
+
+def test_no_gradient_of_l_d0_reaches_the_invariant_projection(model, items):
+    losses = model.adversarial_losses(items, model.decompose(items))
+    losses["d0"].backward()
+    assert _zero_or_none(_grads(model.invariant))
+    assert _zero_or_none(_grads(model.embedding))
+    assert not _zero_or_none(_grads(model.d0))  # D0 itself learns
+
+
+def test_no_gradient_of_l_ds_reaches_the_embedding_layer(model, items):
+    losses = model.adversarial_losses(items, model.decompose(items))
+    losses["ds"].backward()
+    assert _zero_or_none(_grads(model.embedding))
+    assert not _zero_or_none(_grads(model.specific))  # S_m learns to be separable
+    assert not _zero_or_none(_grads(model.d1))  # through D1's (shared) weights
+
+
+def test_ds_shares_d1s_parameters(model, items):
+    parts = model.decompose(items)
+    before = model.adversarial_losses(items, parts)["ds"].item()
+    with torch.no_grad():
+        model.d1.weight.add_(torch.randn_like(model.d1.weight))
+    assert model.adversarial_losses(items, parts)["ds"].item() != pytest.approx(before)
+    names = [name for name, _ in model.named_parameters() if name.startswith(("d0.", "d1.", "ds"))]
+    assert sorted(names) == ["d0.bias", "d0.weight", "d1.bias", "d1.weight"]  # no third discriminator
+
+
+def test_invariant_projection_gets_the_reversed_gradient_of_d1(model, items):
+    parts = model.decompose(items)
+    model.adversarial_losses(items, parts)["adv"].backward()
+    reversed_grad = model.invariant.weight.grad.clone()
+    d1_grad = model.d1.weight.grad.clone()
+    model.zero_grad()
+    # The same Eq. 7 loss without the GRL: I's gradient flips sign, D1's does not.
+    parts = model.decompose(items)
+    logits = model.d1(parts.invariant)  # (U, M, M)
+    labels = torch.arange(logits.shape[1]).expand(logits.shape[0], -1)
+    ce = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none").view_as(labels)
+    (ce * parts.w).mean().backward()
+    assert torch.allclose(reversed_grad, -model.invariant.weight.grad, atol=1e-7)
+    assert torch.allclose(d1_grad, model.d1.weight.grad, atol=1e-7)
+
+
+def test_importance_weights_lie_in_unit_interval_and_are_constants(model, items):
+    parts = model.decompose(items)
+    assert parts.w.shape == (len(items), 4)
+    assert ((parts.w >= 0) & (parts.w <= 1)).all()
+    assert not parts.w.requires_grad  # w = 1 - D0(c), detached
+    expected = 1 - torch.softmax(model.d0(parts.invariant), -1).diagonal(dim1=1, dim2=2)
+    assert torch.allclose(parts.w, expected.detach(), atol=1e-6)
+
+
+def test_c_is_the_elementwise_max_of_weighted_invariant_features_and_rep_is_s_plus_c(model, items):
+    parts = model.decompose(items)
+    weighted = parts.w[..., None] * parts.invariant  # (U, M, D)
+    for m in range(weighted.shape[1]):
+        assert (parts.c >= weighted[:, m] - 1e-7).all()
+    hits = torch.isclose(parts.c[:, None, :], weighted).any(dim=1)  # every entry equals some modality's
+    assert hits.all()
+    assert torch.allclose(parts.rep, parts.s + parts.c)
+
+
+def test_attention_is_a_vector_per_modality(model, items):
+    parts = model.decompose(items)
+    u, m, d = parts.specific.shape
+    assert parts.atten.shape == (u, m, d)
+    assert ((parts.atten > -1) & (parts.atten < 1)).all()  # tanh
+    assert (parts.atten.std(dim=2) > 0).all()  # not one scalar per modality: varies across dimensions
+    assert torch.allclose(parts.s, (parts.atten * parts.specific).sum(1), atol=1e-6)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.5, 1.0])
+def test_lambda_schedule_equals_the_papers_formula(p):
+    expected = 0.05 * (2 / (1 + math.exp(-10 * p)) - 1)
+    assert adversarial_weight(p, lambda0=0.05, gamma=10.0) == pytest.approx(expected, abs=1e-12)
+    assert adversarial_weight(0.0, 0.05, 10.0) == 0.0
+
+
+def test_aux_loss_is_lambda_times_the_sum_of_the_three_losses(model, tiny_world):
+    batch = tiny_world.train.batch(torch.arange(64))
+    torch.manual_seed(1)
+    out = model(batch, progress=0.5)
+    assert set(out.aux) == {"adv", "d0", "ds"}
+    weight = adversarial_weight(0.5, model.cfg.lambda0, model.cfg.gamma)
+    assert out.aux_loss.item() == pytest.approx(weight * sum(v.item() for v in out.aux.values()), rel=1e-5)
+    assert model.eval()(batch).aux_loss is None  # inference computes no adversarial terms
+
+
+def test_apgru_update_gate_depends_on_the_behaviour_property():
+    torch.manual_seed(0)
+    cell = APGRU(input_dim=6, property_dim=4, hidden=5, attention_hidden=(3,))
+    reps, mask = torch.randn(2, 7, 6), torch.ones(2, 7, dtype=torch.bool)
+    props_a, props_b = torch.randn(2, 7, 4), torch.randn(2, 7, 4)
+    _, gates_a = cell.states(reps, props_a, mask)
+    _, gates_b = cell.states(reps, props_b, mask)
+    assert not torch.allclose(gates_a, gates_b)
+    with torch.no_grad():
+        cell.property.weight.zero_()  # P^u = 0: the property no longer reaches the gate
+    assert torch.allclose(cell.states(reps, props_a, mask)[1], cell.states(reps, props_b, mask)[1])
+
+
+def test_apgru_ignores_padding_and_attends_with_the_candidate():
+    torch.manual_seed(0)
+    cell = APGRU(input_dim=6, property_dim=4, hidden=5, attention_hidden=(3,))
+    reps, props = torch.randn(2, 7, 6), torch.randn(2, 7, 4)
+    mask = torch.arange(7)[None, :] < torch.tensor([[4], [7]])
+    out = cell(reps, props, mask, torch.randn(2, 6))
+    reps2 = reps.clone()
+    reps2[0, 4:] = 100.0  # padding of row 0
+    candidate = torch.randn(2, 6)
+    assert torch.allclose(cell(reps, props, mask, candidate), cell(reps2, props, mask, candidate))
+    assert not torch.allclose(out, cell(reps, props, mask, candidate))  # a new candidate, a new user vector
+
+
+def test_ablations_switch_parts_off(tiny_world):
+    cfg = tiny_world.model_cfg
+    ids = MARN(tiny_world.catalog, tiny_world.features, cfg, VARIANTS["base_ids"])
+    assert ids.embedding.modalities == ("ids",) and not hasattr(ids, "d1")
+    adv = MARN(tiny_world.catalog, tiny_world.features, cfg, VARIANTS["base_maf_adv"])
+    assert hasattr(adv, "d1") and not hasattr(adv, "d0")
+    parts = adv.decompose(torch.arange(1, 10))
+    assert torch.equal(parts.w, torch.ones_like(parts.w))  # one plain discriminator, no importance weights
+    conc = MARN(tiny_world.catalog, tiny_world.features, cfg, VARIANTS["base_conc"])
+    parts = conc.decompose(torch.arange(1, 10))
+    assert parts.atten is None and torch.allclose(parts.rep, parts.specific.sum(1))
