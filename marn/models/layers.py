@@ -244,6 +244,23 @@ class BehaviorProperty(nn.Module):
         return torch.cat([self.kind(behavior), self.gap(gap)], dim=-1)
 
 
+HISTORY = ("hist_items", "hist_behavior", "hist_gap")
+
+
+def recent_window(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The batch with history columns past its longest history dropped (they are padding in every row).
+
+    The recurrent loop is the one cost that grows with L, and most batches are shorter than max_history.
+    Raises ValueError for lengths outside [0, L].
+    """
+    lengths, width = batch["hist_len"], batch["hist_items"].shape[1]
+    shortest, longest = (int(v) for v in torch.aminmax(lengths))
+    if shortest < 0 or longest > width:
+        raise ValueError(f"hist_len must lie in [0, {width}], got values in [{shortest}, {longest}]")
+    steps = max(longest, 1)  # one all-padding step keeps shapes non-empty for all-empty batches
+    return {name: t[:, :steps] if name in HISTORY else t for name, t in batch.items()}
+
+
 def batch_items(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """The distinct item codes of a batch and where each position finds its item.
 

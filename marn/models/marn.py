@@ -46,6 +46,7 @@ from marn.models.layers import (
     grad_reverse,
     last_state,
     masked_softmax,
+    recent_window,
     run_gru,
     sequence_mask,
 )
@@ -252,6 +253,7 @@ class MARN(CTRModel):
     # -- the CTR network ---------------------------------------------------------------------------------
 
     def forward(self, batch: dict[str, torch.Tensor], progress: float = 1.0) -> ModelOutput:
+        batch = recent_window(batch)  # the recurrent loop costs per step: skip all-padding columns
         unique, inverse = batch_items(batch)
         parts = self.decompose(unique)
         losses = self.adversarial_losses(unique, parts) if self.training else {}

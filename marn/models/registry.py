@@ -13,15 +13,27 @@ from marn.config import ModelConfig
 from marn.data.item_features import ItemFeatures
 from marn.data.tensors import ItemCatalog
 from marn.models.base import CTRModel
+from marn.models.dien import DIEN
+from marn.models.dmf import DMF
+from marn.models.dupn import DUPN
 from marn.models.layers import glorot_init
 from marn.models.lr import LR
 from marn.models.marn import MARN, VARIANTS
+from marn.models.mmss import MMSS
+from marn.models.naml import NAML
 
 Builder = Callable[[ItemCatalog, ItemFeatures, ModelConfig], CTRModel]
 
 MODELS: dict[str, Builder] = {
     # paper Table 2, group 1: shallow models on IDs
     "lr": LR,
+    # group 2: concatenation-based sequence models
+    "dupn": DUPN,  # the production A/B baseline
+    "dien": DIEN,
+    # group 3: multimodal fusion methods
+    "dmf": DMF,
+    "mmss": MMSS,
+    "naml": NAML,
     # MARN and its ablations (paper Table 3)
     **{name: partial(MARN, variant=variant) for name, variant in VARIANTS.items()},
 }

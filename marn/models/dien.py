@@ -1,0 +1,180 @@
+"""DIEN: Deep Interest Evolution Network (Zhou, Mou, Fan, Pi, Bian, Zhou, Zhu, Gai; AAAI 2019).
+
+The network, top to bottom:
+
+    items --ItemModalities--> e^m, concatenated: item vector e        (U, E)
+    x_t = [e_t, p_t], p_t = BehaviorProperty (our addition, below)    (B, L, E + P)
+    interest extractor: GRU over x_t -> h_t                           (B, L, H)   DIEN: interest extractor
+    L_aux = -log s([h_t, e_{t+1}]) - log(1 - s([h_t, e^-_{t+1}]))     scalar      DIEN: auxiliary loss
+            s = sigmoid(aux MLP), e^- a random catalogue item, averaged over real (t, t + 1) pairs
+    a_t = masked softmax_t DIN-MLP(h_t, PReLU(W q)), q = candidate e  (B, L)      DIEN: attention
+    interest evolving: AUGRU, u'_t = a_t u_t; its state at the last   (B, H)      DIEN: AUGRU
+            real step is the evolved interest h'_T
+    logit = MLP([h'_T, q, sum_t e_t, q * sum_t e_t])                   (B,)
+    loss = L_ctr + alpha L_aux (training only)
+
+Notation: B batch, L history, U distinct items in the batch, M modalities, D = modality_dim, E = M * D,
+P behaviour-property width, H = sequence_dim.
+
+Where we depart from the paper, and why:
+- Behaviour property. DIEN's behaviours have no property; the MARN paper feeds every model that can take
+  it the behaviour type and time gap, and the natural place is the extractor GRU's input. The auxiliary
+  net still predicts the next item vector alone: it is the next behaviour's item that is clicked.
+- Auxiliary net. The paper writes s(h_t, e) as an inner product; we follow the authors' code (the
+  ``alpha`` = 1 setting also comes from it): an MLP on [h_t, e_{t+1}] with sigmoid hidden layers (100, 50),
+  no batch norm, one logit with binary cross-entropy instead of its equivalent two-way softmax. One
+  negative per step, uniform over catalogue codes 1..n_items-1 from torch's global RNG; it may coincide
+  with the positive (chance 1 / (n_items - 1)). The loss is averaged over the real (t, t + 1) pairs; the
+  code averages over all B (L - 1) slots, padding included, which ties the scale to the padding length.
+- Attention. The paper's form is bilinear, a_t ∝ exp(h_t W q); the authors' code, followed here, projects
+  the candidate to H (dense + PReLU) and scores it with DIN's MLP over [h_t, q, h_t - q, h_t * q]
+  (:class:`CandidateAttention`, ReLU hidden layers ``cfg.attention_hidden`` where the code has sigmoid),
+  softmax over the real behaviours.
+- GRU form. The reset gate scales U_h h_{t-1} after the product (cuDNN's form, as ``nn.GRU`` in the
+  extractor), where TensorFlow's GRUCell in the authors' code applies it to h_{t-1} before.
+- Features and sizes. Items are MARN's modalities concatenated (IDs: item, category, brand, shop; image;
+  title CNN; statistics) in place of DIEN's item and category IDs; the prediction MLP is ``cfg.hidden`` with
+  ReLU (MARN paper 4.1) and the GRU width ``cfg.sequence_dim``. The final input follows the authors' code
+  (evolved interest, candidate, history sum, candidate * history sum) without the user-ID embedding: the
+  DIN protocol's samples carry no user features.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from marn.config import ModelConfig
+from marn.data.item_features import ItemFeatures
+from marn.data.tensors import ItemCatalog
+from marn.models.base import CTRModel, ModelOutput
+from marn.models.layers import (
+    MLP,
+    MODALITIES,
+    BehaviorProperty,
+    CandidateAttention,
+    ItemModalities,
+    recent_window,
+    run_gru,
+    sequence_mask,
+)
+
+
+class AUGRU(nn.Module):
+    """GRU with an attentional update gate (DIEN): u'_t = a_t u_t, h_t = (1 - u'_t) h_{t-1} + u'_t h~_t.
+
+    ``(B, L, D_in), (B, L) -> (B, H)``, the state after the last step, from a zero state. A step with
+    a_t = 0 leaves the state exactly as it was, so with attention 0 on padding the result is the state at
+    each row's last real behaviour (and 0 for an empty history).
+    """
+
+    def __init__(self, input_dim: int, hidden: int):
+        super().__init__()
+        self.input = nn.Linear(input_dim, 3 * hidden)  # W^r, W^u, W^h with b, rows in that order
+        self.recurrent = nn.Linear(hidden, 3 * hidden, bias=False)  # U^r, U^u, U^h
+        self.hidden = hidden
+
+    def forward(self, inputs: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
+        h_dim = self.hidden
+        x = self.input(inputs.transpose(0, 1))  # (L, B, 3H) for every step at once, time-major
+        scale = attention.t()[..., None]  # (L, B, 1)
+        recurrent = self.recurrent.weight.t()  # (H, 3H)
+        h = x.new_zeros(x.shape[1], h_dim)  # (B, H)
+        for x_t, a_t in zip(x, scale, strict=True):
+            hh = h @ recurrent  # (B, 3H)
+            r, u = torch.sigmoid(x_t[:, : 2 * h_dim] + hh[:, : 2 * h_dim]).chunk(2, dim=1)  # each (B, H)
+            candidate = torch.tanh(x_t[:, 2 * h_dim :] + r * hh[:, 2 * h_dim :])
+            u = a_t * u
+            h = (1 - u) * h + u * candidate
+        return h
+
+
+def _auxiliary_net(in_dim: int, hidden: Sequence[int]) -> nn.Sequential:
+    """The authors' auxiliary_net: dense layers with sigmoid activations, then one click logit."""
+    layers: list[nn.Module] = []
+    for width in hidden:
+        layers += [nn.Linear(in_dim, width), nn.Sigmoid()]
+        in_dim = width
+    return nn.Sequential(*layers, nn.Linear(in_dim, 1))
+
+
+class DIEN(CTRModel):
+    def __init__(
+        self,
+        catalog: ItemCatalog,
+        features: ItemFeatures,
+        cfg: ModelConfig,
+        alpha: float = 1.0,  # weight of L_aux; 1 in the authors' code (the paper leaves it a hyperparameter)
+        aux_hidden: tuple[int, ...] = (100, 50),  # auxiliary net widths, the authors' code
+    ):
+        super().__init__(catalog, features, cfg)
+        if alpha < 0:
+            raise ValueError(f"alpha must be >= 0, got {alpha}")
+        self.n_items = len(catalog.items)  # codes 0 (PAD) .. n_items - 1
+        if self.n_items < 2:
+            raise ValueError(
+                "DIEN's auxiliary loss needs at least one catalogue item to sample negatives from"
+            )
+        self.alpha = alpha
+        self.embedding = ItemModalities(catalog, features, cfg, MODALITIES)
+        item_dim = self.embedding.n_modalities * self.embedding.dim  # E
+        h_dim = cfg.sequence_dim
+        self.behavior = BehaviorProperty(cfg)
+        self.extractor = nn.GRU(item_dim + self.behavior.dim, h_dim, batch_first=True)  # interest extractor
+        self.aux_net = _auxiliary_net(h_dim + item_dim, aux_hidden)
+        self.query = nn.Sequential(nn.Linear(item_dim, h_dim), nn.PReLU(h_dim))  # candidate -> H
+        self.attention = CandidateAttention(h_dim, cfg.attention_hidden, normalize=True)
+        self.evolution = AUGRU(h_dim, h_dim)  # interest evolving layer
+        self.predict = MLP(h_dim + 3 * item_dim, cfg.hidden, out_dim=1, dropout=cfg.dropout)
+
+    def sample_negatives(self, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+        """Item codes drawn uniformly from 1..n_items-1 with torch's global RNG."""
+        return torch.randint(1, self.n_items, shape, device=device)
+
+    def item_vectors(
+        self, batch: dict[str, torch.Tensor], negatives: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Candidate (B, E), history (B, L, E) and negatives' (B, L - 1, E) item vectors, each distinct
+        item encoded once."""
+        columns = [batch["item"][:, None], batch["hist_items"]]
+        if negatives is not None:
+            columns.append(negatives)
+        unique, inverse = torch.unique(torch.cat(columns, dim=1), return_inverse=True)
+        rows = self.embedding(unique).flatten(1)[inverse]  # (U, M, D) -> (U, E) -> (B, 1 + L [+ L - 1], E)
+        width = batch["hist_items"].shape[1]
+        negative = rows[:, 1 + width :] if negatives is not None else None
+        return rows[:, 0], rows[:, 1 : 1 + width], negative
+
+    def auxiliary_loss(
+        self, states: torch.Tensor, history: torch.Tensor, negative: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
+        """h_t (B, L, H) against the next behaviour's item (B, L, E) and a negative (B, L - 1, E)."""
+        h = states[:, :-1]  # (B, L - 1, H), the interest after behaviour t
+        clicked = self.aux_net(torch.cat([h, history[:, 1:]], dim=-1)).squeeze(-1)  # (B, L - 1)
+        sampled = self.aux_net(torch.cat([h, negative], dim=-1)).squeeze(-1)  # (B, L - 1)
+        loss = F.softplus(-clicked) + F.softplus(sampled)  # -log s(clicked) - log(1 - s(sampled))
+        real = mask[:, 1:].float()  # pairs whose next behaviour is real
+        return (loss * real).sum() / real.sum().clamp(min=1.0)
+
+    def forward(self, batch: dict[str, torch.Tensor], progress: float = 1.0) -> ModelOutput:
+        batch = recent_window(batch)
+        lengths, width = batch["hist_len"], batch["hist_items"].shape[1]
+        negatives = None
+        if self.training:
+            negatives = self.sample_negatives((len(lengths), width - 1), lengths.device)
+        candidate, history, negative = self.item_vectors(batch, negatives)  # (B, E), (B, L, E), (B, L-1, E)
+        mask = sequence_mask(lengths, width)  # (B, L)
+        props = self.behavior(batch["hist_behavior"], batch["hist_gap"])  # (B, L, P)
+        states = run_gru(self.extractor, torch.cat([history, props], dim=-1), lengths)  # (B, L, H), 0 on pad
+        weights = self.attention.weights(states, self.query(candidate), mask)  # (B, L), 0 on padding
+        interest = self.evolution(states, weights)  # (B, H)
+        pooled = (history * mask[..., None].float()).sum(1)  # (B, E), padding rows are not zero vectors
+        features = torch.cat([interest, candidate, pooled, candidate * pooled], dim=1)
+        logits = self.predict(features).squeeze(-1)  # (B,)
+        if negative is None:
+            return ModelOutput(logits)
+        aux = self.auxiliary_loss(states, history, negative, mask)
+        return ModelOutput(logits, aux_loss=self.alpha * aux, aux={"dien_aux": aux.detach()})

@@ -1,0 +1,154 @@
+"""DUPN: Deep User Perception Network (Ni, Ou, Liu, Li, Ou, Zeng, Si; KDD 2018), as a CTR model.
+
+"Perceive Your Users in Depth: Learning Universal User Representations from Multiple E-commerce Tasks".
+The network, top to bottom:
+
+    items --ItemModalities--> e^m, concatenated: item vector e       (U, E)       DUPN: item embedding
+    hist_behavior, hist_gap --BehaviorProperty--> p_t                (B, L, P)    DUPN: property embedding
+    property gated LSTM over (e_t, p_t)                              (B, L, H)    DUPN: property gated LSTM
+        i_t, f_t, o_t = sigmoid(W x_t + U h_{t-1} + V p_t + b)       p_t only opens and closes the gates;
+        c_t = f_t c_{t-1} + i_t tanh(W_c x_t + U_c h_{t-1} + b_c)    it never writes into the memory
+        h_t = o_t tanh(c_t)
+    a_t = masked softmax_t MLP([h_t, p_t, q]), q = the candidate's e  (B, L)       DUPN: attention net
+    user = sum_t a_t h_t                                              (B, H)
+    logit = MLP([user, q])                                            (B,)         DUPN: the CTR task
+
+Notation: B batch, L history, U distinct items in the batch, M modalities, D = modality_dim, E = M * D,
+P behaviour-property width, H = sequence_dim, A attention width.
+
+Where we depart from the paper, and why:
+- One task. DUPN learns a user representation shared by CTR, learning-to-rank, price-preference and
+  fashion-icon heads trained jointly; the MARN paper compares it on CTR alone, so only the CTR head is
+  built. The multi-task transfer that motivates DUPN is therefore not reproduced here.
+- Query. DUPN's attention net scores each behaviour against the search query and the user profile. Our
+  samples have neither; in the CTR setting the candidate item takes the query's place. The scorer is a
+  feed-forward net over [h_t, p_t, q] with ReLU hidden layers of ``cfg.attention_hidden`` (an MLP, not a
+  bilinear form), normalised by a softmax over the real behaviours.
+- Features. Items are MARN's modalities (IDs: item, category, brand, shop; image; title CNN; statistics),
+  each projected by ItemModalities and concatenated, standing in for DUPN's item ID, shop, brand, category
+  and tag embeddings (the MARN paper feeds every neural model MARN's features). The property is behaviour
+  type and time-gap bucket; DUPN's scenario and time-of-day fields do not exist in our data.
+- Sizes. The prediction MLP is ``cfg.hidden`` and the LSTM width ``cfg.sequence_dim`` for every model
+  (MARN paper 4.1), not DUPN's own. No peephole terms; the forget-gate bias starts at 1 (see __init__).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from marn.config import ModelConfig
+from marn.data.item_features import ItemFeatures
+from marn.data.tensors import ItemCatalog
+from marn.models.base import CTRModel, ModelOutput
+from marn.models.layers import (
+    MLP,
+    MODALITIES,
+    BehaviorProperty,
+    ItemModalities,
+    batch_items,
+    gather_items,
+    masked_softmax,
+    recent_window,
+    sequence_mask,
+)
+
+
+class PropertyGatedLSTM(nn.Module):
+    """DUPN's property gated LSTM: the input, forget and output gates also read the behaviour property p_t.
+
+    ``(B, L, E), (B, L, P) -> (B, L, H)``, from a zero state. Gate rows are ordered i, f, o, g (g the cell
+    candidate), so the property's projection V covers the first 3H rows and has no row for g.
+    """
+
+    def __init__(self, input_dim: int, property_dim: int, hidden: int, forget_bias: float = 1.0):
+        super().__init__()
+        self.input = nn.Linear(input_dim, 4 * hidden)  # W and b, rows i, f, o, g
+        self.property = nn.Linear(property_dim, 3 * hidden, bias=False)  # V, rows i, f, o: never g
+        self.recurrent = nn.Linear(hidden, 4 * hidden, bias=False)  # U, rows i, f, o, g
+        with torch.no_grad():
+            self.input.bias[hidden : 2 * hidden].fill_(forget_bias)
+        self.hidden = hidden
+
+    def forward(self, items: torch.Tensor, props: torch.Tensor) -> torch.Tensor:
+        h_dim = self.hidden
+        # W x_t + V p_t + b for every step in one matmul: [W | V] with V zero-padded on the g rows.
+        weight = torch.cat([self.input.weight, F.pad(self.property.weight, (0, 0, 0, h_dim))], dim=1)
+        inputs = torch.cat([items, props], dim=-1).transpose(0, 1)  # (L, B, E + P), time-major
+        x = F.linear(inputs, weight, self.input.bias)  # (L, B, 4H), each step's slice contiguous
+        recurrent = self.recurrent.weight.t()  # (H, 4H)
+        h = c = x.new_zeros(x.shape[1], h_dim)  # (B, H)
+        states = []
+        for x_t in x:
+            z = torch.addmm(x_t, h, recurrent)  # (B, 4H)
+            i, f, o = torch.sigmoid(z[:, : 3 * h_dim]).chunk(3, dim=1)  # each (B, H)
+            c = f * c + i * torch.tanh(z[:, 3 * h_dim :])
+            h = o * torch.tanh(c)
+            states.append(h)
+        return torch.stack(states, dim=1)  # (B, L, H)
+
+
+class BehaviorAttention(nn.Module):
+    """DUPN's attention net with the candidate as the query: a_t = masked softmax_t MLP([h_t, p_t, q]).
+
+    The first layer is split into a per-step part on [h_t, p_t] and a per-row part on q: the same MLP as
+    on the concatenation, without repeating the wide item vector q L times.
+    """
+
+    def __init__(self, state_dim: int, property_dim: int, query_dim: int, hidden: Sequence[int]):
+        super().__init__()
+        if not hidden:
+            raise ValueError("DUPN's attention needs at least one hidden layer (cfg.attention_hidden)")
+        self.keys = nn.Linear(state_dim + property_dim, hidden[0])
+        self.query = nn.Linear(query_dim, hidden[0], bias=False)
+        self.score = MLP(hidden[0], hidden[1:], out_dim=1)
+
+    def forward(
+        self, states: torch.Tensor, props: torch.Tensor, query: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
+        keys = self.keys(torch.cat([states, props], dim=-1))  # (B, L, A)
+        first = torch.relu(keys + self.query(query)[:, None, :])  # (B, L, A)
+        return masked_softmax(self.score(first).squeeze(-1), mask)  # (B, L), 0 on padding
+
+
+class DUPN(CTRModel):
+    def __init__(
+        self,
+        catalog: ItemCatalog,
+        features: ItemFeatures,
+        cfg: ModelConfig,
+        forget_bias: float = 1.0,  # TF LSTMCell's default (Jozefowicz et al. 2015); DUPN gives no value
+    ):
+        super().__init__(catalog, features, cfg)
+        self.embedding = ItemModalities(
+            catalog, features, cfg, MODALITIES
+        )  # MARN's features, see the module docstring
+        item_dim = self.embedding.n_modalities * self.embedding.dim  # E
+        self.behavior = BehaviorProperty(cfg)
+        self.lstm = PropertyGatedLSTM(item_dim, self.behavior.dim, cfg.sequence_dim, forget_bias)
+        self.attention = BehaviorAttention(
+            cfg.sequence_dim, self.behavior.dim, item_dim, cfg.attention_hidden
+        )
+        self.predict = MLP(cfg.sequence_dim + item_dim, cfg.hidden, out_dim=1, dropout=cfg.dropout)
+
+    def perceive(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The candidate's item vector (B, E), the hidden states h_t (B, L', H) and the attention a_t
+        (B, L'), where L' <= L is the batch's longest history; states and weights are 0 on padding."""
+        batch = recent_window(batch)
+        unique, inverse = batch_items(batch)
+        vectors = self.embedding(unique).flatten(1)  # (U, M, D) -> (U, E)
+        candidate, history = gather_items(vectors, inverse)  # (B, E), (B, L', E)
+        mask = sequence_mask(batch["hist_len"], history.shape[1])  # (B, L')
+        props = self.behavior(batch["hist_behavior"], batch["hist_gap"])  # (B, L', P)
+        # Histories are left-aligned, so real steps never see padding; the mask only cleans the tail.
+        states = self.lstm(history, props) * mask[..., None].float()  # (B, L', H)
+        weights = self.attention(states, props, candidate, mask)  # (B, L')
+        return candidate, states, weights
+
+    def forward(self, batch: dict[str, torch.Tensor], progress: float = 1.0) -> ModelOutput:
+        candidate, states, weights = self.perceive(batch)
+        user = torch.einsum("bl,blh->bh", weights, states)  # (B, H); zeros for an empty history
+        return ModelOutput(self.predict(torch.cat([user, candidate], dim=1)).squeeze(-1))  # (B,)
