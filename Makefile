@@ -8,7 +8,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 export RAY_AUTH_MODE := disabled
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test test-unit test-slow lint format constraints clean
+.PHONY: help install demo test test-unit test-slow bench lint format constraints clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -21,7 +21,7 @@ $(BIN)/python:
 $(STAMP): $(BIN)/python pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet --upgrade "pip>=24"
 	$(BIN)/python -m pip install --quiet -c constraints.txt torch==2.13.0
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev]"
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev,bench]"
 	$(BIN)/python -m pip check
 	@touch $@
 
@@ -35,6 +35,9 @@ test: $(STAMP)  ## unit + integration tests (integration tests are marked slow)
 
 test-unit: $(STAMP)  ## fast unit tests only
 	$(BIN)/python -m pytest tests/unit -m "not slow"
+
+bench: $(STAMP)  ## model speed table (train samples/s, inference latency) incl. DeepCTR-Torch's DIN
+	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/model_speed.py --threads 1
 
 lint: $(STAMP)  ## ruff check + format check
 	$(BIN)/ruff check .

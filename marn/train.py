@@ -23,7 +23,7 @@ from marn.data.item_features import ItemFeatures, build_item_features
 from marn.data.samples import build_samples
 from marn.data.schema import Dataset
 from marn.data.tensors import EncodedSamples, ItemCatalog, encode_samples
-from marn.evaluate import ctr_metrics
+from marn.evaluate import auc_by_popularity, ctr_metrics, training_item_counts, unseen_item_recall
 from marn.models import CTRModel, build_model
 
 CHECKPOINT = "model.pt"
@@ -149,6 +149,7 @@ def train_model(
     best = max(history, key=lambda r: r.valid["auc"])
     metrics: dict[str, Any] = {
         **evaluate_split(model, test),
+        **item_slices(model, train, test, len(catalog.items)),
         "model": cfg.train.model,
         "best_epoch": best.epoch,
         "epochs_run": len(history),
@@ -181,6 +182,24 @@ def train_model(
     metrics_path = out_dir / METRICS
     metrics_path.write_text(json.dumps(metrics, indent=2, allow_nan=True) + "\n")
     return TrainResult(metrics, checkpoint, metrics_path)
+
+
+def item_slices(model: CTRModel, train: EncodedSamples, test: EncodedSamples, n_items: int) -> dict[str, Any]:
+    """Paper Table 4 (AUC by item-popularity level) and Table 5 (recall@N of items unseen in training).
+
+    Popularity counts the training positives only (each training event once); "unseen" means absent from
+    the whole training log as the model saw it (candidates and histories). The recall pool is the test
+    items never seen in training, standing in for the paper's next-day candidate set.
+    """
+    labels, items = test.tensors["label"].numpy(), test.tensors["item"].numpy()
+    popularity = training_item_counts(train, n_items, histories=False)
+    seen = training_item_counts(train, n_items)
+    test_items = np.unique(items)
+    unseen = torch.from_numpy(test_items[seen[test_items] == 0])
+    return {
+        "auc_by_popularity": auc_by_popularity(items, labels, predict(model, test), popularity),
+        "unseen_recall": unseen_item_recall(model, test, unseen),
+    }
 
 
 def load_checkpoint(path: str | Path) -> tuple[CTRModel, dict[str, Any]]:

@@ -14,21 +14,29 @@ from marn.data.item_features import ItemFeatures
 from marn.data.tensors import ItemCatalog
 from marn.models.base import CTRModel
 from marn.models.dien import DIEN
+from marn.models.din import DIN
 from marn.models.dmf import DMF
 from marn.models.dupn import DUPN
+from marn.models.fm import FM
 from marn.models.layers import glorot_init
 from marn.models.lr import LR
 from marn.models.marn import MARN, VARIANTS
 from marn.models.mmss import MMSS
 from marn.models.naml import NAML
+from marn.models.xdeepfm import XDeepFM
+from marn.models.youtubenet import YoutubeNet
 
 Builder = Callable[[ItemCatalog, ItemFeatures, ModelConfig], CTRModel]
 
 MODELS: dict[str, Builder] = {
     # paper Table 2, group 1: shallow models on IDs
     "lr": LR,
-    # group 2: concatenation-based sequence models
+    "fm": FM,
+    # group 2: concatenation-based models
+    "youtubenet": YoutubeNet,
+    "xdeepfm": XDeepFM,
     "dupn": DUPN,  # the production A/B baseline
+    "din": DIN,  # not in the paper's tables; the DIN protocol's own model and the speed reference
     "dien": DIEN,
     # group 3: multimodal fusion methods
     "dmf": DMF,
