@@ -30,8 +30,23 @@ def marn(*args: str, check: bool = True) -> subprocess.CompletedProcess:
 
 
 def test_models_lists_names_one_a_line():
-    names = marn("models").stdout.split()
-    assert "lr" in names and len(names) == len(set(names))
+    from marn.models import model_names
+
+    assert marn("models").stdout.splitlines() == model_names()
+
+
+def test_train_marn_writes_metrics_and_a_checkpoint_that_reloads(tmp_path):
+    from marn.models.marn import MARN
+    from marn.train import load_checkpoint
+
+    data, run = tmp_path / "data", tmp_path / "run"
+    marn("data", "synth", "--out", str(data), "--users", "200", "--items", "100", "--seed", "5")
+    marn("train", "--model", "marn", "--data", str(data), "--out", str(run), "--epochs", "1", "--seed", "2")
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert {"auc", "user_auc", "logloss", "auc_by_popularity", "unseen_recall"} <= set(metrics)
+    assert {"adv", "d0", "ds"} <= set(metrics["history"][0])  # the adversarial losses are logged
+    model, config = load_checkpoint(run / "model.pt")
+    assert isinstance(model, MARN) and config["train"]["model"] == "marn"
 
 
 def test_synth_validate_train_on_the_embedded_default(tmp_path):

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
+from marn.config import load_config
 from marn.data.movielens import import_movielens
-from marn.data.schema import read_dataset, resolve_image_uri
+from marn.data.schema import Dataset, read_dataset, resolve_image_uri
+from marn.models import model_names
+from marn.train import train_model
 
 
 @pytest.mark.slow
@@ -36,3 +40,26 @@ def test_import_real_movielens_100k(shared_dir: Path, tmp_path: Path) -> None:
     # Point-in-time statistics: at most the events strictly before each snapshot day.
     last = data.item_stats.groupby("item_id")["n_events"].max()
     assert (last == data.events.groupby("item_id").size().reindex(last.index)).all()
+
+
+@pytest.mark.slow
+def test_every_registered_model_trains_on_real_movielens(shared_dir: Path, tmp_path: Path) -> None:
+    """Real posters, long plot texts and sparse statistics through every model: 80 users, one epoch each.
+
+    The full-data run of every model is benchmarks/model_quality.py (see benchmarks/README.md)."""
+    src = shared_dir / "datasets" / "movielens-100k"
+    media = shared_dir / "datasets" / "movielens-100k-media"
+    if not src.is_dir() or not media.is_dir():
+        pytest.skip(f"MovieLens data not found under {shared_dir}; set MARN_SHARED_DIR")
+    import_movielens(src, tmp_path / "ml", media=media)
+    full = read_dataset(tmp_path / "ml")
+    users = sorted(full.events["user_id"].unique())[:80]
+    events = full.events[full.events["user_id"].isin(users)]
+    items = full.items[full.items["item_id"].isin(events["item_id"])]
+    subset = Dataset(events=events, items=items, root=full.root)
+    for name in model_names():
+        cfg = load_config(None, {"train": {"model": name, "epochs": 1, "batch_size": 512}})
+        result = train_model(subset, cfg, tmp_path / name, show_progress=False)
+        metrics = json.loads(result.metrics_path.read_text())
+        assert 0.0 <= metrics["auc"] <= 1.0 and metrics["logloss"] > 0, name
+        assert len(metrics["auc_by_popularity"]) == 10 and result.checkpoint.exists(), name
