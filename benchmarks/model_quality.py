@@ -15,7 +15,9 @@ import time
 from pathlib import Path
 
 from marn.config import load_config
+from marn.data.item_features import build_item_features
 from marn.data.schema import read_dataset
+from marn.data.tensors import ItemCatalog
 from marn.models import model_names
 from marn.train import train_model
 
@@ -27,6 +29,9 @@ def run(data: Path, models: list[str], out: Path, epochs: int, batch_size: int |
     if unknown:
         raise SystemExit(f"unknown model(s) {unknown}; registered: {', '.join(model_names())}")
     dataset = read_dataset(data)
+    base = load_config(config)
+    catalog = ItemCatalog.from_items(dataset.items)  # the same codes train_model derives
+    features = build_item_features(dataset, catalog, base.features, base.model.stats_buckets)  # once for all
     rows = []
     for i, name in enumerate(models, 1):
         train = {"model": name, "epochs": epochs}
@@ -35,7 +40,7 @@ def run(data: Path, models: list[str], out: Path, epochs: int, batch_size: int |
         cfg = load_config(config, {"train": train})
         print(f"[{i}/{len(models)}] {name}: training up to {epochs} epoch(s) on {data}", flush=True)
         started = time.perf_counter()
-        metrics = train_model(dataset, cfg, out / name, show_progress=False).metrics
+        metrics = train_model(dataset, cfg, out / name, show_progress=False, features=features).metrics
         history = metrics["history"]
         rows.append(
             {

@@ -130,16 +130,27 @@ def fit(
 
 
 def train_model(
-    dataset: Dataset, cfg: Config, out_dir: str | Path, show_progress: bool = True
+    dataset: Dataset,
+    cfg: Config,
+    out_dir: str | Path,
+    show_progress: bool = True,
+    features: ItemFeatures | None = None,
 ) -> TrainResult:
-    """DIN samples -> fit -> test metrics; writes ``model.pt`` and ``metrics.json`` into ``out_dir``."""
+    """DIN samples -> fit -> test metrics; writes ``model.pt`` and ``metrics.json`` into ``out_dir``.
+
+    ``features``: item features built beforehand with :func:`build_item_features` for this dataset's
+    catalogue (a comparison of many models builds them once); None builds them from ``cfg.features``.
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.train.seed)
     started = time.perf_counter()
     samples = build_samples(dataset, cfg.samples)
     catalog = ItemCatalog.from_items(dataset.items)
-    features = build_item_features(dataset, catalog, cfg.features, cfg.model.stats_buckets)
+    if features is None:
+        features = build_item_features(dataset, catalog, cfg.features, cfg.model.stats_buckets)
+    elif features.n_items != len(catalog.items):
+        raise ValueError(f"features cover {features.n_items} item codes, the catalogue {len(catalog.items)}")
     train, valid, test = (
         encode_samples(samples.split(s), catalog, cfg.samples.max_history) for s in ("train", "valid", "test")
     )

@@ -9,8 +9,10 @@ import pandas as pd
 import pytest
 
 from marn.config import load_config
+from marn.data.item_features import build_item_features
 from marn.data.movielens import import_movielens
 from marn.data.schema import Dataset, read_dataset, resolve_image_uri
+from marn.data.tensors import ItemCatalog
 from marn.models import model_names
 from marn.train import train_model
 
@@ -44,7 +46,7 @@ def test_import_real_movielens_100k(shared_dir: Path, tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_every_registered_model_trains_on_real_movielens(shared_dir: Path, tmp_path: Path) -> None:
-    """Real posters, long plot texts and sparse statistics through every model: 80 users, one epoch each.
+    """Real posters, long plot texts and sparse statistics through every model: 40 users, one epoch each.
 
     The full-data run of every model is benchmarks/model_quality.py (see benchmarks/README.md)."""
     src = shared_dir / "datasets" / "movielens-100k"
@@ -53,13 +55,16 @@ def test_every_registered_model_trains_on_real_movielens(shared_dir: Path, tmp_p
         pytest.skip(f"MovieLens data not found under {shared_dir}; set MARN_SHARED_DIR")
     import_movielens(src, tmp_path / "ml", media=media)
     full = read_dataset(tmp_path / "ml")
-    users = sorted(full.events["user_id"].unique())[:80]
+    users = sorted(full.events["user_id"].unique())[:40]
     events = full.events[full.events["user_id"].isin(users)]
     items = full.items[full.items["item_id"].isin(events["item_id"])]
     subset = Dataset(events=events, items=items, root=full.root)
+    small = {"samples": {"max_history": 20}, "features": {"title_len": 24}}
+    base = load_config(None, small)
+    features = build_item_features(subset, ItemCatalog.from_items(items), base.features)  # posters read once
     for name in model_names():
-        cfg = load_config(None, {"train": {"model": name, "epochs": 1, "batch_size": 512}})
-        result = train_model(subset, cfg, tmp_path / name, show_progress=False)
+        cfg = load_config(None, {**small, "train": {"model": name, "epochs": 1, "batch_size": 512}})
+        result = train_model(subset, cfg, tmp_path / name, show_progress=False, features=features)
         metrics = json.loads(result.metrics_path.read_text())
         assert 0.0 <= metrics["auc"] <= 1.0 and metrics["logloss"] > 0, name
         assert len(metrics["auc_by_popularity"]) == 10 and result.checkpoint.exists(), name
