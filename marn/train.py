@@ -158,9 +158,10 @@ def train_model(
     best_state, history = fit(model, train, valid, cfg.train, show_progress=show_progress)
     model.load_state_dict(best_state)
     best = max(history, key=lambda r: r.valid["auc"])
+    test_scores = predict(model, test)  # click probabilities, one per test sample
     metrics: dict[str, Any] = {
-        **evaluate_split(model, test),
-        **item_slices(model, train, test, len(catalog.items)),
+        **ctr_metrics(test.users, test.tensors["label"].numpy(), test_scores),
+        **item_slices(model, train, test, test_scores, len(catalog.items)),
         "model": cfg.train.model,
         "best_epoch": best.epoch,
         "epochs_run": len(history),
@@ -195,7 +196,9 @@ def train_model(
     return TrainResult(metrics, checkpoint, metrics_path)
 
 
-def item_slices(model: CTRModel, train: EncodedSamples, test: EncodedSamples, n_items: int) -> dict[str, Any]:
+def item_slices(
+    model: CTRModel, train: EncodedSamples, test: EncodedSamples, test_scores: np.ndarray, n_items: int
+) -> dict[str, Any]:
     """Paper Table 4 (AUC by item-popularity level) and Table 5 (recall@N of items unseen in training).
 
     Popularity counts the training positives only (each training event once); "unseen" means absent from
@@ -208,7 +211,7 @@ def item_slices(model: CTRModel, train: EncodedSamples, test: EncodedSamples, n_
     test_items = np.unique(items)
     unseen = torch.from_numpy(test_items[seen[test_items] == 0])
     return {
-        "auc_by_popularity": auc_by_popularity(items, labels, predict(model, test), popularity),
+        "auc_by_popularity": auc_by_popularity(items, labels, test_scores, popularity),
         "unseen_recall": unseen_item_recall(model, test, unseen),
     }
 
