@@ -16,13 +16,17 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from marn.config import Config, ConfigError, load_config
+from marn.config import Config, ConfigError, dump_config, load_config
 
 app = typer.Typer(help="MARN: multimodal adversarial CTR prediction, end to end.", no_args_is_help=True)
 data_app = typer.Typer(help="Create or import canonical datasets.", no_args_is_help=True)
 import_app = typer.Typer(help="Import a public dataset into canonical tables.", no_args_is_help=True)
+pipeline_app = typer.Typer(
+    help="The KFP pipeline: compile it for Kubeflow or run it here.", no_args_is_help=True
+)
 app.add_typer(data_app, name="data")
 data_app.add_typer(import_app, name="import")
+app.add_typer(pipeline_app, name="pipeline")
 
 console = Console()
 err_console = Console(stderr=True)
@@ -149,63 +153,156 @@ def train(
     data: Annotated[Path, typer.Option(help="Dataset directory")],
     out: Annotated[Path, typer.Option(help="Run directory: metrics.json and model.pt")],
     epochs: Annotated[int | None, typer.Option(help="Maximum epochs")] = None,
+    workers: Annotated[
+        int | None, typer.Option(help="Ray Train workers (DDP); 1 trains in this process")
+    ] = None,
     seed: Annotated[int | None, typer.Option(help="Random seed")] = None,
     config: ConfigOption = None,
 ) -> None:
     """Train one model on a canonical dataset (DIN protocol) and write its test metrics."""
     from marn.data.schema import read_dataset
     from marn.models import model_names
-    from marn.train import train_model
 
     if model not in model_names():
         err_console.print(f"[red]unknown model[/red] {model!r}; registered: {', '.join(model_names())}")
         raise typer.Exit(2)
-    cfg = _config(config, {"train": _drop_none({"model": model, "epochs": epochs, "seed": seed})})
-    result = train_model(read_dataset(data), cfg, out)
+    cfg = _config(
+        config,
+        {
+            "train": _drop_none({"model": model, "epochs": epochs, "seed": seed}),
+            "distributed": _drop_none({"workers": workers}),
+        },
+    )
+    if cfg.distributed.workers > 1:
+        from marn.distributed import train_distributed
+
+        result = train_distributed(read_dataset(data), cfg, out)
+    else:
+        from marn.train import train_model
+
+        result = train_model(read_dataset(data), cfg, out)
     _print_metrics(result.metrics)
     console.print(f"metrics: {result.metrics_path}\ncheckpoint: {result.checkpoint}")
 
 
 @app.command()
-def demo(
+def embed(
+    data: Annotated[Path, typer.Option(help="Dataset directory (writes image_/title_embeddings.parquet)")],
+    backbone: Annotated[str | None, typer.Option(help="mobilenet_v2 or vgg16")] = None,
+    weights: Annotated[Path | None, typer.Option(help="torchvision-layout .pth state dict")] = None,
     config: ConfigOption = None,
-    out: Annotated[Path | None, typer.Option(help="Work directory (default: paths.work_dir)")] = None,
 ) -> None:
-    """The main job on the embedded default: synthesize -> validate -> train and evaluate."""
-    from marn.data.schema import read_dataset
-    from marn.train import train_model
-    from marn.validate import validate_dataset
+    """Embed every item image (Ray Data; GPU actors when Ray sees GPUs) and title; reruns reuse the cache."""
+    from marn.stages import embed_stage
 
-    cfg = _config(config)
-    root = out or cfg.paths.work_dir / "demo"
-    data_dir, run_dir = root / "data", root / "runs" / cfg.train.model
-    times: dict[str, float] = {}
+    cfg = _config(config, {"embed": _drop_none({"backbone": backbone, "weights": weights})})
+    summary = embed_stage(data, cfg)
+    console.print(
+        f"{summary['items']:,} items: {summary['computed']:,} images embedded, {summary['reused']:,} reused, "
+        f"{summary['missing']:,} without an image; {summary['images_per_s']:.1f} images/s on "
+        f"{summary['device']} ({summary['backbone']}) -> {summary['image_path']}"
+    )
 
-    def stage(name: str):
-        console.rule(f"[bold]{name}")
-        return _Timer(times, name)
 
-    with stage("synthesize"):
-        summary = _synthesize(data_dir, cfg)
-        console.print(
-            f"{summary.events:,} events, {summary.items:,} items, {summary.users:,} users -> {data_dir}"
+@pipeline_app.command("compile")
+def pipeline_compile(
+    out: Annotated[Path, typer.Option(help="Where to write the KFP IR YAML")],
+    config: ConfigOption = None,
+) -> None:
+    """Compile the pipeline for Kubeflow; the config becomes the run's default ``config`` parameter."""
+    from pipelines.marn_pipeline import compile_pipeline
+
+    compile_pipeline(out, dump_config(_config(config)))
+    console.print(f"wrote {out}")
+
+
+@pipeline_app.command("run")
+def pipeline_run(
+    local: Annotated[
+        bool, typer.Option("--local", help="Run with the KFP local runner on this machine")
+    ] = False,
+    data: Annotated[Path | None, typer.Option(help="Dataset directory (default: synthesize one)")] = None,
+    if_new_data: Annotated[
+        bool, typer.Option("--if-new-data", help="Skip when the data has not changed since the last run")
+    ] = False,
+    config: ConfigOption = None,
+) -> None:
+    """The whole pipeline: validate, embed, features, tune, train, evaluate, register, deploy."""
+    if not local:
+        err_console.print(
+            "only --local runs from here; for Kubeflow, `marn pipeline compile --out FILE` and upload the "
+            "file (or use the recurring run in kustomize/)"
         )
-    with stage("validate"):
-        report = validate_dataset(data_dir, cfg.validation)
-        (root / "validation.html").write_text(report.to_html())
-        if not report.success:  # the gate: bad data stops the job here
-            err_console.print(report.to_text())
-            raise typer.Exit(1)
-        console.print(f"[green]valid[/green]; report: {root / 'validation.html'}")
-    with stage(f"train + evaluate ({cfg.train.model})"):
-        result = train_model(read_dataset(data_dir), cfg, run_dir)
-        _print_metrics(result.metrics)
-    table = Table("stage", "seconds", title="demo stages")
+        raise typer.Exit(2)
+    cfg = _config(config)
+    times: dict[str, float] = {}
+    if data is None:
+        data = cfg.paths.work_dir / "pipeline" / "data"
+        with _Timer(times, "synthesize"):
+            _synthesize(data, cfg)
+    _run_pipeline(cfg, data, times, if_new_data)
+
+
+@app.command()
+def demo(config: ConfigOption = None) -> None:
+    """The main job on the embedded default: synthesize, then the whole pipeline with the KFP local runner."""
+    cfg = _config(config)
+    data = cfg.paths.work_dir / "demo" / "data"
+    times: dict[str, float] = {}
+    with _Timer(times, "synthesize"):
+        summary = _synthesize(data, cfg)
+    console.print(f"{summary.events:,} events, {summary.items:,} items, {summary.users:,} users -> {data}")
+    _run_pipeline(cfg, data, times, if_new_data=False)
+
+
+def _run_pipeline(cfg: Config, data: Path, times: dict[str, float], if_new_data: bool) -> None:
+    from marn.stages import registry_dir, work_path
+    from pipelines.local import PipelineFailed, data_is_new, remember_data, run_local
+
+    state = cfg.paths.work_dir / "pipeline" / "last_run.json"
+    new, version = data_is_new(data, state)
+    if if_new_data and not new:
+        console.print(f"data {data} unchanged since the last run (version {version}): nothing to do")
+        return
+    root = work_path(cfg, cfg.pipeline.pipeline_root, "kfp")
+    console.rule(f"[bold]pipeline on {data}")
+    try:
+        run = run_local(dump_config(cfg), data, root, cfg.pipeline.model, cfg.pipeline.baseline)
+    except PipelineFailed as err:
+        _print_stage_times({**times, **err.run.stage_seconds})
+        report = err.run.artifact("validate", "report")
+        err_console.print(f"[red]pipeline failed[/red]: {err}")
+        if report.exists():
+            err_console.print(f"validation report: {report}")
+        raise typer.Exit(1) from None
+    remember_data(state, version, run)
+    _print_stage_times({**times, **run.stage_seconds})
+    table = Table("model", "test AUC", "user AUC", "logloss", "registered", title="evaluation gate")
+    for role in ("candidate", "baseline"):
+        evaluation = run.outputs.get(f"evaluate-{role}", {}).get("evaluation")
+        registered = run.outputs.get(f"register-{role}", {}).get("Output", {})
+        if evaluation:
+            m = evaluation["metrics"]
+            table.add_row(
+                m["model"],
+                f"{m['auc']:.4f}",
+                f"{m['user_auc']:.4f}",
+                f"{m['logloss']:.4f}",
+                registered.get("version", "no: " + evaluation["gate"]["reason"]),
+            )
+    console.print(table)
+    console.print(f"artifacts: {run.run_dir}")
+    console.print(f"validation report: {run.artifact('validate', 'report')}")
+    console.print(f"registry: {registry_dir(cfg).resolve()}")
+    console.print(f"serving plan: {run.artifact('deploy', 'deployment')}")
+
+
+def _print_stage_times(times: dict[str, float]) -> None:
+    table = Table("stage", "seconds", title="pipeline stages")
     for name, seconds in times.items():
         table.add_row(name, f"{seconds:.1f}")
     table.add_row("[bold]total", f"[bold]{sum(times.values()):.1f}")
     console.print(table)
-    console.print(f"metrics: {result.metrics_path}")
 
 
 class _Timer:

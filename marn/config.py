@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -91,6 +92,72 @@ class ModelConfig(Strict):
     dropout: float = Field(0.0, ge=0, lt=1)
 
 
+class RayConfig(Strict):
+    """Where Ray runs. Local: a private Ray on this machine, sized for 2 cores; cluster: ``address: auto``."""
+
+    address: str | None = None  # None: start a local Ray; "auto" or "ray://host:10001" joins a cluster
+    num_cpus: int | None = Field(2, ge=1)  # local Ray only; None: every core
+    object_store_mb: int = Field(512, ge=64)  # local Ray only; Ray's default reserves 30% of RAM
+
+
+class EmbedConfig(Strict):
+    """The embed stage: one image vector per item (paper 3.1.1) and a mean word vector per title."""
+
+    # The paper used VGG16 fc7 (cluster config, on GPU workers); MobileNetV2 is the local default because
+    # VGG16's ImageNet weights cannot be had offline here and it is slow on 2 cores.
+    backbone: Literal["mobilenet_v2", "vgg16"] = "mobilenet_v2"
+    weights: Path | None = None  # torchvision-layout state dict; None: seeded random weights, with a warning
+    image_size: int = Field(224, ge=32)  # network input side after resize and centre crop
+    batch_size: int = Field(32, ge=1)
+    actors: int = Field(1, ge=1)  # Ray Data actor pool size
+    cpus_per_actor: float = Field(1.0, gt=0)
+    gpus_per_actor: float = Field(1.0, ge=0)  # asked for only when Ray sees GPUs
+    cache_dir: Path | None = None  # vectors keyed by image content hash; None: <work_dir>/embed-cache
+
+
+class FeastConfig(Strict):
+    """The Feast feature store; ``feature_store.yaml`` is generated from this section."""
+
+    project: str = Field("marn", pattern=r"^[a-z][a-z0-9_]*$")
+    repo_dir: Path | None = None  # generated repo (yaml, registry, feature tables); None: <work_dir>/feast
+    online_store: Literal["sqlite", "redis"] = "sqlite"  # sqlite locally, redis in the cluster
+    redis_connection: str = "localhost:6379"  # host:port[,password=...] when online_store is redis
+    ttl_days: int = Field(3650, ge=1)  # how far back a point-in-time join may look
+
+
+class DistributedConfig(Strict):
+    """Ray Train: the same ``fit`` loop in N DDP workers."""
+
+    workers: int = Field(1, ge=1)
+    cpus_per_worker: float = Field(1.0, gt=0)
+    use_gpu: bool = False
+    max_failures: int = Field(2, ge=0)  # worker-group restarts from the last checkpoint before giving up
+    storage_path: Path | None = None  # checkpoints; None: <run dir>/ray (a shared filesystem in a cluster)
+
+
+class TuneConfig(Strict):
+    """Ray Tune over the adversarial weight lambda0 (the paper's 0.01..1.8) and the learning rate."""
+
+    model: str = "marn"
+    trials: int = Field(6, ge=1)
+    lambda0_range: tuple[float, float] = (0.01, 1.8)  # log-uniform
+    lr_range: tuple[float, float] = (0.03, 0.3)  # log-uniform around the paper's 0.1
+    max_epochs: int = Field(3, ge=1)
+    grace_epochs: int = Field(1, ge=1)  # ASHA: every trial gets at least this many epochs
+    cpus_per_trial: float = Field(0.5, gt=0)  # fractional, so two trials share 2 cores
+    seed: int = 7
+
+
+class PipelineConfig(Strict):
+    """The end-to-end pipeline (KFP): which models it trains, gates and registers."""
+
+    model: str = "marn"  # the candidate: tuned, trained, gated against its champion
+    baseline: str = "dupn"  # trained, gated and registered beside it: the A/B test's other arm
+    tune: bool = True  # False: train the candidate with model.lambda0 and train.lr as configured
+    min_improvement: float = Field(0.0, ge=0)  # test AUC gain over the champion needed to register
+    pipeline_root: Path | None = None  # KFP local runner artifacts; None: <work_dir>/kfp
+
+
 class Config(Strict):
     paths: PathsConfig = PathsConfig()
     synth: SynthConfig = SynthConfig()
@@ -99,6 +166,12 @@ class Config(Strict):
     train: TrainConfig = TrainConfig()
     features: FeaturesConfig = FeaturesConfig()
     model: ModelConfig = ModelConfig()
+    ray: RayConfig = RayConfig()
+    embed: EmbedConfig = EmbedConfig()
+    feast: FeastConfig = FeastConfig()
+    distributed: DistributedConfig = DistributedConfig()
+    tune: TuneConfig = TuneConfig()
+    pipeline: PipelineConfig = PipelineConfig()
 
 
 class ConfigError(ValueError):
@@ -107,24 +180,38 @@ class ConfigError(ValueError):
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
     """Read a YAML config (None: built-in defaults) and apply nested ``overrides`` on top."""
-    raw: dict[str, Any] = {}
-    source = "<defaults>"
-    if path is not None:
-        source = str(path)
-        try:
-            raw = yaml.safe_load(Path(path).read_text()) or {}
-        except FileNotFoundError as err:
-            raise ConfigError(f"config file not found: {path}") from err
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML: {err}") from err
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping, got {type(raw).__name__}")
+    if path is None:
+        return parse_config("", "<defaults>", overrides)
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError as err:
+        raise ConfigError(f"config file not found: {path}") from err
+    return parse_config(text, str(path), overrides)
+
+
+def parse_config(text: str, source: str = "<text>", overrides: dict[str, Any] | None = None) -> Config:
+    """A config from YAML text (pipeline components receive the run's config as a string parameter)."""
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{source}: not valid YAML: {err}") from err
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping, got {type(raw).__name__}")
     if overrides:
         raw = _merge(raw, overrides)
     try:
         return Config.model_validate(raw)
     except ValidationError as err:
         raise ConfigError(_describe(source, err)) from None
+
+
+def dump_config(cfg: Config) -> str:
+    """One line of JSON (a YAML subset) that :func:`parse_config` reads back to an equal Config.
+
+    One line, because KFP copies parameter defaults into the compiled file's comment header, where a
+    multi-line string would break the YAML.
+    """
+    return json.dumps(cfg.model_dump(mode="json"), separators=(",", ":"))
 
 
 def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:

@@ -1,0 +1,175 @@
+"""The model registry: versioned model artifacts, a model card each, and one champion per model name.
+
+Layout (a directory; a bucket or a PVC in the cluster)::
+
+    REGISTRY/<model>/v0001/model.pt         the checkpoint (``marn.train.load_checkpoint`` reads it)
+    REGISTRY/<model>/v0001/metrics.json     test metrics as the training run wrote them
+    REGISTRY/<model>/v0001/card.json        model card: config, data snapshot, metrics, gate decision
+    REGISTRY/<model>/champion.json          {"version": "v0001", ...}: what serving loads
+
+The evaluation gate (:func:`gate`) lets a candidate in only when it beats the champion's test AUC by
+``min_improvement`` (or there is no champion); a registered model becomes the champion at once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+CARD = "card.json"
+CHAMPION = "champion.json"
+_TABLES = ("events", "items", "users", "item_stats", "image_embeddings", "title_embeddings")
+
+
+@dataclass(frozen=True)
+class GateDecision:
+    passed: bool
+    candidate_auc: float
+    champion_auc: float | None
+    champion_version: str | None
+    reason: str
+
+
+@dataclass(frozen=True)
+class RegisteredModel:
+    model: str
+    version: str
+    path: Path  # the version directory
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.path / "model.pt"
+
+    @property
+    def metrics(self) -> dict[str, Any]:
+        return json.loads((self.path / "metrics.json").read_text())
+
+    @property
+    def card(self) -> dict[str, Any]:
+        return json.loads((self.path / CARD).read_text())
+
+
+def champion(registry_dir: str | Path, model: str) -> RegisteredModel | None:
+    """The registered version serving should load for ``model``, or None before the first registration."""
+    pointer = Path(registry_dir) / model / CHAMPION
+    if not pointer.exists():
+        return None
+    version = json.loads(pointer.read_text())["version"]
+    return RegisteredModel(model, version, Path(registry_dir) / model / version)
+
+
+def versions(registry_dir: str | Path, model: str) -> list[str]:
+    root = Path(registry_dir) / model
+    return sorted(p.name for p in root.glob("v[0-9]*") if (p / CARD).exists()) if root.is_dir() else []
+
+
+def gate(
+    candidate_metrics: dict[str, Any], current: RegisteredModel | None, min_improvement: float
+) -> GateDecision:
+    """Register only a model that beats the champion's test AUC by at least ``min_improvement``."""
+    auc = float(candidate_metrics["auc"])
+    if current is None:
+        return GateDecision(True, auc, None, None, "no champion yet")
+    best = float(current.metrics["auc"])
+    passed = auc >= best + min_improvement if min_improvement > 0 else auc > best
+    verdict = "beats" if passed else "does not beat"
+    return GateDecision(
+        passed,
+        auc,
+        best,
+        current.version,
+        f"candidate AUC {auc:.4f} {verdict} champion {current.version} AUC {best:.4f}"
+        + (f" by the required {min_improvement:.4f}" if min_improvement > 0 else ""),
+    )
+
+
+def register_model(
+    registry_dir: str | Path,
+    run_dir: str | Path,
+    data_dir: str | Path,
+    decision: GateDecision,
+    extra_card: dict[str, Any] | None = None,
+) -> RegisteredModel:
+    """Copy a training run (``model.pt``, ``metrics.json``) into the next version and make it the champion.
+
+    The version directory is assembled under a temporary name and renamed into place, so a crash never
+    leaves a half-written version that looks registered.
+    """
+    if not decision.passed:
+        raise ValueError(f"the evaluation gate refused this model: {decision.reason}")
+    run_dir = Path(run_dir)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    model = metrics["model"]
+    root = Path(registry_dir) / model
+    root.mkdir(parents=True, exist_ok=True)
+    taken = versions(registry_dir, model)
+    version = f"v{int(taken[-1][1:]) + 1 if taken else 1:04d}"
+    staging = Path(tempfile.mkdtemp(prefix=f".{version}-", dir=root))
+    for name in ("model.pt", "metrics.json"):
+        shutil.copy2(run_dir / name, staging / name)
+    card = {
+        "model": model,
+        "version": version,
+        "registered_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "metrics": {k: metrics[k] for k in ("auc", "user_auc", "logloss") if k in metrics},
+        "valid": metrics.get("valid"),
+        "gate": asdict(decision),
+        "data": data_snapshot(data_dir),
+        "code": _git_commit(),
+        "source_run": str(run_dir.resolve()),
+        **(extra_card or {}),
+    }
+    (staging / CARD).write_text(json.dumps(card, indent=2) + "\n")
+    staging.rename(root / version)
+    _write_atomic(root / CHAMPION, json.dumps({"version": version, "auc": card["metrics"].get("auc")}) + "\n")
+    return RegisteredModel(model, version, root / version)
+
+
+def data_snapshot(data_dir: str | Path) -> dict[str, Any]:
+    """What the model was trained on: the data directory and a sha256 per canonical table file."""
+    data_dir = Path(data_dir)
+    tables = {}
+    for name in _TABLES:
+        path = data_dir / f"{name}.parquet"
+        if path.exists():
+            tables[name] = _sha256(path)
+    digest = hashlib.sha256(json.dumps(tables, sort_keys=True).encode()).hexdigest()
+    return {"data_dir": str(data_dir.resolve()), "tables": tables, "version": digest[:16]}
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _git_commit() -> str | None:
+    """The code version, when the package runs from a git checkout (None in a built image)."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None

@@ -1,0 +1,278 @@
+"""The pipeline's stages as plain functions: paths and a Config in, files and a small summary out.
+
+Each KFP component (components/) is one call into this module, and ``marn pipeline run --local`` runs the
+same components through the KFP local runner, so a stage behaves the same on a laptop and in Kubeflow.
+Order (DESIGN.md, "How data flows")::
+
+    validate -> embed -> features (Feast, samples) -> tune -> train -> evaluate -> register -> deploy
+
+Every summary is JSON-serialisable; the components log its numbers as KFP metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from marn.config import Config
+from marn.registry import GateDecision, champion, gate, register_model
+
+log = logging.getLogger(__name__)
+
+SERVE_CONFIG = "serve_config.yaml"
+DATASET_REF = "dataset.json"  # a Dataset artifact: which data directory, and a hash of its tables
+
+
+def work_path(cfg: Config, configured: Path | None, default: str) -> Path:
+    """A configured location, or its default under ``paths.work_dir``."""
+    return Path(configured) if configured is not None else cfg.paths.work_dir / default
+
+
+def registry_dir(cfg: Config) -> Path:
+    return cfg.paths.work_dir / "registry"
+
+
+def validate_stage(data_dir: Path, cfg: Config, report_html: Path) -> dict[str, Any]:
+    """The data gate: raise DataValidationError (failing the run) on bad data; the HTML report either way."""
+    from marn.validate import DataValidationError, validate_dataset
+
+    result = validate_dataset(data_dir, cfg.validation)
+    report_html.parent.mkdir(parents=True, exist_ok=True)
+    report_html.write_text(result.to_html())
+    if not result.success:
+        raise DataValidationError(result.to_text())
+    return {"valid": True, "seconds": result.elapsed_s}
+
+
+def embed_stage(data_dir: Path, cfg: Config) -> dict[str, Any]:
+    """Image vectors (backbone per config) and title vectors into the dataset directory, cached by content."""
+    from marn.embed import embed_items
+
+    summary = embed_items(
+        data_dir,
+        cfg.embed,
+        cfg.ray,
+        cache_dir=work_path(cfg, cfg.embed.cache_dir, "embed-cache"),
+        word_vectors=cfg.features.word_vectors,
+        show_progress=False,
+    )
+    return _jsonable(asdict(summary))
+
+
+def features_stage(data_dir: Path, cfg: Config, samples_dir: Path) -> dict[str, Any]:
+    """Feast apply + materialize, then DIN samples by point-in-time retrieval, into ``samples_dir``."""
+    from marn.data.samples import write_samples
+    from marn.data.schema import read_dataset
+    from marn.features import materialize_features, samples_from_feature_store
+
+    repo_dir = work_path(cfg, cfg.feast.repo_dir, "feast")
+    summary = materialize_features(data_dir, cfg, repo_dir)
+    started = time.perf_counter()
+    samples = samples_from_feature_store(read_dataset(data_dir), cfg, repo_dir)
+    write_samples(samples_dir, samples)
+    return {
+        **_jsonable(asdict(summary)),
+        "retrieval_s": time.perf_counter() - started,
+        "samples": {split: samples.split(split).num_rows for split in ("train", "valid", "test")},
+    }
+
+
+def tune_stage(data_dir: Path, samples_dir: Path, cfg: Config, out_dir: Path) -> dict[str, Any]:
+    """Ray Tune over lambda0 and the learning rate on the validation split; returns the best values."""
+    from marn.data.samples import read_samples
+    from marn.data.schema import read_dataset
+    from marn.tune import tune_hyperparameters
+
+    if not cfg.pipeline.tune:
+        return {"best": {"lambda0": cfg.model.lambda0, "lr": cfg.train.lr}, "tuned": False}
+    result = tune_hyperparameters(read_dataset(data_dir), cfg, out_dir, samples=read_samples(samples_dir))
+    return {"best": dict(result.best), "best_valid_auc": result.best_valid_auc, "tuned": True}
+
+
+def train_stage(
+    data_dir: Path, samples_dir: Path, cfg: Config, model: str, params: dict[str, float], out_dir: Path
+) -> dict[str, Any]:
+    """Ray Train (``distributed.workers`` workers) with the tuned lambda0 and learning rate."""
+    from marn.data.samples import read_samples
+    from marn.data.schema import read_dataset
+    from marn.distributed import train_distributed
+
+    cfg = with_params(cfg, model, params)
+    result = train_distributed(read_dataset(data_dir), cfg, out_dir, samples=read_samples(samples_dir))
+    return result.metrics
+
+
+def with_params(cfg: Config, model: str, params: dict[str, float]) -> Config:
+    """The config a training stage uses: the model's name, and the tuned values (MARN family only)."""
+    train = {"model": model}
+    model_params = {}
+    if params and model == cfg.tune.model:  # tuned values belong to the tuned model, not the baseline
+        train["lr"] = params["lr"]
+        model_params["lambda0"] = params["lambda0"]
+    return cfg.model_copy(
+        update={
+            "train": cfg.train.model_copy(update=train),
+            "model": cfg.model.model_copy(update=model_params),
+        }
+    )
+
+
+def evaluate_stage(run_dir: Path, samples_dir: Path, cfg: Config) -> dict[str, Any]:
+    """Score the checkpoint artifact on the test split (not the trainer's numbers) and gate it."""
+    import torch
+
+    from marn.data.samples import read_samples
+    from marn.data.tensors import ItemCatalog, encode_samples
+    from marn.evaluate import ctr_metrics
+    from marn.train import load_checkpoint, predict
+
+    model, saved_cfg = load_checkpoint(run_dir / "model.pt")
+    saved = torch.load(run_dir / "model.pt", map_location="cpu", weights_only=True)
+    catalog = ItemCatalog.from_dict(saved["catalog"])
+    test = encode_samples(read_samples(samples_dir).test, catalog, saved_cfg["samples"]["max_history"])
+    metrics = ctr_metrics(test.users, test.tensors["label"].numpy(), predict(model, test))
+    metrics["model"] = saved["model"]
+    decision = gate(metrics, champion(registry_dir(cfg), saved["model"]), cfg.pipeline.min_improvement)
+    return {"metrics": metrics, "gate": asdict(decision)}
+
+
+def register_stage(run_dir: Path, data_dir: Path, evaluation: dict[str, Any], cfg: Config) -> dict[str, Any]:
+    """Register a model that passed the gate; for MARN, precompute item representations into Feast (4.9.2)."""
+    decision = GateDecision(**evaluation["gate"])
+    registered = register_model(registry_dir(cfg), run_dir, data_dir, decision)
+    out: dict[str, Any] = {
+        "model": registered.model,
+        "version": registered.version,
+        "path": str(registered.path),
+    }
+    if registered.model == "marn":
+        out["item_representations"] = publish_item_representations(registered.checkpoint, cfg)
+    return out
+
+
+def publish_item_representations(checkpoint: Path, cfg: Config) -> int:
+    """rep = s + c for every catalogue item, written to the Feast view the MARN scorer reads online."""
+    from datetime import UTC, datetime
+
+    import torch
+
+    from marn.data.tensors import ItemCatalog
+    from marn.features import write_item_representations
+    from marn.train import load_checkpoint
+
+    model, _ = load_checkpoint(checkpoint)
+    saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    catalog = ItemCatalog.from_dict(saved["catalog"])
+    item_ids = list(catalog.items.values)  # item_ids[i] has code i + 1; code 0 is padding
+    codes = torch.arange(1, len(item_ids) + 1)
+    with torch.no_grad():
+        reps = torch.cat([model.represent(chunk) for chunk in codes.split(1024)])  # (n_items, D)
+    write_item_representations(
+        work_path(cfg, cfg.feast.repo_dir, "feast"),
+        item_ids,
+        reps.numpy(),
+        datetime.now(UTC),
+    )
+    return len(item_ids)
+
+
+def deploy_stage(cfg: Config, out_dir: Path) -> dict[str, Any]:
+    """The serving plan: each A/B arm's champion version and its traffic weight, as the serve app reads it.
+
+    Starting Ray Serve belongs to the serving stage (serve/); this writes the plan it loads.
+    """
+    arms = {}
+    for name in (cfg.pipeline.model, cfg.pipeline.baseline):
+        current = champion(registry_dir(cfg), name)
+        if current is None:
+            raise FileNotFoundError(f"no registered {name!r} model in {registry_dir(cfg)}: nothing to deploy")
+        arms[name] = {"version": current.version, "checkpoint": str(current.checkpoint.resolve())}
+    weight = 1.0 / len(arms)
+    plan = {"arms": {name: {**arm, "weight": weight} for name, arm in arms.items()}}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / SERVE_CONFIG).write_text(yaml.safe_dump(plan, sort_keys=False))
+    return plan
+
+
+def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
+    return json.loads(json.dumps(d, default=str))
+
+
+# -- artifact level: what the KFP components call (config as YAML text, artifacts as paths) --------------
+
+
+def write_dataset_ref(artifact: str | Path, data_dir: str | Path) -> dict[str, Any]:
+    """A Dataset artifact that points at a data directory and pins its content (a sha256 per table).
+
+    The tables stay where they are (a PVC or bucket in the cluster); the hash lets a later stage notice
+    that the directory changed under it.
+    """
+    from marn.registry import data_snapshot
+
+    artifact = Path(artifact)
+    artifact.mkdir(parents=True, exist_ok=True)
+    snapshot = data_snapshot(data_dir)
+    (artifact / DATASET_REF).write_text(json.dumps(snapshot, indent=2) + "\n")
+    return snapshot
+
+
+def read_dataset_ref(artifact: str | Path) -> Path:
+    ref = Path(artifact) / DATASET_REF
+    if not ref.exists():
+        raise FileNotFoundError(f"{artifact}: not a dataset artifact (no {DATASET_REF})")
+    return Path(json.loads(ref.read_text())["data_dir"])
+
+
+def run_validate(config: str, data_dir: str, dataset: str, report: str) -> dict[str, Any]:
+    summary = validate_stage(Path(data_dir), _cfg(config), Path(report))
+    return {**summary, "data_version": write_dataset_ref(dataset, data_dir)["version"]}
+
+
+def run_embed(config: str, dataset: str, embedded: str) -> dict[str, Any]:
+    data_dir = read_dataset_ref(dataset)
+    summary = embed_stage(data_dir, _cfg(config))
+    return {**summary, "data_version": write_dataset_ref(embedded, data_dir)["version"]}
+
+
+def run_features(config: str, dataset: str, samples: str) -> dict[str, Any]:
+    return features_stage(read_dataset_ref(dataset), _cfg(config), Path(samples))
+
+
+def run_tune(config: str, dataset: str, samples: str, trials: str) -> dict[str, Any]:
+    return tune_stage(read_dataset_ref(dataset), Path(samples), _cfg(config), Path(trials))
+
+
+def run_train(config: str, dataset: str, samples: str, model_name: str, params: dict, model: str) -> dict:
+    return train_stage(
+        read_dataset_ref(dataset), Path(samples), _cfg(config), model_name, params, Path(model)
+    )
+
+
+def run_evaluate(config: str, samples: str, model: str) -> dict[str, Any]:
+    return evaluate_stage(Path(model), Path(samples), _cfg(config))
+
+
+def run_register(config: str, dataset: str, model: str, evaluation: dict) -> dict[str, Any]:
+    """Register when the gate passed; otherwise record that the champion stays."""
+    if not evaluation["gate"]["passed"]:
+        return {"registered": False, "reason": evaluation["gate"]["reason"]}
+    return {
+        "registered": True,
+        **register_stage(Path(model), read_dataset_ref(dataset), evaluation, _cfg(config)),
+    }
+
+
+def run_deploy(config: str, deployment: str) -> dict[str, Any]:
+    return deploy_stage(_cfg(config), Path(deployment))
+
+
+def _cfg(text: str) -> Config:
+    from marn.config import parse_config
+
+    return parse_config(text, "<pipeline parameter config>")
