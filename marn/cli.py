@@ -216,6 +216,32 @@ def pipeline_compile(
     console.print(f"wrote {out}")
 
 
+@pipeline_app.command("schedule")
+def pipeline_schedule(
+    host: Annotated[str, typer.Option(help="Kubeflow Pipelines endpoint, e.g. http://ml-pipeline-ui:80")],
+    cron: Annotated[str, typer.Option(help="6-field cron, seconds first")] = "0 0 3 * * *",
+    data_dir: Annotated[str, typer.Option(help="Dataset path as the cluster's tasks see it")] = (
+        "/data/datasets/current"
+    ),
+    config: ConfigOption = None,
+) -> None:
+    """Compile the pipeline and create a recurring run on Kubeflow (retraining on a schedule)."""
+    import tempfile
+
+    from pipelines.marn_pipeline import compile_pipeline
+    from pipelines.schedule import check_cron, schedule_recurring_run
+
+    try:
+        check_cron(cron)
+    except ValueError as err:
+        err_console.print(f"[red]bad --cron[/red]: {err}")
+        raise typer.Exit(2) from None
+    with tempfile.TemporaryDirectory() as tmp:
+        package = compile_pipeline(Path(tmp) / "marn.yaml", dump_config(_config(config)))
+        run_id = schedule_recurring_run(host, package, cron, data_dir)
+    console.print(f"recurring run {run_id}: {cron} on {host}")
+
+
 @pipeline_app.command("run")
 def pipeline_run(
     local: Annotated[

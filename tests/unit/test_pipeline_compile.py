@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import yaml
 
 from components import STAGES
 from marn.config import dump_config, load_config, parse_config
 from pipelines.marn_pipeline import DATA_PVC, REDIS_SECRET, compile_pipeline
+from pipelines.schedule import check_cron
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -55,3 +57,9 @@ def test_the_config_parameter_defaults_to_the_compiled_config(tmp_path):
     ir, _, cfg = _compiled(tmp_path)
     default = ir["root"]["inputDefinitions"]["parameters"]["config"]["defaultValue"]
     assert parse_config(default) == cfg
+
+
+def test_recurring_runs_take_kubeflow_six_field_cron():
+    assert check_cron("0 0 3 * * *") == "0 0 3 * * *"
+    with pytest.raises(ValueError, match="6 fields"):
+        check_cron("0 3 * * *")  # a 5-field Unix cron is a common mistake
