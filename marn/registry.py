@@ -26,16 +26,17 @@ from typing import Any
 
 CARD = "card.json"
 CHAMPION = "champion.json"
-_TABLES = ("events", "items", "users", "item_stats", "image_embeddings", "title_embeddings")
+SOURCE_TABLES = ("events", "items", "users", "item_stats")  # what a dataset arrives with
+DERIVED_TABLES = ("image_embeddings", "title_embeddings")  # what the embed stage adds to it
 
 
 @dataclass(frozen=True)
 class GateDecision:
     passed: bool
     candidate_auc: float
-    champion_auc: float | None
-    champion_version: str | None
     reason: str
+    champion_auc: float | None = None  # None: no champion yet
+    champion_version: str | None = None
 
 
 @dataclass(frozen=True)
@@ -77,17 +78,17 @@ def gate(
     """Register only a model that beats the champion's test AUC by at least ``min_improvement``."""
     auc = float(candidate_metrics["auc"])
     if current is None:
-        return GateDecision(True, auc, None, None, "no champion yet")
+        return GateDecision(True, auc, "no champion yet")
     best = float(current.metrics["auc"])
     passed = auc >= best + min_improvement if min_improvement > 0 else auc > best
     verdict = "beats" if passed else "does not beat"
     return GateDecision(
         passed,
         auc,
-        best,
-        current.version,
         f"candidate AUC {auc:.4f} {verdict} champion {current.version} AUC {best:.4f}"
         + (f" by the required {min_improvement:.4f}" if min_improvement > 0 else ""),
+        best,
+        current.version,
     )
 
 
@@ -133,11 +134,13 @@ def register_model(
     return RegisteredModel(model, version, root / version)
 
 
-def data_snapshot(data_dir: str | Path) -> dict[str, Any]:
+def data_snapshot(
+    data_dir: str | Path, tables_to_hash: tuple[str, ...] = SOURCE_TABLES + DERIVED_TABLES
+) -> dict[str, Any]:
     """What the model was trained on: the data directory and a sha256 per canonical table file."""
     data_dir = Path(data_dir)
     tables = {}
-    for name in _TABLES:
+    for name in tables_to_hash:
         path = data_dir / f"{name}.parquet"
         if path.exists():
             tables[name] = _sha256(path)

@@ -105,7 +105,7 @@ def train_stage(
 
     cfg = with_params(cfg, model, params)
     result = train_distributed(read_dataset(data_dir), cfg, out_dir, samples=read_samples(samples_dir))
-    return result.metrics
+    return _jsonable(result.metrics)
 
 
 def with_params(cfg: Config, model: str, params: dict[str, float]) -> Config:
@@ -139,7 +139,7 @@ def evaluate_stage(run_dir: Path, samples_dir: Path, cfg: Config) -> dict[str, A
     metrics = ctr_metrics(test.users, test.tensors["label"].numpy(), predict(model, test))
     metrics["model"] = saved["model"]
     decision = gate(metrics, champion(registry_dir(cfg), saved["model"]), cfg.pipeline.min_improvement)
-    return {"metrics": metrics, "gate": asdict(decision)}
+    return {"metrics": metrics, "gate": _without_none(asdict(decision))}
 
 
 def register_stage(run_dir: Path, data_dir: Path, evaluation: dict[str, Any], cfg: Config) -> dict[str, Any]:
@@ -149,7 +149,7 @@ def register_stage(run_dir: Path, data_dir: Path, evaluation: dict[str, Any], cf
     out: dict[str, Any] = {
         "model": registered.model,
         "version": registered.version,
-        "path": str(registered.path),
+        "path": str(registered.path.resolve()),
     }
     if registered.model == "marn":
         out["item_representations"] = publish_item_representations(registered.checkpoint, cfg)
@@ -201,7 +201,12 @@ def deploy_stage(cfg: Config, out_dir: Path) -> dict[str, Any]:
 
 
 def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
-    return json.loads(json.dumps(d, default=str))
+    return _without_none(json.loads(json.dumps(d, default=str)))
+
+
+def _without_none(d: dict[str, Any]) -> dict[str, Any]:
+    """KFP parameters and artifact metadata cannot hold null: leave such keys out."""
+    return {k: _without_none(v) if isinstance(v, dict) else v for k, v in d.items() if v is not None}
 
 
 # -- artifact level: what the KFP components call (config as YAML text, artifacts as paths) --------------

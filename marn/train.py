@@ -2,14 +2,16 @@
 
 ``train_model`` is the whole job for one model on one dataset: DIN samples -> tensors -> ``fit`` with
 early stopping on validation AUC -> the best checkpoint scored on test -> ``metrics.json``.
+``prepare_inputs`` and ``save_run`` are its two ends, shared with the Ray Train driver (marn.distributed).
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -17,10 +19,11 @@ import numpy as np
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from marn.config import Config, ModelConfig, TrainConfig
 from marn.data.item_features import ItemFeatures, build_item_features
-from marn.data.samples import build_samples
+from marn.data.samples import Samples, build_samples
 from marn.data.schema import Dataset
 from marn.data.tensors import EncodedSamples, ItemCatalog, encode_samples
 from marn.evaluate import auc_by_popularity, ctr_metrics, training_item_counts, unseen_item_recall
@@ -38,12 +41,65 @@ class EpochResult:
     seconds: float
     aux: dict[str, float] = field(default_factory=dict)  # auxiliary losses (adversarial, DIEN), epoch means
 
+    def flat_metrics(self) -> dict[str, float]:
+        """One flat dict for Ray's ``report``: validation metrics are ``valid_``-prefixed."""
+        return {
+            "epoch": self.epoch,
+            "train_loss": self.train_loss,
+            **{f"valid_{name}": value for name, value in self.valid.items()},
+            **self.aux,
+            "seconds": self.seconds,
+        }
+
+
+@dataclass(frozen=True)
+class FitState:
+    """Everything ``fit`` needs to carry on after ``epoch``: what Ray Train checkpoints and resumes from.
+
+    With it a resumed run repeats the uninterrupted one exactly (same shuffles, dropout masks, schedule).
+    """
+
+    epoch: int  # epochs completed
+    model_state: dict[str, torch.Tensor]  # the weights after ``epoch`` (unwrapped: no DDP "module." prefix)
+    optimizer_state: dict[str, Any]  # AdaGrad's accumulators
+    best_state: dict[str, torch.Tensor]  # the weights of the best validation AUC so far
+    best_auc: float
+    stale: int  # epochs since the best, for early stopping
+    history: tuple[EpochResult, ...]
+    shuffle_state: torch.Tensor  # the batch-order generator
+    rng_state: torch.Tensor  # torch's global CPU generator (dropout)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Tensors and plain values only, so it loads with ``torch.load(weights_only=True)``."""
+        return {
+            **{f.name: getattr(self, f.name) for f in fields(self)},
+            "history": [asdict(r) for r in self.history],
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> FitState:
+        missing = {f.name for f in fields(cls)} - data.keys()
+        if missing:
+            raise ValueError(f"not a saved FitState: missing {sorted(missing)}")
+        return cls(**{**data, "history": tuple(EpochResult(**r) for r in data["history"])})
+
 
 @dataclass(frozen=True)
 class TrainResult:
     metrics: dict[str, Any]
     checkpoint: Path
     metrics_path: Path
+
+
+@dataclass(frozen=True)
+class RunInputs:
+    """What one training run needs besides the model: the catalogue, item features and encoded splits."""
+
+    catalog: ItemCatalog
+    features: ItemFeatures
+    train: EncodedSamples
+    valid: EncodedSamples
+    test: EncodedSamples
 
 
 def seed_everything(seed: int) -> None:
@@ -54,11 +110,12 @@ def seed_everything(seed: int) -> None:
 def predict(model: CTRModel, data: EncodedSamples, batch_size: int = 4096) -> np.ndarray:
     """Click probabilities for every sample, in order."""
     model.eval()
+    device = _device(model)
     out = []
     with torch.no_grad():
         for start in range(0, len(data), batch_size):
             index = torch.arange(start, min(start + batch_size, len(data)))
-            out.append(torch.sigmoid(model(data.batch(index)).logits))
+            out.append(torch.sigmoid(model(_batch(data, index, device)).logits).cpu())
     return torch.cat(out).numpy() if out else np.empty(0, dtype=np.float32)
 
 
@@ -68,33 +125,48 @@ def evaluate_split(model: CTRModel, data: EncodedSamples) -> dict[str, float]:
 
 
 def fit(
-    model: CTRModel,
+    model: CTRModel | DistributedDataParallel,
     train: EncodedSamples,
     valid: EncodedSamples,
     cfg: TrainConfig,
-    on_epoch: Callable[[EpochResult, dict[str, torch.Tensor]], None] | None = None,
+    on_epoch: Callable[[EpochResult, FitState], None] | None = None,
     show_progress: bool = True,
+    resume: FitState | None = None,
 ) -> tuple[dict[str, torch.Tensor], list[EpochResult]]:
     """Train with AdaGrad and early stopping on validation AUC; return the best state dict and history.
 
-    ``on_epoch`` sees each epoch's result and the current weights (Ray Train reports and checkpoints there).
+    ``model`` may be wrapped in DDP (Ray Train's ``prepare_model``): training steps go through the wrapper,
+    validation and state dicts use the bare model. ``on_epoch`` sees each epoch's result and the state to
+    resume from after it (Ray Train reports and checkpoints there); ``resume`` continues from such a state.
     """
+    core = _unwrap(model)
+    device = _device(core)  # a GPU under Ray Train with use_gpu; samples stay in CPU memory
     optimizer = torch.optim.Adagrad(
         model.parameters(), lr=cfg.lr, initial_accumulator_value=cfg.adagrad_initial_accumulator
     )
     bce = nn.BCEWithLogitsLoss()
     shuffle = torch.Generator().manual_seed(cfg.seed)
-    best_auc, best_state, stale, history = -1.0, _copy_state(model), 0, []
+    best_auc, best_state, stale, history = -1.0, _copy_state(core), 0, []
+    done = 0  # epochs completed before this call
+    if resume is not None:
+        core.load_state_dict(resume.model_state)
+        optimizer.load_state_dict(resume.optimizer_state)
+        shuffle.set_state(resume.shuffle_state)
+        torch.set_rng_state(resume.rng_state)
+        best_auc, best_state, stale = resume.best_auc, dict(resume.best_state), resume.stale
+        history, done = list(resume.history), resume.epoch
+        if stale >= cfg.patience:  # the saved epoch was the one that stopped the run
+            return best_state, history
     steps_per_epoch = max(1, -(-len(train) // cfg.batch_size))
-    total_steps, step = cfg.epochs * steps_per_epoch, 0
+    total_steps, step = cfg.epochs * steps_per_epoch, done * steps_per_epoch
     with _progress(show_progress) as bar:
-        task = bar.add_task("train", total=total_steps)
-        for epoch in range(1, cfg.epochs + 1):
+        task = bar.add_task("train", total=total_steps, completed=step)
+        for epoch in range(done + 1, cfg.epochs + 1):
             started, ctr_loss, seen = time.perf_counter(), 0.0, 0
             aux_sums: dict[str, float] = {}
             model.train()
             for index in torch.randperm(len(train), generator=shuffle).split(cfg.batch_size):
-                batch = train.batch(index)
+                batch = _batch(train, index, device)
                 out = model(batch, progress=step / total_steps)  # p of the lambda schedule
                 loss = bce(out.logits, batch["label"])
                 ctr_loss += loss.item() * len(index)
@@ -108,7 +180,8 @@ def fit(
                 seen += len(index)
                 step += 1
                 bar.update(task, advance=1, description=f"epoch {epoch} loss {ctr_loss / seen:.4f}")
-            valid_metrics = evaluate_split(model, valid)
+            _sync_buffers(model)
+            valid_metrics = evaluate_split(core, valid)
             seen = max(seen, 1)
             result = EpochResult(
                 epoch,
@@ -118,14 +191,25 @@ def fit(
                 {name: total / seen for name, total in aux_sums.items()},
             )
             history.append(result)
-            if on_epoch is not None:
-                on_epoch(result, model.state_dict())
             if result.valid["auc"] > best_auc:
-                best_auc, best_state, stale = result.valid["auc"], _copy_state(model), 0
+                best_auc, best_state, stale = result.valid["auc"], _copy_state(core), 0
             else:
                 stale += 1
-                if stale >= cfg.patience:
-                    break
+            if on_epoch is not None:
+                state = FitState(
+                    epoch=epoch,
+                    model_state=_copy_state(core),
+                    optimizer_state=copy.deepcopy(optimizer.state_dict()),
+                    best_state=best_state,
+                    best_auc=best_auc,
+                    stale=stale,
+                    history=tuple(history),
+                    shuffle_state=shuffle.get_state(),
+                    rng_state=torch.get_rng_state(),
+                )
+                on_epoch(result, state)
+            if stale >= cfg.patience:
+                break
     return best_state, history
 
 
@@ -135,17 +219,30 @@ def train_model(
     out_dir: str | Path,
     show_progress: bool = True,
     features: ItemFeatures | None = None,
+    samples: Samples | None = None,
 ) -> TrainResult:
     """DIN samples -> fit -> test metrics; writes ``model.pt`` and ``metrics.json`` into ``out_dir``.
 
     ``features``: item features built beforehand with :func:`build_item_features` for this dataset's
     catalogue (a comparison of many models builds them once); None builds them from ``cfg.features``.
+    ``samples``: prebuilt DIN samples (the pipeline's come from Feast); None builds them from ``dataset``.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.train.seed)
     started = time.perf_counter()
-    samples = build_samples(dataset, cfg.samples)
+    inputs = prepare_inputs(dataset, cfg, samples=samples, features=features)
+    model = build_model(cfg.train.model, inputs.catalog, inputs.features, cfg.model)
+    best_state, history = fit(model, inputs.train, inputs.valid, cfg.train, show_progress=show_progress)
+    return save_run(model, best_state, history, inputs, cfg, out_dir, started)
+
+
+def prepare_inputs(
+    dataset: Dataset, cfg: Config, samples: Samples | None = None, features: ItemFeatures | None = None
+) -> RunInputs:
+    """Samples (built unless given), catalogue, item features (built unless given) and encoded splits."""
+    if samples is None:
+        samples = build_samples(dataset, cfg.samples)
     catalog = ItemCatalog.from_items(dataset.items)
     if features is None:
         features = build_item_features(dataset, catalog, cfg.features, cfg.model.stats_buckets)
@@ -154,14 +251,33 @@ def train_model(
     train, valid, test = (
         encode_samples(samples.split(s), catalog, cfg.samples.max_history) for s in ("train", "valid", "test")
     )
-    model = build_model(cfg.train.model, catalog, features, cfg.model)
-    best_state, history = fit(model, train, valid, cfg.train, show_progress=show_progress)
+    return RunInputs(catalog, features, train, valid, test)
+
+
+def save_run(
+    model: CTRModel,
+    best_state: dict[str, torch.Tensor],
+    history: list[EpochResult],
+    inputs: RunInputs,
+    cfg: Config,
+    out_dir: Path,
+    started: float,
+    extra: dict[str, Any] | None = None,
+) -> TrainResult:
+    """Best weights -> test scores -> ``metrics.json`` (with ``extra`` keys) and ``model.pt`` in ``out_dir``.
+
+    Shared by :func:`train_model` and the Ray Train driver, so both write the same files.
+    ``started``: the ``time.perf_counter()`` of the run's start, for ``wall_s``.
+    """
+    if not history:
+        raise ValueError("no epoch was trained: nothing to score")
     model.load_state_dict(best_state)
+    train, valid, test = inputs.train, inputs.valid, inputs.test
     best = max(history, key=lambda r: r.valid["auc"])
     test_scores = predict(model, test)  # click probabilities, one per test sample
     metrics: dict[str, Any] = {
         **ctr_metrics(test.users, test.tensors["label"].numpy(), test_scores),
-        **item_slices(model, train, test, test_scores, len(catalog.items)),
+        **item_slices(model, train, test, test_scores, len(inputs.catalog.items)),
         "model": cfg.train.model,
         "best_epoch": best.epoch,
         "epochs_run": len(history),
@@ -179,14 +295,15 @@ def train_model(
         "samples": {"train": len(train), "valid": len(valid), "test": len(test)},
         "seed": cfg.train.seed,
         "wall_s": time.perf_counter() - started,
+        **(extra or {}),
     }
     checkpoint = out_dir / CHECKPOINT
     torch.save(
         {
             "model": cfg.train.model,
             "state_dict": best_state,
-            "catalog": catalog.to_dict(),
-            "features": features.to_dict(),
+            "catalog": inputs.catalog.to_dict(),
+            "features": inputs.features.to_dict(),
             "config": cfg.model_dump(mode="json"),
         },
         checkpoint,
@@ -231,6 +348,34 @@ def load_checkpoint(path: str | Path) -> tuple[CTRModel, dict[str, Any]]:
 
 def _copy_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _batch(data: EncodedSamples, index: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:
+    return {name: t.to(device) for name, t in data.batch(index).items()}  # a no-op on CPU
+
+
+def _unwrap(model: CTRModel | DistributedDataParallel) -> CTRModel:
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def _sync_buffers(model: CTRModel | DistributedDataParallel) -> None:
+    """Give every DDP rank rank 0's learnt buffers (Dice/BatchNorm running statistics) before validating.
+
+    Ray Train's DDP runs with ``forward_sync_buffers=False``: the item feature tables are buffers as well, too
+    big to send every step. So each rank's running statistics drift apart within an epoch, and without
+    this sync the ranks would disagree on validation AUC and so on when to stop. Non-persistent buffers
+    are those feature tables, built alike on every rank, and are left alone.
+    """
+    if not (isinstance(model, DistributedDataParallel) and torch.distributed.is_initialized()):
+        return
+    learnt = model.module.state_dict().keys()
+    for name, buffer in model.module.named_buffers():
+        if name in learnt:
+            torch.distributed.broadcast(buffer, src=0)
 
 
 def _progress(enabled: bool) -> Progress:

@@ -4,11 +4,16 @@ The local runner executes tasks one at a time in dependency order, which suits 2
 under ``pipeline_root/<run>/<task>/``. kfp-kubernetes settings (GPU node, PVC, secrets) are ignored here.
 """
 
+import contextlib
 import json
-import logging
+import re
+import sys
 import time
+import warnings
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TextIO
 
 from kfp import local
 
@@ -37,22 +42,24 @@ def run_local(
         pipeline_root=str(pipeline_root),
         raise_on_error=True,
     )
-    logging.getLogger("kfp").setLevel(logging.WARNING)  # its INFO lines dump every executor input
     started = time.time()
     error: Exception | None = None
-    try:
-        marn_pipeline(
-            config=config_text,
-            data_dir=str(Path(data_dir).resolve()),
-            model_name=model,
-            baseline_name=baseline,
-        )
-    except RuntimeError as err:  # the local runner raises on the first failed task
-        error = err
+    log_path = pipeline_root / "last-run.log"
+    with log_path.open("w") as log, contextlib.redirect_stdout(_TaskLines(log, sys.stdout)) as lines:
+        try:
+            _run_quietly(
+                config=config_text,
+                data_dir=str(Path(data_dir).resolve()),
+                model_name=model,
+                baseline_name=baseline,
+            )
+        except RuntimeError as err:  # the local runner raises on the first failed task
+            error = RuntimeError(f"{err}\n--- last task output (full log: {log_path}) ---\n{lines.tail()}")
     runs = sorted(set(pipeline_root.glob(f"{PIPELINE_NAME}-*")) - before)
     if not runs:
         raise RuntimeError(f"the KFP local runner wrote no run under {pipeline_root}") from error
     result = _collect(runs[-1], started)
+    log_path.replace(result.run_dir / "pipeline.log")
     if error is not None:
         raise PipelineFailed(str(error), result) from error
     return result
@@ -64,6 +71,46 @@ class PipelineFailed(RuntimeError):
     def __init__(self, message: str, run: LocalRun):
         super().__init__(message)
         self.run = run
+
+
+def _run_quietly(config: str, data_dir: str, model_name: str, baseline_name: str) -> None:
+    """The pipeline call, without the local runner's warnings that cluster-only settings are ignored."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*have no effect in the current local runner.*")
+        warnings.filterwarnings("ignore", message=".*non-Python base image.*")
+        marn_pipeline(config=config, data_dir=data_dir, model_name=model_name, baseline_name=baseline_name)
+
+
+class _TaskLines:
+    """stdout during a run: everything to the log file, only task start/finish lines to the console.
+
+    The local runner prints each task's whole executor input and output; people want the stage list.
+    """
+
+    _ANSI = re.compile(r"\x1b\[[0-9;]*m")
+    _SHOW = re.compile(r"Executing task|finished with status")
+
+    def __init__(self, log: TextIO, console: TextIO, keep: int = 60):
+        self.log, self.console, self.last = log, console, deque(maxlen=keep)
+        self._partial = ""
+
+    def write(self, text: str) -> int:
+        self.log.write(text)
+        lines = (self._partial + text).split("\n")
+        self._partial = lines.pop()
+        for line in lines:
+            plain = self._ANSI.sub("", line)
+            self.last.append(plain)
+            if self._SHOW.search(plain):
+                self.console.write(plain.split(" - INFO - ")[-1] + "\n")
+                self.console.flush()
+        return len(text)
+
+    def flush(self) -> None:
+        self.log.flush()
+
+    def tail(self) -> str:
+        return "\n".join(self.last)
 
 
 def _collect(run_dir: Path, started: float) -> LocalRun:
@@ -80,9 +127,9 @@ def _collect(run_dir: Path, started: float) -> LocalRun:
 
 def data_is_new(data_dir: str | Path, state_file: str | Path) -> tuple[bool, str]:
     """Whether the data changed since the last successful local run (``marn pipeline run --if-new-data``)."""
-    from marn.registry import data_snapshot
+    from marn.registry import SOURCE_TABLES, data_snapshot
 
-    version = data_snapshot(data_dir)["version"]
+    version = data_snapshot(data_dir, SOURCE_TABLES)["version"]  # the embed stage's files do not count
     state_file = Path(state_file)
     last = json.loads(state_file.read_text()).get("data_version") if state_file.exists() else None
     return version != last, version

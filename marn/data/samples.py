@@ -12,7 +12,9 @@ history with an item the user never interacted with (at any time), drawn uniform
 a seeded generator. Histories keep the newest ``max_history`` behaviours before the target.
 
 Samples are arrow tables (histories are list columns; pandas would hold one Python object per entry):
-user_id, item_id, label, ts, hist_item_ids, hist_behaviors, hist_ts.
+user_id, item_id, label, ts, hist_item_ids, hist_behaviors, hist_ts. Samples retrieved from Feast
+(:func:`marn.features.samples_from_feature_store`) carry the target item's point-in-time statistics as
+extra columns after these; :func:`marn.data.tensors.encode_samples` ignores extra columns.
 """
 
 from __future__ import annotations
@@ -57,6 +59,58 @@ class Samples:
 
 def build_samples(dataset: Dataset, cfg: SamplesConfig) -> Samples:
     """Turn canonical events into DIN train/valid/test samples with sampled negatives."""
+    protocol = _protocol(dataset, cfg)
+    seq = protocol.sequences
+    tables = {}
+    for split, (rows, user_start, negatives) in protocol.targets.items():
+        tables[split] = _split_table(rows, user_start, negatives, seq, cfg)
+    return Samples(**tables)
+
+
+def sample_targets(dataset: Dataset, cfg: SamplesConfig) -> pd.DataFrame:
+    """The targets of :func:`build_samples` without histories: user_id, item_id, label, ts, split.
+
+    Same rows in the same order (train, valid, test; positive then its negative), so a history joined
+    from elsewhere (Feast's point-in-time retrieval) yields the same samples.
+    """
+    protocol = _protocol(dataset, cfg)
+    seq = protocol.sequences
+    frames = []
+    for split, (rows, _, negatives) in protocol.targets.items():
+        pair, candidate, label = _pairs(rows, negatives, seq.items)
+        frames.append(
+            pd.DataFrame(
+                {
+                    "user_id": seq.users[rows][pair],
+                    "item_id": candidate.astype(str),
+                    "label": label,
+                    "ts": pd.DatetimeIndex(seq.ts[rows][pair]).tz_localize("UTC"),
+                    "split": split,
+                }
+            )
+        )
+    return pd.concat(frames, ignore_index=True)
+
+
+@dataclass(frozen=True)
+class _Sequences:
+    """Events ordered by (user, ts, file row), as parallel arrays."""
+
+    users: np.ndarray
+    items: np.ndarray
+    behaviors: np.ndarray
+    ts: np.ndarray  # datetime64[us], UTC
+
+
+@dataclass(frozen=True)
+class _Protocol:
+    sequences: _Sequences
+    # split -> (target rows into the sequences, first row of each target's user, one negative per target)
+    targets: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]
+
+
+def _protocol(dataset: Dataset, cfg: SamplesConfig) -> _Protocol:
+    """Target positions per split and their seeded negatives: everything but the histories."""
     events = dataset.events
     if events.empty:
         raise ValueError("no events: cannot build samples from an empty events table")
@@ -66,10 +120,13 @@ def build_samples(dataset: Dataset, cfg: SamplesConfig) -> Samples:
 
     # Time order within each user; ties keep file order so the protocol is deterministic.
     ordered = events.assign(_row=np.arange(len(events))).sort_values(["user_id", "ts", "_row"], kind="stable")
-    users = ordered["user_id"].astype(str).to_numpy()
-    items = ordered["item_id"].astype(str).to_numpy()
-    behaviors = ordered["behavior"].astype(str).to_numpy()
-    ts = pd.to_datetime(ordered["ts"], utc=True).dt.as_unit("us").to_numpy()  # datetime64[us], UTC
+    seq = _Sequences(
+        users=ordered["user_id"].astype(str).to_numpy(),
+        items=ordered["item_id"].astype(str).to_numpy(),
+        behaviors=ordered["behavior"].astype(str).to_numpy(),
+        ts=pd.to_datetime(ordered["ts"], utc=True).dt.as_unit("us").dt.tz_localize(None).to_numpy(),
+    )
+    users = seq.users
 
     starts = np.flatnonzero(np.r_[True, users[1:] != users[:-1]])  # first row of each user
     lengths = np.diff(np.r_[starts, len(users)])
@@ -82,16 +139,16 @@ def build_samples(dataset: Dataset, cfg: SamplesConfig) -> Samples:
     test_rows = starts + lengths - 1
     valid_rows = starts + lengths - 2
     n_train = lengths - 3
-    train_rows = np.repeat(starts, n_train) + 1 + _ranges(n_train)
+    train_rows = np.repeat(starts, n_train) + 1 + concatenated_ranges(n_train)
     user_start = {"train": np.repeat(starts, n_train), "valid": starts, "test": starts}
 
     rng = np.random.default_rng(cfg.seed)
-    seen = _user_item_keys(users, items, catalogue)
-    tables = {}
+    seen = _user_item_keys(users, seq.items, catalogue)
+    targets = {}
     for split, rows in (("train", train_rows), ("valid", valid_rows), ("test", test_rows)):
-        negatives = _sample_negatives(users[rows], seen, catalogue, rng)
-        tables[split] = _split_table(rows, user_start[split], negatives, users, items, behaviors, ts, cfg)
-    return Samples(**tables)
+        negatives = _sample_negatives(users[rows], seen, catalogue, rng)  # draw order: train, valid, test
+        targets[split] = (rows, user_start[split], negatives)
+    return _Protocol(seq, targets)
 
 
 def write_samples(out_dir: str | Path, samples: Samples) -> dict[str, Path]:
@@ -112,7 +169,7 @@ def read_samples(samples_dir: str | Path) -> Samples:
     return Samples(**{s: pq.read_table(samples_dir / f"{s}.parquet") for s in SPLITS})
 
 
-def _ranges(counts: np.ndarray) -> np.ndarray:
+def concatenated_ranges(counts: np.ndarray) -> np.ndarray:
     """Concatenated aranges: [0..c0), [0..c1), ... in one vectorised step."""
     counts = np.asarray(counts, dtype=np.int64)
     total = int(counts.sum())
@@ -163,37 +220,41 @@ def _contains(sorted_keys: np.ndarray, keys: np.ndarray) -> np.ndarray:
     return (pos < len(sorted_keys)) & (sorted_keys[np.minimum(pos, len(sorted_keys) - 1)] == keys)
 
 
+def _pairs(rows: np.ndarray, negatives: np.ndarray, items: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Positive then negative per target: the target index of each sample, its candidate item, its label."""
+    n = len(rows)
+    pair = np.repeat(np.arange(n), 2)  # interleave: positive, negative, positive, ...
+    candidate = np.empty(2 * n, dtype=object)
+    candidate[0::2], candidate[1::2] = items[rows], negatives
+    label = np.tile(np.array([1, 0], dtype=np.int8), n)
+    return pair, candidate, label
+
+
 def _split_table(
     rows: np.ndarray,
     user_start: np.ndarray,
     negatives: np.ndarray,
-    users: np.ndarray,
-    items: np.ndarray,
-    behaviors: np.ndarray,
-    ts: np.ndarray,
+    seq: _Sequences,
     cfg: SamplesConfig,
 ) -> pa.Table:
     """Positive then negative for each target row, both with the same history."""
     hist_start = np.maximum(user_start, rows - cfg.max_history)
     hist_len = rows - hist_start
     offsets = np.r_[0, np.cumsum(hist_len)].astype(np.int32)
-    hist_idx = np.repeat(hist_start, hist_len) + _ranges(hist_len)
+    hist_idx = np.repeat(hist_start, hist_len) + concatenated_ranges(hist_len)
 
     def history(values: np.ndarray, arrow_type: pa.DataType) -> pa.ListArray:
         return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values[hist_idx], type=arrow_type))
 
-    n = len(rows)
-    pair = np.repeat(np.arange(n), 2)  # interleave: positive, negative, positive, ...
-    candidate = np.empty(2 * n, dtype=object)
-    candidate[0::2], candidate[1::2] = items[rows], negatives
-    label = np.tile(np.array([1, 0], dtype=np.int8), n)
+    pair, candidate, label = _pairs(rows, negatives, seq.items)
+    take = pa.array(pair)
     columns = [
-        pa.array(users[rows][pair], pa.string()),
+        pa.array(seq.users[rows][pair], pa.string()),
         pa.array(candidate, pa.string()),
         pa.array(label, pa.int8()),
-        pa.array(ts[rows][pair], TS),
-        history(items, pa.string()).take(pa.array(pair)),
-        history(behaviors, pa.string()).take(pa.array(pair)),
-        history(ts, TS).take(pa.array(pair)),
+        pa.array(seq.ts[rows][pair], TS),
+        history(seq.items, pa.string()).take(take),
+        history(seq.behaviors, pa.string()).take(take),
+        history(seq.ts, TS).take(take),
     ]
     return pa.Table.from_arrays(columns, schema=SAMPLE_SCHEMA)

@@ -1,0 +1,43 @@
+"""Adapter for the ``feast`` CLI and feature server: the objects of marn.features.feature_definitions as
+module globals (Feast collects the Feast objects it finds at module level of the repo's Python files).
+
+Tables come from ``MARN_FEATURE_TABLES`` (default ``data/`` beside this file; a relative path is taken
+relative to this directory), the config from ``MARN_CONFIG`` (default: built-in). Build the tables first
+with ``marn.features.build_feature_tables`` (``materialize_features`` does it for the generated repo).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from marn.config import load_config
+from marn.features import (
+    DUPN_SERVICE,
+    ITEM_ATTRIBUTES,
+    ITEM_EMBEDDINGS,
+    ITEM_REPRESENTATIONS,
+    ITEM_STATS,
+    MARN_SERVICE,
+    USER_SEQUENCES,
+    feature_definitions,
+)
+
+_REPO = Path(__file__).resolve().parent
+_tables = Path(os.environ.get("MARN_FEATURE_TABLES", "data"))
+_objects = {
+    obj.name: obj
+    for obj in feature_definitions(
+        _tables if _tables.is_absolute() else _REPO / _tables, load_config(os.environ.get("MARN_CONFIG"))
+    )
+}
+
+user = _objects["user"]
+item = _objects["item"]
+user_sequences = _objects[USER_SEQUENCES]
+item_attributes = _objects[ITEM_ATTRIBUTES]
+item_stats = _objects[ITEM_STATS]
+item_embeddings = _objects.get(ITEM_EMBEDDINGS)  # None until the embed stage has written vectors
+item_representations = _objects.get(ITEM_REPRESENTATIONS)  # None until a MARN model is registered
+marn_v1 = _objects[MARN_SERVICE]
+dupn_v1 = _objects[DUPN_SERVICE]
