@@ -318,6 +318,7 @@ def _run_pipeline(cfg: Config, data: Path, times: dict[str, float], if_new_data:
     console.print(table)
     console.print(f"artifacts: {run.run_dir}")
     console.print(f"validation report: {run.artifact('validate', 'report')}")
+    console.print(f"test metrics: {run.artifact('evaluate', 'metrics')} (KFP Metrics artifacts)")
     console.print(f"registry: {registry_dir(cfg).resolve()}")
     console.print(f"serving plan: {run.artifact('deploy', 'deployment')}")
 
