@@ -125,20 +125,17 @@ def with_params(cfg: Config, model: str, params: dict[str, float]) -> Config:
 
 def evaluate_stage(run_dir: Path, samples_dir: Path, cfg: Config) -> dict[str, Any]:
     """Score the checkpoint artifact on the test split (not the trainer's numbers) and gate it."""
-    import torch
-
     from marn.data.samples import read_samples
-    from marn.data.tensors import ItemCatalog, encode_samples
+    from marn.data.tensors import encode_samples
     from marn.evaluate import ctr_metrics
-    from marn.train import load_checkpoint, predict
+    from marn.train import load_trained, predict
 
-    model, saved_cfg = load_checkpoint(run_dir / "model.pt")
-    saved = torch.load(run_dir / "model.pt", map_location="cpu", weights_only=True)
-    catalog = ItemCatalog.from_dict(saved["catalog"])
-    test = encode_samples(read_samples(samples_dir).test, catalog, saved_cfg["samples"]["max_history"])
-    metrics = ctr_metrics(test.users, test.tensors["label"].numpy(), predict(model, test))
-    metrics["model"] = saved["model"]
-    decision = gate(metrics, champion(registry_dir(cfg), saved["model"]), cfg.pipeline.min_improvement)
+    trained = load_trained(run_dir / "model.pt")
+    max_history = trained.config["samples"]["max_history"]
+    test = encode_samples(read_samples(samples_dir).test, trained.catalog, max_history)
+    metrics = ctr_metrics(test.users, test.tensors["label"].numpy(), predict(trained.model, test))
+    metrics["model"] = trained.name
+    decision = gate(metrics, champion(registry_dir(cfg), trained.name), cfg.pipeline.min_improvement)
     return {"metrics": metrics, "gate": _without_none(asdict(decision))}
 
 
@@ -162,14 +159,12 @@ def publish_item_representations(checkpoint: Path, cfg: Config) -> int:
 
     import torch
 
-    from marn.data.tensors import ItemCatalog
     from marn.features import write_item_representations
-    from marn.train import load_checkpoint
+    from marn.train import load_trained
 
-    model, _ = load_checkpoint(checkpoint)
-    saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    catalog = ItemCatalog.from_dict(saved["catalog"])
-    item_ids = list(catalog.items.values)  # item_ids[i] has code i + 1; code 0 is padding
+    trained = load_trained(checkpoint)
+    model = trained.model
+    item_ids = list(trained.catalog.items.values)  # item_ids[i] has code i + 1; code 0 is padding
     codes = torch.arange(1, len(item_ids) + 1)
     with torch.no_grad():
         reps = torch.cat([model.represent(chunk) for chunk in codes.split(1024)])  # (n_items, D)

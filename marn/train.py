@@ -333,17 +333,33 @@ def item_slices(
     }
 
 
-def load_checkpoint(path: str | Path) -> tuple[CTRModel, dict[str, Any]]:
-    """Rebuild a trained model from ``model.pt``; returns the model (eval mode) and the saved config."""
+@dataclass(frozen=True)
+class TrainedModel:
+    """Everything ``model.pt`` holds, rebuilt: the model (eval mode), its item catalogue and run config."""
+
+    name: str
+    model: CTRModel
+    catalog: ItemCatalog
+    config: dict[str, Any]
+
+
+def load_trained(path: str | Path) -> TrainedModel:
     saved = torch.load(path, map_location="cpu", weights_only=True)
+    catalog = ItemCatalog.from_dict(saved["catalog"])
     model = build_model(
         saved["model"],
-        ItemCatalog.from_dict(saved["catalog"]),
+        catalog,
         ItemFeatures.from_dict(saved["features"]),
         ModelConfig.model_validate(saved["config"]["model"]),
     )
     model.load_state_dict(saved["state_dict"])
-    return model.eval(), saved["config"]
+    return TrainedModel(saved["model"], model.eval(), catalog, saved["config"])
+
+
+def load_checkpoint(path: str | Path) -> tuple[CTRModel, dict[str, Any]]:
+    """Rebuild a trained model from ``model.pt``; returns the model (eval mode) and the saved config."""
+    trained = load_trained(path)
+    return trained.model, trained.config
 
 
 def _copy_state(model: nn.Module) -> dict[str, torch.Tensor]:
