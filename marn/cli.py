@@ -27,6 +27,10 @@ pipeline_app = typer.Typer(
 app.add_typer(data_app, name="data")
 data_app.add_typer(import_app, name="import")
 app.add_typer(pipeline_app, name="pipeline")
+serve_app = typer.Typer(
+    help="The Ray Serve A/B app (MARN against DUPN) on this machine.", no_args_is_help=True
+)
+app.add_typer(serve_app, name="serve")
 
 console = Console()
 err_console = Console(stderr=True)
@@ -186,6 +190,25 @@ def train(
 
 
 @app.command()
+def tune(
+    data: Annotated[Path, typer.Option(help="Dataset directory")],
+    out: Annotated[Path, typer.Option(help="Where tune.json and the trials go")],
+    trials: Annotated[int | None, typer.Option(help="Number of trials")] = None,
+    config: ConfigOption = None,
+) -> None:
+    """Ray Tune (ASHA) over lambda0 and the learning rate on the validation split; prints the best values."""
+    from marn.data.schema import read_dataset
+    from marn.tune import tune_hyperparameters
+
+    cfg = _config(config, {"tune": _drop_none({"trials": trials})})
+    result = tune_hyperparameters(read_dataset(data), cfg, out)
+    best = ", ".join(f"{name} {value:.4g}" for name, value in result.best.items())
+    console.print(
+        f"best of {cfg.tune.trials} trials: {best} (valid AUC {result.best_valid_auc:.4f}) -> {out}"
+    )
+
+
+@app.command()
 def embed(
     data: Annotated[Path, typer.Option(help="Dataset directory (writes image_/title_embeddings.parquet)")],
     backbone: Annotated[str | None, typer.Option(help="mobilenet_v2 or vgg16")] = None,
@@ -321,6 +344,173 @@ def _run_pipeline(cfg: Config, data: Path, times: dict[str, float], if_new_data:
     console.print(f"test metrics: {run.artifact('evaluate', 'metrics')} (KFP Metrics artifacts)")
     console.print(f"registry: {registry_dir(cfg).resolve()}")
     console.print(f"serving plan: {run.artifact('deploy', 'deployment')}")
+
+
+@serve_app.command("up")
+def serve_up(config: ConfigOption = None) -> None:
+    """Start Ray and the A/B app on 127.0.0.1 with the latest registered models; returns when it answers."""
+    from serve.control import ServeError, up
+
+    cfg = _config(config)
+    try:
+        state = up(cfg, str(config) if config else None, say=console.print)
+    except ServeError as err:
+        err_console.print(f"[red]serve up failed[/red]: {err}")
+        raise typer.Exit(1) from None
+    console.print(
+        f"serving on {state.url}: POST /predict, POST /feedback, GET /ab; Ray dashboard {state.dashboard}"
+    )
+
+
+@serve_app.command("down")
+def serve_down(config: ConfigOption = None) -> None:
+    """Stop the A/B app and its Ray."""
+    from serve.control import down
+
+    console.print("stopped" if down(_config(config)) else "nothing was running")
+
+
+@serve_app.command("status")
+def serve_status(config: ConfigOption = None) -> None:
+    """Deployments, weights and per-arm A/B numbers of the running app."""
+    from serve.control import APP_NAME, ab_summary, read_state, serve_details
+
+    state = read_state(_config(config))
+    if state is None:
+        err_console.print("not running (`marn serve up`)")
+        raise typer.Exit(1)
+    app_details = serve_details(state)["applications"].get(APP_NAME, {})
+    console.print(f"{APP_NAME}: {app_details.get('status', 'absent')} at {state.url}")
+    for name, deployment in app_details.get("deployments", {}).items():
+        replicas = ", ".join(r["state"] for r in deployment.get("replicas", []))
+        console.print(f"  {name}: {deployment['status']} ({replicas})")
+    _print_ab(ab_summary(state))
+
+
+@serve_app.command("promote")
+def serve_promote(
+    auto: Annotated[bool, typer.Option("--auto", help="Keep judging every --interval until done")] = False,
+    interval: Annotated[float, typer.Option(help="Seconds between judgements with --auto")] = 30.0,
+    max_checks: Annotated[int, typer.Option(help="Stop --auto after this many judgements")] = 1000,
+    config: ConfigOption = None,
+) -> None:
+    """Canary ramp: advance the candidate a step while it is not worse, roll back when it is (a CTR test)."""
+    from serve.control import promote, read_state
+
+    cfg = _config(config)
+    state = read_state(cfg)
+    if state is None:
+        err_console.print("not running (`marn serve up`)")
+        raise typer.Exit(1)
+    for check in range(max_checks if auto else 1):
+        decision = promote(cfg, state)
+        console.print(f"{decision.action}: {decision.reason}; weights {decision.weights}")
+        if decision.action in ("done", "rollback") or not auto:
+            break
+        if check + 1 < max_checks:
+            time.sleep(interval)
+
+
+@serve_app.command("weights")
+def serve_weights(
+    weights: Annotated[
+        list[str], typer.Argument(help="ARM=SHARE pairs summing to 1, e.g. marn=0.25 dupn=0.75")
+    ],
+    shadow: Annotated[
+        bool | None, typer.Option("--shadow/--no-shadow", help="Also score on the other arm")
+    ] = None,
+    config: ConfigOption = None,
+) -> None:
+    """Set the router's weights (and shadow mode) live."""
+    from serve.control import read_state, set_weights
+
+    state = read_state(_config(config))
+    if state is None:
+        err_console.print("not running (`marn serve up`)")
+        raise typer.Exit(1)
+    try:
+        parsed = {arm: float(share) for arm, share in (w.split("=", 1) for w in weights)}
+        applied = set_weights(state, parsed, shadow)
+    except ValueError as err:
+        err_console.print(f"[red]bad weights[/red]: {err}")
+        raise typer.Exit(2) from None
+    console.print(f"router user_config now {applied}")
+
+
+@serve_app.command("replay")
+def serve_replay(
+    data: Annotated[Path, typer.Option(help="Dataset directory: its users' last events are replayed")],
+    users: Annotated[int, typer.Option(help="At most this many test users")] = 500,
+    candidates: Annotated[int, typer.Option(help="Candidates a request: the real next item + sampled")] = 100,
+    k: Annotated[int, typer.Option("--k", help="Items shown: the top K by score")] = 10,
+    seed: Annotated[int, typer.Option(help="Seed for users and sampled candidates")] = 7,
+    url: Annotated[
+        str | None, typer.Option(help="Service URL (default: the running `marn serve up`)")
+    ] = None,
+    config: ConfigOption = None,
+) -> None:
+    """Offline A/B simulation: held-out users against the service, feedback from their real next item."""
+    from serve.control import read_state
+    from serve.replay import replay
+
+    cfg = _config(config)
+    if url is None:
+        state = read_state(cfg)
+        if state is None:
+            err_console.print("not running (`marn serve up`), and no --url")
+            raise typer.Exit(1)
+        url = state.url
+    with _bar() as bar:
+        task = bar.add_task("replaying users", total=None)
+        result = replay(
+            url,
+            data,
+            users,
+            candidates,
+            k,
+            seed,
+            cfg.samples.max_history,
+            lambda n, total: bar.update(task, completed=n, total=total),
+        )
+    table = Table("arm", "users", "shown", "clicks", "CTR", f"recall@{k}", title="replay: offline A/B")
+    for arm, r in sorted(result["arms"].items()):
+        table.add_row(
+            arm, str(r["users"]), str(r["shown"]), str(r["clicks"]), f"{r['ctr']:.4f}", f"{r['recall']:.4f}"
+        )
+    console.print(table)
+    test = result["ctr_test"]
+    if test["z"] is not None:
+        console.print(f"{test['a']} vs {test['b']}: z {test['z']:.2f}, two-sided p {test['p_two_sided']:.3g}")
+    if result["failed"]:
+        err_console.print(f"[red]{result['failed']} requests failed[/red]")
+        raise typer.Exit(1)
+
+
+def _print_ab(summary: dict) -> None:
+    table = Table(
+        "arm", "weight", "requests", "errors", "p50 ms", "p95 ms", "p99 ms", "feedback", "CTR", title="A/B"
+    )
+    for arm, a in summary["arms"].items():
+        lat = a["latency_ms"]
+        table.add_row(
+            arm,
+            f"{summary['weights'].get(arm, 0):.2f}",
+            str(a["requests"]),
+            str(a["errors"]),
+            *("-" if lat[q] is None else f"{lat[q]:.1f}" for q in ("p50", "p95", "p99")),
+            str(a["feedback"]),
+            "-" if a["ctr"] is None else f"{a['ctr']:.4f}",
+        )
+    console.print(table)
+    test = summary["ctr_test"]
+    if test["z"] is not None:
+        console.print(
+            f"CTR test {test['candidate']} vs {test['baseline']}: "
+            f"z {test['z']:.2f}, p {test['p_two_sided']:.3g}"
+        )
+    if "canary" in summary:
+        nxt = summary["canary"]["next"]
+        console.print(f"canary next: {nxt['action']} ({nxt['reason']})")
 
 
 def _stage_labels(seconds: dict[str, float], cfg: Config) -> dict[str, float]:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 
 class Strict(BaseModel):
@@ -158,6 +158,42 @@ class PipelineConfig(Strict):
     pipeline_root: Path | None = None  # KFP local runner artifacts; None: <work_dir>/kfp
 
 
+class CanaryConfig(Strict):
+    """The canary ramp: the candidate arm's traffic share steps up while it is not worse than the baseline."""
+
+    steps: tuple[float, ...] = (0.05, 0.25, 0.5, 1.0)  # the candidate's share at each step
+    min_feedback: int = Field(200, ge=1)  # feedback events per arm before a step may be judged
+    alpha: float = Field(0.05, gt=0, lt=1)  # one-sided test: roll back when the candidate's CTR is lower
+
+    @field_validator("steps")
+    @classmethod
+    def _increasing(cls, steps: tuple[float, ...]) -> tuple[float, ...]:
+        if not steps or any(not 0 < s <= 1 for s in steps) or list(steps) != sorted(set(steps)):
+            raise ValueError(f"steps must be increasing shares in (0, 1], got {steps}")
+        return steps
+
+
+class ServeConfig(Strict):
+    """Ray Serve: the A/B app (router -> one scorer per arm -> Feast online lookups)."""
+
+    host: str = "127.0.0.1"  # local default: loopback only
+    port: int = Field(8000, ge=1, le=65535)
+    dashboard_port: int = Field(
+        8265, ge=1, le=65535
+    )  # Serve's REST deploy API (config deploys, live weights)
+    weights: dict[str, float] | None = None  # arm -> share; None: an even split of pipeline.model/baseline
+    shadow: bool = False  # also score on the other arm (answer from the primary) to compare offline
+    router_replicas: int = Field(1, ge=1)
+    scorer_replicas: int = Field(1, ge=1)  # per arm
+    router_cpus: float = Field(0.2, gt=0)  # fractional: router, two scorers and the ledger fit on 2 cores
+    scorer_cpus: float = Field(0.5, gt=0)
+    max_candidates: int = Field(1000, ge=1)
+    max_batch_size: int = Field(8, ge=1)  # @serve.batch: requests scored in one forward
+    batch_wait_s: float = Field(0.002, ge=0)
+    item_cache_s: float = Field(60.0, ge=0)  # how long a scorer reuses item rows read from Feast
+    canary: CanaryConfig = CanaryConfig()
+
+
 class Config(Strict):
     paths: PathsConfig = PathsConfig()
     synth: SynthConfig = SynthConfig()
@@ -172,6 +208,7 @@ class Config(Strict):
     distributed: DistributedConfig = DistributedConfig()
     tune: TuneConfig = TuneConfig()
     pipeline: PipelineConfig = PipelineConfig()
+    serve: ServeConfig = ServeConfig()
 
 
 class ConfigError(ValueError):

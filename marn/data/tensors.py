@@ -101,6 +101,13 @@ class EncodedSamples:
         return {name: t[index] for name, t in self.tensors.items()}
 
 
+def gap_buckets(target_us: np.ndarray, behavior_us: np.ndarray) -> np.ndarray:
+    """Time from each behaviour to the prediction (µs since the epoch) -> bucket codes 1..GAP_BUCKETS-1.
+    Code 0 (PAD) means padding, or a behaviour whose time is unknown."""
+    gap_s = (np.asarray(target_us, dtype=np.int64) - np.asarray(behavior_us, dtype=np.int64)) / 1e6
+    return 1 + np.clip(np.log2(np.maximum(gap_s, 1.0)).astype(np.int64), 0, GAP_BUCKETS - 2)
+
+
 def encode_samples(samples: pa.Table, catalog: ItemCatalog, max_history: int) -> EncodedSamples:
     """Encode one split. Histories are left-aligned and padded with PAD to ``max_history``."""
     n = samples.num_rows
@@ -122,8 +129,7 @@ def encode_samples(samples: pa.Table, catalog: ItemCatalog, max_history: int) ->
     behavior_codes = Vocab(BEHAVIORS).encode(samples.column("hist_behaviors").combine_chunks().flatten())
     target_ts = samples.column("ts").to_numpy().astype("datetime64[us]").astype(np.int64)
     hist_ts = samples.column("hist_ts").combine_chunks().flatten().to_numpy().astype("datetime64[us]")
-    gap_s = (np.repeat(target_ts, full_len) - hist_ts.astype(np.int64)) / 1e6
-    gap_bucket = 1 + np.clip(np.log2(np.maximum(gap_s, 1.0)).astype(np.int64), 0, GAP_BUCKETS - 2)
+    gap_bucket = gap_buckets(np.repeat(target_ts, full_len), hist_ts.astype(np.int64))
 
     tensors = {
         "item": torch.from_numpy(catalog.items.encode(samples.column("item_id"))),

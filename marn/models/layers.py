@@ -213,7 +213,10 @@ class ItemModalities(nn.Module):
     def raw(self, items: torch.Tensor, modality: str) -> torch.Tensor:
         """(U,) item codes -> (U, D_m) the modality's embedding before projection."""
         if modality == "ids":
-            codes = torch.cat([items[:, None], self.attributes[items]], dim=1)  # (U, 4) item cat brand shop
+            own = torch.where(
+                items < self.id_tables[0].num_embeddings, items, 0
+            )  # rows added by extend(): PAD
+            codes = torch.cat([own[:, None], self.attributes[items]], dim=1)  # (U, 4) item cat brand shop
             return torch.cat([table(codes[:, j]) for j, table in enumerate(self.id_tables)], dim=1)
         if modality == "image":
             return self.image[items]
@@ -225,6 +228,27 @@ class ItemModalities(nn.Module):
                 return torch.zeros(len(items), self.project["stats"].in_features, device=items.device)
             return self.stat_table(stats).flatten(1)  # (U, F * 2 * stats_dim)
         raise ValueError(f"unknown modality {modality!r}")
+
+    def extend(self, attributes: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        """Add items the model never saw (serving cold start) from the features that are known for them.
+
+        attributes (K, 3) category, brand and shop codes (PAD when unknown), image (K, D_img) vectors
+        (zeros when unknown); their title and statistics stay missing and their own ID embedding is PAD's.
+        Returns the K new codes, usable wherever item codes are.
+        """
+        if attributes.shape != (len(image), 3) or image.shape[1:] != self.image.shape[1:]:
+            raise ValueError(
+                f"extend needs attributes (K, 3) and image (K, {self.image.shape[1]}), "
+                f"got {tuple(attributes.shape)} and {tuple(image.shape)}"
+            )
+        start, k = self.attributes.shape[0], len(image)
+        self.attributes = torch.cat([self.attributes, attributes.to(self.attributes)])
+        self.image = torch.cat([self.image, image.to(self.image)])
+        self.title = torch.cat([self.title, self.title.new_zeros((k, *self.title.shape[1:]))])
+        self.stats = torch.cat(
+            [self.stats, self.stats[:1].expand(k, *self.stats.shape[1:])]
+        )  # row 0: missing
+        return torch.arange(start, start + k, device=self.attributes.device)
 
     def forward(self, items: torch.Tensor) -> torch.Tensor:
         """(U,) item codes -> (U, M, D) projected modality embeddings e^m."""

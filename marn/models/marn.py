@@ -153,7 +153,11 @@ class APGRU(nn.Module):
         self, reps: torch.Tensor, props: torch.Tensor, mask: torch.Tensor, candidate: torch.Tensor
     ) -> torch.Tensor:
         states, _ = self.states(reps, props, mask)  # (B, L, H)
-        query = candidate[:, None, :].expand(-1, reps.shape[1], -1)  # (B, L, D)
+        return self.attend(states, mask, candidate)
+
+    def attend(self, states: torch.Tensor, mask: torch.Tensor, candidate: torch.Tensor) -> torch.Tensor:
+        """Candidate attention: states (B, L, H), mask (B, L), candidate rep (B, D) -> user vector (B, H)."""
+        query = candidate[:, None, :].expand(-1, states.shape[1], -1)  # (B, L, D)
         scores = self.attention(torch.cat([states, query], dim=-1)).squeeze(-1)  # (B, L)
         return torch.einsum("bl,blh->bh", masked_softmax(scores, mask), states)  # (B, H)
 
@@ -270,3 +274,31 @@ class MARN(CTRModel):
         weight = adversarial_weight(progress, self.cfg.lambda0, self.cfg.gamma)
         aux = {name: loss.detach() for name, loss in losses.items()}
         return ModelOutput(logits, aux_loss=weight * sum(losses.values()), aux=aux)
+
+    # -- serving (paper 4.9.2) -----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def score_from_representations(
+        self,
+        history: torch.Tensor,
+        behavior: torch.Tensor,
+        gap: torch.Tensor,
+        hist_len: torch.Tensor,
+        candidates: torch.Tensor,
+        counts: torch.Tensor,
+    ) -> torch.Tensor:
+        """Click logits from precomputed item representations: only APGRU, attention and prediction run.
+
+        R users, each with C_r candidates (N = sum C_r): history reps (R, L, D), behavior and gap codes
+        (R, L), hist_len (R,), candidate reps (N, D) grouped by user in order, counts (R,) = C_r. The GRU
+        runs once per user, not once per candidate; the result equals ``forward`` on the expanded batch.
+        """
+        if self.variant.sequence != "apgru":
+            raise ValueError(f"served scoring needs the APGRU variant, not {self.variant}")
+        steps = max(int(hist_len.max()), 1) if len(hist_len) else 1  # as recent_window: skip padding columns
+        history, behavior, gap = history[:, :steps], behavior[:, :steps], gap[:, :steps]
+        mask = sequence_mask(hist_len, steps)  # (R, L')
+        states, _ = self.sequence.states(history, self.behavior(behavior, gap), mask)  # (R, L', H)
+        rows = torch.repeat_interleave(torch.arange(len(counts)), counts)  # (N,) each candidate's user
+        user = self.sequence.attend(states[rows], mask[rows], candidates)  # (N, H)
+        return self.predict(torch.cat([user, candidates], dim=1)).squeeze(-1)  # (N,)

@@ -1,0 +1,247 @@
+"""A/B traffic logic without Ray: sticky assignment, the per-arm ledger, the CTR test and the canary ramp.
+
+Assignment hashes the user id to a point u in [0, 1) and walks the arms' cumulative weights in their
+configured order, the candidate first. A user therefore keeps an arm while weights stay put, and when the
+candidate's share grows from 5% to 25% the first 5% of users stay in it (a ramp moves users one way).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from marn.config import CanaryConfig
+
+LATENCY_WINDOW = 20_000  # latest latencies kept per arm for the percentiles
+REMEMBERED_USERS = 200_000  # user -> last arm served, to credit feedback to the arm that was shown
+
+
+class RouterSettings(BaseModel):
+    """The router's ``user_config``: changed live (a lightweight Serve update, no replica restarts)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    weights: dict[str, float]  # arm -> traffic share, in assignment order (the candidate first)
+    shadow: bool = False  # also score on the other arm; answer from the assigned one
+
+    @field_validator("weights")
+    @classmethod
+    def _shares(cls, weights: dict[str, float]) -> dict[str, float]:
+        if not weights or any(not (0 <= w <= 1) or math.isnan(w) for w in weights.values()):
+            raise ValueError(f"weights must be shares in [0, 1], got {weights}")
+        if abs(sum(weights.values()) - 1) > 1e-6:
+            raise ValueError(f"weights must sum to 1, got {sum(weights.values())} from {weights}")
+        return weights
+
+
+def user_point(user_id: str) -> float:
+    """A stable point in [0, 1) per user id (blake2b: the same on every replica, process and machine)."""
+    digest = hashlib.blake2b(user_id.encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64
+
+
+def assign_arm(user_id: str, weights: dict[str, float]) -> str:
+    """The user's arm under ``weights`` (see the module docstring)."""
+    point, edge = user_point(user_id), 0.0
+    arms = [arm for arm, w in weights.items() if w > 0]
+    for arm in arms:
+        edge += weights[arm]
+        if point < edge:
+            return arm
+    return arms[-1]  # point within float rounding of 1
+
+
+def ctr_test(clicks_a: int, shown_a: int, clicks_b: int, shown_b: int) -> dict[str, float | None]:
+    """Two-proportion z-test of CTR a against CTR b: z, two-sided p and one-sided p that a < b."""
+    if min(shown_a, shown_b) == 0:
+        return {"z": None, "p_two_sided": None, "p_a_lower": None}
+    pooled = (clicks_a + clicks_b) / (shown_a + shown_b)
+    se = math.sqrt(pooled * (1 - pooled) * (1 / shown_a + 1 / shown_b))
+    if se == 0:
+        return {"z": 0.0, "p_two_sided": 1.0, "p_a_lower": 0.5}
+    z = (clicks_a / shown_a - clicks_b / shown_b) / se
+    return {
+        "z": z,
+        "p_two_sided": math.erfc(abs(z) / math.sqrt(2)),
+        "p_a_lower": 0.5 * math.erfc(-z / math.sqrt(2)),
+    }
+
+
+@dataclass
+class ArmCounters:
+    requests: int = 0
+    errors: int = 0
+    shown: int = 0  # feedback events
+    clicks: int = 0
+    latencies_ms: deque = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW))
+
+    def summary(self) -> dict[str, Any]:
+        lat = np.asarray(self.latencies_ms, dtype=np.float64)
+        percentiles = (
+            {f"p{q}": float(np.percentile(lat, q)) for q in (50, 95, 99)}
+            if len(lat)
+            else dict.fromkeys(("p50", "p95", "p99"))
+        )
+        return {
+            "requests": self.requests,
+            "errors": self.errors,
+            "latency_ms": percentiles,
+            "feedback": self.shown,
+            "clicks": self.clicks,
+            "ctr": self.clicks / self.shown if self.shown else None,
+        }
+
+
+class ABLedger:
+    """Per-arm counts since the start and since the last weight change (the canary judges the latter)."""
+
+    def __init__(self, arms: list[str]):
+        self.arms = list(arms)
+        self.total = {arm: ArmCounters() for arm in arms}
+        self.step = {arm: ArmCounters() for arm in arms}
+        self.shadow = {arm: ArmCounters() for arm in arms}  # requests scored in the shadow of the other arm
+        self.weights: dict[str, float] | None = None
+        self.last_arm: OrderedDict[str, str] = OrderedDict()
+
+    def record_requests(self, records: list[tuple[str, str, float, bool, bool]]) -> None:
+        """(user_id, arm, latency ms, ok, shadow) per request."""
+        for user_id, arm, latency_ms, ok, shadow in records:
+            counters = [self.shadow[arm]] if shadow else [self.total[arm], self.step[arm]]
+            for c in counters:
+                c.requests += 1
+                c.errors += not ok
+                if ok:
+                    c.latencies_ms.append(latency_ms)
+            if not shadow and ok:
+                self.last_arm[user_id] = arm
+                self.last_arm.move_to_end(user_id)
+                if len(self.last_arm) > REMEMBERED_USERS:
+                    self.last_arm.popitem(last=False)
+
+    def record_feedback(self, user_id: str, clicked: bool, fallback_arm: str) -> str:
+        """Credit the arm the user was last served by (``fallback_arm`` if none); returns that arm."""
+        arm = self.last_arm.get(user_id, fallback_arm)
+        for c in (self.total[arm], self.step[arm]):
+            c.shown += 1
+            c.clicks += bool(clicked)
+        return arm
+
+    def weights_changed(self, weights: dict[str, float]) -> None:
+        if weights != self.weights:
+            if self.weights is not None:
+                self.step = {arm: ArmCounters() for arm in self.arms}
+            self.weights = dict(weights)
+
+    def summary(self) -> dict[str, Any]:
+        candidate, baseline = self.arms[0], self.arms[-1]
+        t, s = self.total, self.step
+        return {
+            "weights": self.weights,
+            "arms": {
+                arm: {
+                    **t[arm].summary(),
+                    "since_weight_change": s[arm].summary(),
+                    "shadow": self.shadow[arm].summary(),
+                }
+                for arm in self.arms
+            },
+            "ctr_test": {
+                "candidate": candidate,
+                "baseline": baseline,
+                **ctr_test(t[candidate].clicks, t[candidate].shown, t[baseline].clicks, t[baseline].shown),
+            },
+        }
+
+
+@dataclass(frozen=True)
+class CanaryDecision:
+    action: Literal["advance", "hold", "rollback", "done"]
+    weights: dict[str, float]  # the weights to apply (unchanged for hold and done)
+    reason: str
+
+
+def canary_decision(
+    summary: dict[str, Any], candidate: str, baseline: str, canary: CanaryConfig
+) -> CanaryDecision:
+    """The ramp's next move from ``GET /ab``: roll back when the candidate's CTR since the last change is
+    significantly lower (one-sided, ``alpha``); advance one step when both arms have ``min_feedback``
+    events since the change and it is not; otherwise hold."""
+    weights = dict(summary["weights"])
+    share = weights.get(candidate, 0.0)
+    if share == 0:
+        return CanaryDecision("done", weights, f"{candidate} has no traffic (rolled back or never started)")
+    step = {arm: summary["arms"][arm]["since_weight_change"] for arm in (candidate, baseline)}
+    test = ctr_test(
+        step[candidate]["clicks"],
+        step[candidate]["feedback"],
+        step[baseline]["clicks"],
+        step[baseline]["feedback"],
+    )
+    if test["p_a_lower"] is not None and test["p_a_lower"] < canary.alpha:
+        return CanaryDecision(
+            "rollback",
+            {candidate: 0.0, baseline: 1.0},
+            f"{candidate} CTR lower than {baseline}'s "
+            f"(z {test['z']:.2f}, one-sided p {test['p_a_lower']:.3g} < {canary.alpha})",
+        )
+    short = {
+        arm: canary.min_feedback - step[arm]["feedback"]
+        for arm in step
+        if step[arm]["feedback"] < canary.min_feedback
+    }
+    if short:
+        need = ", ".join(f"{arm} {n}" for arm, n in short.items())
+        return CanaryDecision("hold", weights, f"waiting for feedback since the last change: {need} more")
+    later = [s for s in canary.steps if s > share + 1e-9]
+    if not later:
+        return CanaryDecision("done", weights, f"{candidate} already has {share:.0%} of traffic")
+    nxt = later[0]
+    p = "n/a" if test["p_a_lower"] is None else f"{test['p_a_lower']:.3g}"
+    return CanaryDecision(
+        "advance",
+        {candidate: nxt, baseline: round(1 - nxt, 10)},
+        f"{candidate} not worse (one-sided p {p}): {share:.0%} -> {nxt:.0%}",
+    )
+
+
+def starting_weights(arms: list[str], configured: dict[str, float] | None) -> dict[str, float]:
+    """The configured weights in arm order, or an even split."""
+    if configured is None:
+        return {arm: 1 / len(arms) for arm in arms}
+    unknown = set(configured) - set(arms)
+    if unknown:
+        raise ValueError(f"serve.weights names arms {sorted(unknown)} that are not served ({arms})")
+    return RouterSettings(weights={arm: float(configured.get(arm, 0.0)) for arm in arms}).weights
+
+
+class PredictBody(BaseModel):
+    """POST /predict, as DESIGN.md's HTTP contract says; strict types, bounded sizes."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    user_id: str = Field(min_length=1, max_length=256)
+    candidates: list[str] = Field(min_length=1)
+    history: list[str] | None = Field(None, max_length=1000)
+
+    @field_validator("candidates", "history")
+    @classmethod
+    def _short_ids(cls, ids: list[str] | None) -> list[str] | None:
+        if ids is not None:
+            for item in ids:
+                if not 0 < len(item) <= 256:
+                    raise ValueError(f"item ids must be 1 to 256 characters, got one of {len(item)}")
+        return ids
+
+
+class FeedbackBody(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    user_id: str = Field(min_length=1, max_length=256)
+    item_id: str = Field(min_length=1, max_length=256)
+    clicked: bool

@@ -1,0 +1,278 @@
+"""Running the A/B app on this machine: ``marn serve up | down | status | promote``.
+
+``up`` starts a private Ray head (``ray start --head --block`` in its own process group, so ``down`` stops
+exactly that cluster) and deploys a Serve config through Ray's REST API, the same document KubeRay's
+RayService carries as serveConfigV2. Weight changes redeploy that document with a new router
+``user_config``: a lightweight update, so no replica restarts and no request is dropped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import requests
+
+from marn.config import Config
+from marn.registry import champion
+from marn.stages import registry_dir
+from serve.ab import CanaryDecision, RouterSettings, canary_decision, starting_weights
+
+APP_NAME = "marn-ab"
+IMPORT_PATH = "serve.app:build_app"
+ROUTER = "router"
+STATE_FILE = "serve.json"
+DEPLOY_TIMEOUT_S = 240
+
+
+class ServeError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class ServeState:
+    pid: int  # the `ray start --block` process; its process group is the whole private cluster
+    gcs_port: int
+    dashboard: str  # http://127.0.0.1:PORT, Serve's REST API
+    url: str  # http://127.0.0.1:8000
+    config_path: str | None
+
+
+def arms(cfg: Config) -> list[str]:
+    return [cfg.pipeline.model, cfg.pipeline.baseline]
+
+
+def serve_config(
+    cfg: Config, config_path: str | None, weights: dict[str, float] | None = None
+) -> dict[str, Any]:
+    """The Serve config document (``serve deploy`` format; RayService's serveConfigV2)."""
+    weights = starting_weights(arms(cfg), weights if weights is not None else cfg.serve.weights)
+    scorer = {
+        "num_replicas": cfg.serve.scorer_replicas,
+        "ray_actor_options": {"num_cpus": cfg.serve.scorer_cpus},
+    }
+    return {
+        "http_options": {"host": cfg.serve.host, "port": cfg.serve.port},
+        "applications": [
+            {
+                "name": APP_NAME,
+                "route_prefix": "/",
+                "import_path": IMPORT_PATH,
+                "args": {"config": str(Path(config_path).resolve())} if config_path else {},
+                "deployments": [
+                    {
+                        "name": ROUTER,
+                        "num_replicas": cfg.serve.router_replicas,
+                        "ray_actor_options": {"num_cpus": cfg.serve.router_cpus},
+                        "user_config": {"weights": weights, "shadow": cfg.serve.shadow},
+                    },
+                    *({"name": f"{arm}_scorer", **scorer} for arm in arms(cfg)),
+                ],
+            }
+        ],
+    }
+
+
+def state_path(cfg: Config) -> Path:
+    return cfg.paths.work_dir / "serve" / STATE_FILE
+
+
+def read_state(cfg: Config) -> ServeState | None:
+    path = state_path(cfg)
+    if not path.exists():
+        return None
+    state = ServeState(**json.loads(path.read_text()))
+    try:
+        os.kill(state.pid, 0)
+    except ProcessLookupError:
+        path.unlink()  # the cluster died (reboot, kill): forget it
+        return None
+    return state
+
+
+def up(cfg: Config, config_path: str | None, say: Callable[[str], None] = print) -> ServeState:
+    """Start a private Ray head, deploy the app with the latest registered models, wait until it answers."""
+    if read_state(cfg) is not None:
+        raise ServeError(f"already up (state in {state_path(cfg)}); `marn serve down` first")
+    for arm in arms(cfg):
+        current = champion(registry_dir(cfg), arm)
+        if current is None:
+            raise ServeError(
+                f"no registered {arm!r} model in {registry_dir(cfg)}: run `marn demo` (or the pipeline) first"
+            )
+        say(f"{arm}: {current.version} ({current.path})")
+    for port, what in ((cfg.serve.port, "serve.port"), (cfg.serve.dashboard_port, "serve.dashboard_port")):
+        if _port_taken(cfg.serve.host, port):
+            raise ServeError(f"{cfg.serve.host}:{port} ({what}) is taken; free it or change {what}")
+    gcs_port = _free_port()
+    log_path = state_path(cfg).with_name("ray-start.log")
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
+    ray_cli = Path(sys.executable).with_name("ray")
+    command = [
+        str(ray_cli), "start", "--head", "--block", f"--port={gcs_port}", "--node-ip-address=127.0.0.1",
+        f"--num-cpus={cfg.ray.num_cpus or os.cpu_count()}",
+        f"--object-store-memory={cfg.ray.object_store_mb << 20}",
+        "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={cfg.serve.dashboard_port}", "--disable-usage-stats",
+    ]  # fmt: skip
+    with log_path.open("w") as log:
+        process = subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+    dashboard = f"http://127.0.0.1:{cfg.serve.dashboard_port}"
+    state = ServeState(
+        process.pid, gcs_port, dashboard, f"http://{cfg.serve.host}:{cfg.serve.port}", config_path
+    )
+    state_path(cfg).write_text(json.dumps(state.__dict__))
+    try:
+        say(f"starting Ray (log {log_path})")
+        _wait(
+            lambda: _get(f"{dashboard}/api/serve/applications/", timeout=2).ok,
+            90,
+            "Ray's dashboard",
+            process,
+            log_path,
+        )
+        say(f"deploying {APP_NAME} ({IMPORT_PATH})")
+        deploy(state, serve_config(cfg, config_path))
+        _wait(
+            lambda: app_status(state) == "RUNNING",
+            DEPLOY_TIMEOUT_S,
+            "the serve app",
+            process,
+            log_path,
+            lambda: _deploy_problem(state),
+        )
+        _wait(lambda: _get(f"{state.url}/healthz", timeout=2).ok, 30, "HTTP", process, log_path)
+    except BaseException:
+        down(cfg)
+        raise
+    return state
+
+
+def down(cfg: Config) -> bool:
+    """Stop the app and the private Ray cluster; False when nothing was up."""
+    state = read_state(cfg)
+    if state is None:
+        return False
+    with contextlib.suppress(requests.RequestException):  # the cluster is going anyway
+        requests.delete(f"{state.dashboard}/api/serve/applications/", timeout=30)
+    try:
+        os.killpg(state.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            os.kill(state.pid, 0)
+            time.sleep(0.3)
+        os.killpg(state.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    state_path(cfg).unlink(missing_ok=True)
+    return True
+
+
+def deploy(state: ServeState, document: dict[str, Any]) -> None:
+    response = requests.put(f"{state.dashboard}/api/serve/applications/", json=document, timeout=60)
+    if not response.ok:
+        raise ServeError(f"Serve refused the config ({response.status_code}): {response.text[:2000]}")
+
+
+def serve_details(state: ServeState) -> dict[str, Any]:
+    response = _get(f"{state.dashboard}/api/serve/applications/", timeout=10)
+    response.raise_for_status()
+    return response.json()
+
+
+def app_status(state: ServeState) -> str | None:
+    app = serve_details(state).get("applications", {}).get(APP_NAME)
+    return None if app is None else app["status"]
+
+
+def ab_summary(state: ServeState) -> dict[str, Any]:
+    response = _get(f"{state.url}/ab", timeout=10)
+    response.raise_for_status()
+    return response.json()
+
+
+def set_weights(state: ServeState, weights: dict[str, float], shadow: bool | None = None) -> dict[str, Any]:
+    """Redeploy the running document with new router weights (a lightweight update: no restarts)."""
+    details = serve_details(state)
+    document = {
+        "http_options": {k: details["http_options"][k] for k in ("host", "port")},
+        "applications": [details["applications"][APP_NAME]["deployed_app_config"]],
+    }
+    router = next(d for d in document["applications"][0]["deployments"] if d["name"] == ROUTER)
+    current = RouterSettings.model_validate(router["user_config"])
+    settings = RouterSettings(weights=weights, shadow=current.shadow if shadow is None else shadow)
+    router["user_config"] = settings.model_dump()
+    deploy(state, document)
+    return router["user_config"]
+
+
+def promote(cfg: Config, state: ServeState) -> CanaryDecision:
+    """One canary step from the live numbers: advance, hold, roll back or done; applies the new weights."""
+    candidate, baseline = arms(cfg)
+    decision = canary_decision(ab_summary(state), candidate, baseline, cfg.serve.canary)
+    if decision.action in ("advance", "rollback"):
+        set_weights(state, decision.weights)
+    return decision
+
+
+def _deploy_problem(state: ServeState) -> str | None:
+    """The first deployment's failure message, so a broken scorer is reported rather than waited on."""
+    app = serve_details(state).get("applications", {}).get(APP_NAME)
+    if app and app["status"] == "DEPLOY_FAILED":
+        return app.get("message") or "DEPLOY_FAILED"
+    for name, deployment in (app or {}).get("deployments", {}).items():
+        if deployment["status"] in ("DEPLOY_FAILED", "UNHEALTHY") and deployment.get("message"):
+            return f"{name}: {deployment['message']}"
+    return None
+
+
+def _wait(
+    ready: Callable[[], bool],
+    timeout_s: float,
+    what: str,
+    process: subprocess.Popen,
+    log_path: Path,
+    problem: Callable[[], str | None] | None = None,
+) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise ServeError(f"Ray exited ({process.returncode}) while waiting for {what}; see {log_path}")
+        try:
+            if ready():
+                return
+            message = problem() if problem else None
+            if message:
+                raise ServeError(f"{what} failed: {message[-3000:]}")
+        except requests.RequestException:
+            pass
+        time.sleep(0.5)
+    raise ServeError(f"{what} not ready after {timeout_s:.0f} s; see {log_path}")
+
+
+def _get(url: str, timeout: float) -> requests.Response:
+    return requests.get(url, timeout=timeout)
+
+
+def _port_taken(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex((host, port)) == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

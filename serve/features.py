@@ -1,0 +1,111 @@
+"""Feast online lookups for the scorers: a user's latest behaviour sequence and the items' rows.
+
+Items change slowly (attributes, image vectors, MARN's precomputed representations), so their rows are
+kept for ``item_cache_s`` seconds; a request after warm-up reads only its user's sequence from Feast.
+Unknown users and items come back empty, never as errors (cold start).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from marn.features import (
+    HISTORY_COLUMNS,
+    ITEM_ATTRIBUTES,
+    ITEM_EMBEDDINGS,
+    ITEM_REPRESENTATIONS,
+    REP_COLUMN,
+    USER_SEQUENCES,
+)
+
+ITEM_FEATURES = (  # what a scorer needs of an item; views that are absent (no embed stage) are skipped
+    (ITEM_ATTRIBUTES, ("category_id", "brand_id", "shop_id")),
+    (ITEM_EMBEDDINGS, ("image_embedding",)),
+    (ITEM_REPRESENTATIONS, (REP_COLUMN,)),
+)
+
+
+@dataclass(frozen=True)
+class UserHistory:
+    items: list[str]  # oldest first
+    behaviors: list[str]
+    ts_us: list[int] | None  # behaviour times (µs since the epoch); None when the caller gave the history
+
+
+EMPTY_HISTORY = UserHistory([], [], [])
+
+
+class FeatureFetcher:
+    """Reads the Feast online store of the repo at ``repo_dir`` (sqlite locally, Redis on a cluster)."""
+
+    def __init__(self, repo_dir: str | Path, item_cache_s: float = 60.0, max_cached_items: int = 200_000):
+        from feast import FeatureStore
+
+        if not (Path(repo_dir) / "feature_store.yaml").exists():
+            raise FileNotFoundError(f"{repo_dir}: no feature_store.yaml; run the pipeline's features stage")
+        self.store = FeatureStore(repo_path=str(repo_dir))
+        views = {view.name: view for view in self.store.list_feature_views()}
+        self.item_refs = [
+            f"{view}:{name}"
+            for view, names in ITEM_FEATURES
+            if view in views
+            for name in names
+            if name in {f.name for f in views[view].features}
+        ]
+        self.has_representations = ITEM_REPRESENTATIONS in views
+        self.item_cache_s = item_cache_s
+        self.max_cached_items = max_cached_items
+        self._items: dict[str, tuple[float, dict[str, Any]]] = {}  # item_id -> (read at, row)
+
+    def histories(self, user_ids: Sequence[str]) -> list[UserHistory]:
+        """The latest materialized sequence of each user (oldest first); empty for unknown users."""
+        rows = self.store.get_online_features(
+            features=[f"{USER_SEQUENCES}:{name}" for name in HISTORY_COLUMNS],
+            entity_rows=[{"user_id": u} for u in user_ids],
+        ).to_dict()
+        out = []
+        for items, behaviors, times in zip(*(rows[name] for name in HISTORY_COLUMNS), strict=True):
+            if not items:
+                out.append(EMPTY_HISTORY)
+                continue
+            out.append(UserHistory(list(items), list(behaviors), [_micros(t) for t in times]))
+        return out
+
+    def items(self, item_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+        """item_id -> {feature: value or None} for every distinct id asked; cached for item_cache_s."""
+        now = time.monotonic()
+        fresh = now - self.item_cache_s
+        wanted = [i for i in dict.fromkeys(item_ids) if self._items.get(i, (-math.inf, None))[0] < fresh]
+        if len(self._items) + len(wanted) > self.max_cached_items:  # bounded: unknown ids cannot grow it
+            self._items = {i: entry for i, entry in self._items.items() if entry[0] >= fresh}
+            if len(self._items) + len(wanted) > self.max_cached_items:
+                self._items = {}
+        if wanted:
+            rows = self.store.get_online_features(
+                features=self.item_refs, entity_rows=[{"item_id": i} for i in wanted]
+            ).to_dict()
+            names = [ref.split(":", 1)[1] for ref in self.item_refs]
+            for k, item in enumerate(wanted):
+                self._items[item] = (now, {name: _vector_or_value(rows[name][k]) for name in names})
+        return {i: self._items[i][1] for i in item_ids}
+
+
+def _micros(value: Any) -> int:
+    """A Feast online timestamp (datetime, or seconds as a number) -> µs since the epoch."""
+    if hasattr(value, "timestamp"):
+        return round(value.timestamp() * 1e6)
+    return round(float(value) * 1e6)
+
+
+def _vector_or_value(value: Any) -> Any:
+    """Lists of numbers (image vectors, representations) become float32 arrays once, when cached."""
+    if isinstance(value, list) and value and isinstance(value[0], float | int):
+        return np.asarray(value, dtype=np.float32)
+    return value

@@ -1,0 +1,246 @@
+"""One A/B arm's scorer, without Ray: a registered model plus Feast lookups -> click probabilities.
+
+MARN (paper 4.9.2): item representations rep = s + c depend on the item alone, so registration writes them
+to Feast and the online path runs only APGRU, candidate attention and the prediction MLP, with the GRU run
+once per user rather than once per candidate. Other models (the DUPN baseline) run their full forward on
+the request expanded to one row per candidate.
+
+Cold start: an unknown user has an empty history. An item the model never saw gets its known features
+from Feast (category, brand, shop, image vector) and defaults for the rest; an item Feast does not know
+either is the padding item. Neither is an error.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from marn.data.schema import BEHAVIORS
+from marn.data.tensors import PAD, Vocab, gap_buckets
+from marn.features import REP_COLUMN
+from marn.models.layers import ItemModalities
+from marn.models.marn import MARN
+from marn.train import load_trained
+from serve.features import EMPTY_HISTORY, FeatureFetcher, UserHistory
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BEHAVIOR = "click"  # a caller-supplied history is item ids only: taken as clicks, time unknown
+REP_CHECK_ITEMS = 32  # items compared between Feast's representations and the model at start-up
+REP_CHECK_TOLERANCE = 1e-4
+
+
+@dataclass(frozen=True)
+class ScoreRequest:
+    user_id: str
+    candidates: list[str]
+    history: list[str] | None = None  # the caller's recent item ids, newest last; None: read Feast
+
+
+class ArmScorer:
+    """Scores requests for one arm: ``score(requests, now_us) -> [[probability per candidate], ...]``."""
+
+    def __init__(
+        self,
+        checkpoint: str | Path,
+        fetcher: FeatureFetcher,
+        max_history: int,
+        max_cold_items: int = 10_000,
+    ):
+        trained = load_trained(checkpoint)
+        self.name, self.model, self.catalog = trained.name, trained.model, trained.catalog
+        self.fetcher, self.max_history, self.max_cold_items = fetcher, max_history, max_cold_items
+        self.behaviors = Vocab(BEHAVIORS)
+        self._cold: dict[str, int] = {}  # item id the model never saw -> code added by ItemModalities.extend
+        self.uses_representations = isinstance(self.model, MARN) and self.model.variant.sequence == "apgru"
+        if self.uses_representations:
+            if not fetcher.has_representations:
+                raise FileNotFoundError(
+                    "the Feast repo has no item_representations view: register the MARN model through the "
+                    "pipeline (it publishes rep = s + c for every item)"
+                )
+            self._check_representations()
+
+    # -- public ----------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def score(self, requests: Sequence[ScoreRequest], now_us: int) -> list[list[float]]:
+        histories = self.histories(requests, now_us)
+        codes = self._codes(
+            [i for r, h in zip(requests, histories, strict=True) for i in (*r.candidates, *h.items)]
+        )
+        if self.uses_representations:
+            logits = self._score_from_representations(requests, histories, codes, now_us)
+        else:
+            logits = self.model(self.expanded_batch(requests, histories, codes, now_us)).logits
+        probabilities = torch.sigmoid(logits).tolist()
+        out, start = [], 0
+        for r in requests:
+            out.append(probabilities[start : start + len(r.candidates)])
+            start += len(r.candidates)
+        return out
+
+    def histories(self, requests: Sequence[ScoreRequest], now_us: int) -> list[UserHistory]:
+        """The caller's history when given, else the user's latest sequence from Feast (before now)."""
+        lookup = [r.user_id for r in requests if r.history is None]
+        found = iter(self.fetcher.histories(lookup) if lookup else [])
+        out = []
+        for r in requests:
+            if r.history is not None:
+                out.append(UserHistory(list(r.history), [DEFAULT_BEHAVIOR] * len(r.history), None))
+                continue
+            history = next(found)
+            if history.ts_us is not None:  # only what happened before the request (replays of the past)
+                keep = [k for k, t in enumerate(history.ts_us) if t < now_us]
+                if len(keep) < len(history.items):
+                    history = UserHistory(
+                        [history.items[k] for k in keep],
+                        [history.behaviors[k] for k in keep],
+                        [history.ts_us[k] for k in keep],
+                    )
+            out.append(history if history.items else EMPTY_HISTORY)
+        return out
+
+    def expanded_batch(
+        self,
+        requests: Sequence[ScoreRequest],
+        histories: Sequence[UserHistory],
+        codes: dict[str, int],
+        now_us: int,
+    ) -> dict[str, torch.Tensor]:
+        """One row per candidate, the user's history repeated: the tensors ``encode_samples`` makes."""
+        history = self._history_tensors(histories, codes, now_us)
+        counts = torch.tensor([len(r.candidates) for r in requests])
+        rows = torch.repeat_interleave(torch.arange(len(requests)), counts)
+        batch = {name: t[rows] for name, t in history.items()}
+        batch["item"] = torch.tensor([codes[i] for r in requests for i in r.candidates], dtype=torch.long)
+        return batch
+
+    # -- internals -------------------------------------------------------------------------------------
+
+    def _score_from_representations(
+        self,
+        requests: Sequence[ScoreRequest],
+        histories: Sequence[UserHistory],
+        codes: dict[str, int],
+        now_us: int,
+    ) -> torch.Tensor:
+        reps = self._representations(codes)  # item id -> (D,)
+        tensors = self._history_tensors(histories, codes, now_us)
+        dim = self.model.cfg.rep_dim
+        history = torch.zeros(len(requests), tensors["hist_items"].shape[1], dim)  # (R, L, D)
+        for row, h in enumerate(histories):
+            for col, item in enumerate(h.items[-self.max_history :]):
+                history[row, col] = reps[item]
+        candidates = torch.stack([reps[i] for r in requests for i in r.candidates])  # (N, D)
+        counts = torch.tensor([len(r.candidates) for r in requests])
+        return self.model.score_from_representations(
+            history, tensors["hist_behavior"], tensors["hist_gap"], tensors["hist_len"], candidates, counts
+        )
+
+    def _representations(self, codes: dict[str, int]) -> dict[str, torch.Tensor]:
+        """rep per item: Feast's precomputed vector; computed here only for items Feast has none for."""
+        rows = self.fetcher.items(list(codes))
+        reps: dict[str, torch.Tensor] = {}
+        missing = []
+        for item, code in codes.items():
+            vector = rows[item].get(REP_COLUMN)
+            if vector is not None and code != PAD and item not in self._cold:
+                reps[item] = torch.from_numpy(np.asarray(vector, dtype=np.float32))
+            else:
+                missing.append(item)
+        if missing:  # cold and padding items: their representation from known features and defaults
+            computed = self.model.represent(torch.tensor([codes[i] for i in missing], dtype=torch.long))
+            reps.update(zip(missing, computed, strict=True))
+        return reps
+
+    def _history_tensors(
+        self, histories: Sequence[UserHistory], codes: dict[str, int], now_us: int
+    ) -> dict[str, torch.Tensor]:
+        """Left-aligned (R, L) item, behaviour and time-gap codes and (R,) lengths; the newest kept."""
+        width = max([min(len(h.items), self.max_history) for h in histories] + [1])
+        items = np.zeros((len(histories), width), dtype=np.int64)
+        behaviors, gaps = np.zeros_like(items), np.zeros_like(items)
+        lengths = np.zeros(len(histories), dtype=np.int64)
+        for row, h in enumerate(histories):
+            keep = slice(max(len(h.items) - self.max_history, 0), None)
+            kept = h.items[keep]
+            n = len(kept)
+            lengths[row] = n
+            if n == 0:
+                continue
+            items[row, :n] = [codes[i] for i in kept]
+            behaviors[row, :n] = self.behaviors.encode(h.behaviors[keep])
+            if h.ts_us is not None:
+                gaps[row, :n] = gap_buckets(np.full(n, now_us), np.asarray(h.ts_us[keep]))
+        return {
+            "hist_items": torch.from_numpy(items),
+            "hist_behavior": torch.from_numpy(behaviors),
+            "hist_gap": torch.from_numpy(gaps),
+            "hist_len": torch.from_numpy(lengths),
+        }
+
+    def _codes(self, item_ids: Sequence[str]) -> dict[str, int]:
+        """Item id -> the model's code: the catalogue's, a cold item's added code, or PAD."""
+        distinct = list(dict.fromkeys(item_ids))
+        known = self.catalog.items.encode(distinct)
+        codes = dict(zip(distinct, known.tolist(), strict=True))
+        unseen = [i for i, c in codes.items() if c == PAD and i not in self._cold]
+        if unseen and len(self._cold) < self.max_cold_items:
+            self._add_cold_items(unseen[: self.max_cold_items - len(self._cold)])
+        for item, code in codes.items():
+            if code == PAD:
+                codes[item] = self._cold.get(item, PAD)
+        return codes
+
+    def _add_cold_items(self, item_ids: list[str]) -> None:
+        """Give items the model never saw their known features: attributes and image vector from Feast."""
+        embedding = getattr(self.model, "embedding", None)
+        if not isinstance(embedding, ItemModalities):  # a model without modality tables: PAD it is
+            return
+        rows = self.fetcher.items(item_ids)
+        known = [i for i in item_ids if any(v is not None for v in rows[i].values())]
+        if not known:
+            return
+        attributes = np.zeros((len(known), 3), dtype=np.int64)
+        for j, (column, vocab) in enumerate(
+            (
+                ("category_id", self.catalog.categories),
+                ("brand_id", self.catalog.brands),
+                ("shop_id", self.catalog.shops),
+            )
+        ):
+            attributes[:, j] = vocab.encode([rows[i].get(column) for i in known])
+        width = embedding.image.shape[1]
+        image = np.zeros((len(known), width), dtype=np.float32)
+        for k, item in enumerate(known):
+            vector = rows[item].get("image_embedding")
+            if vector is not None and len(vector) == width:  # pixel-feature models cannot use the vector
+                image[k] = vector
+        new_codes = embedding.extend(torch.from_numpy(attributes), torch.from_numpy(image))
+        self._cold.update(zip(known, new_codes.tolist(), strict=True))
+        log.info("%s: %d cold items added from their Feast features", self.name, len(known))
+
+    def _check_representations(self) -> None:
+        """Feast's representations must be this model's: a stale publication would serve wrong scores."""
+        sample = list(self.catalog.items.values[:REP_CHECK_ITEMS])
+        rows = self.fetcher.items(sample)
+        stored = [rows[i].get(REP_COLUMN) for i in sample]
+        if any(v is None for v in stored):
+            raise RuntimeError(
+                f"Feast has no representation for {sum(v is None for v in stored)} of the first "
+                f"{len(sample)} catalogue items: publish them for this model version (register it through the pipeline)"
+            )
+        with torch.no_grad():
+            expected = self.model.represent(torch.arange(1, len(sample) + 1))
+        gap = float((torch.from_numpy(np.stack(stored)) - expected).abs().max())
+        if gap > REP_CHECK_TOLERANCE:
+            raise RuntimeError(
+                f"Feast's item representations differ from this {self.name} model's by up to {gap:.3g}: they "
+                "were published for another version; re-publish them (register this version)"
+            )
