@@ -293,8 +293,12 @@ def pipeline_run(
 
 
 @app.command()
-def demo(config: ConfigOption = None) -> None:
-    """The main job on the embedded default: synthesize, then the whole pipeline with the KFP local runner."""
+def demo(
+    serve: Annotated[bool, typer.Option("--serve/--no-serve", help="End with the A/B service up")] = True,
+    config: ConfigOption = None,
+) -> None:
+    """The main job on the embedded default: synthesize, the whole pipeline with the KFP local runner, then
+    the A/B service on 127.0.0.1 with the models it registered."""
     cfg = _config(config)
     data = cfg.paths.work_dir / "demo" / "data"
     times: dict[str, float] = {}
@@ -302,6 +306,40 @@ def demo(config: ConfigOption = None) -> None:
         summary = _synthesize(data, cfg)
     console.print(f"{summary.events:,} events, {summary.items:,} items, {summary.users:,} users -> {data}")
     _run_pipeline(cfg, data, times, if_new_data=False)
+    if serve:
+        _serve_demo(cfg, config, data)
+
+
+def _serve_demo(cfg: Config, config: Path | None, data: Path) -> None:
+    import pandas as pd
+    import requests
+
+    from serve.control import ServeError, down, up
+
+    console.rule("[bold]A/B service")
+    if down(cfg):
+        console.print("stopped the running service: restarting it with the newly registered models")
+    try:
+        state = up(cfg, str(config) if config else None, say=console.print)
+    except ServeError as err:
+        err_console.print(f"[red]serve up failed[/red]: {err}")
+        raise typer.Exit(1) from None
+    events = pd.read_parquet(data / "events.parquet", columns=["user_id", "item_id"])
+    body = {
+        "user_id": str(events["user_id"].iloc[0]),
+        "candidates": events["item_id"].astype(str).unique()[:5].tolist(),
+    }
+    answer = requests.post(f"{state.url}/predict", json=body, timeout=30)
+    console.print(f"POST {state.url}/predict {json.dumps(body)}\n-> {answer.status_code} {answer.text}")
+    console.print(
+        f"the A/B service answered on {state.url} (POST /predict, POST /feedback, GET /ab).\n"
+        f"next: marn serve replay --data {data}{_config_flag(config)}   |   marn serve status   |   "
+        "marn serve down"
+    )
+
+
+def _config_flag(config: Path | None) -> str:
+    return f" --config {config}" if config else ""
 
 
 def _run_pipeline(cfg: Config, data: Path, times: dict[str, float], if_new_data: bool) -> None:

@@ -68,6 +68,8 @@ def serve_config(
                 "name": APP_NAME,
                 "route_prefix": "/",
                 "import_path": IMPORT_PATH,
+                # No access log line per request: on 2 cores the log writes cost measurable latency.
+                "logging_config": {"enable_access_log": False, "log_level": "WARNING"},
                 "args": {"config": str(Path(config_path).resolve())} if config_path else {},
                 "deployments": [
                     {
@@ -216,7 +218,21 @@ def set_weights(state: ServeState, weights: dict[str, float], shadow: bool | Non
     settings = RouterSettings(weights=weights, shadow=current.shadow if shadow is None else shadow)
     router["user_config"] = settings.model_dump()
     deploy(state, document)
+    _wait_for_weights(state, settings.weights)
     return router["user_config"]
+
+
+def _wait_for_weights(state: ServeState, weights: dict[str, float], timeout_s: float = 60) -> None:
+    """Return once the routers answer with the new weights (Serve applies user_config asynchronously)."""
+    deadline, agreeing = time.monotonic() + timeout_s, 0
+    while time.monotonic() < deadline:
+        with contextlib.suppress(requests.RequestException, ValueError):
+            seen = _get(f"{state.url}/healthz", timeout=5).json()["weights"]
+            agreeing = agreeing + 1 if all(abs(seen.get(a, 0) - w) < 1e-9 for a, w in weights.items()) else 0
+            if agreeing >= 5:  # several answers in a row: every router replica has it
+                return
+        time.sleep(0.1)
+    raise ServeError(f"the router did not take weights {weights} within {timeout_s:.0f} s")
 
 
 def promote(cfg: Config, state: ServeState) -> CanaryDecision:

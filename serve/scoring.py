@@ -76,6 +76,12 @@ class ArmScorer:
         )
         if self.uses_representations:
             logits = self._score_from_representations(requests, histories, codes, now_us)
+        elif hasattr(self.model, "score_users"):  # a sequence run once per user (DUPN)
+            candidates = torch.tensor([codes[i] for r in requests for i in r.candidates], dtype=torch.long)
+            counts = torch.tensor([len(r.candidates) for r in requests])
+            logits = self.model.score_users(
+                self._history_tensors(histories, codes, now_us), candidates, counts
+            )
         else:
             logits = self.model(self.expanded_batch(requests, histories, codes, now_us)).logits
         probabilities = torch.sigmoid(logits).tolist()
@@ -234,7 +240,8 @@ class ArmScorer:
         if any(v is None for v in stored):
             raise RuntimeError(
                 f"Feast has no representation for {sum(v is None for v in stored)} of the first "
-                f"{len(sample)} catalogue items: publish them for this model version (register it through the pipeline)"
+                f"{len(sample)} catalogue items: publish them for this model version (register it through "
+                "the pipeline)"
             )
         with torch.no_grad():
             expected = self.model.represent(torch.arange(1, len(sample) + 1))

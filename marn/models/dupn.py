@@ -152,3 +152,26 @@ class DUPN(CTRModel):
         candidate, states, weights = self.perceive(batch)
         user = torch.einsum("bl,blh->bh", weights, states)  # (B, H); zeros for an empty history
         return ModelOutput(self.predict(torch.cat([user, candidate], dim=1)).squeeze(-1))  # (B,)
+
+    @torch.no_grad()
+    def score_users(
+        self, histories: dict[str, torch.Tensor], candidates: torch.Tensor, counts: torch.Tensor
+    ) -> torch.Tensor:
+        """Serving: R users' histories (hist_items, hist_behavior, hist_gap (R, L), hist_len (R,)) and N
+        candidate codes grouped by user (counts (R,) = C_r) -> logits (N,). The LSTM runs once per user
+        rather than once per candidate; the result equals ``forward`` on the batch expanded to N rows."""
+        histories = recent_window(histories)
+        n, (r, steps) = len(candidates), histories["hist_items"].shape
+        unique, inverse = torch.unique(
+            torch.cat([candidates, histories["hist_items"].flatten()]), return_inverse=True
+        )
+        vectors = self.embedding(unique).flatten(1)  # (U, E)
+        candidate = vectors[inverse[:n]]  # (N, E)
+        history = vectors[inverse[n:]].view(r, steps, -1)  # (R, L', E)
+        mask = sequence_mask(histories["hist_len"], steps)  # (R, L')
+        props = self.behavior(histories["hist_behavior"], histories["hist_gap"])  # (R, L', P)
+        states = self.lstm(history, props) * mask[..., None].float()  # (R, L', H)
+        rows = torch.repeat_interleave(torch.arange(r), counts)  # (N,) each candidate's user
+        weights = self.attention(states[rows], props[rows], candidate, mask[rows])  # (N, L')
+        user = torch.einsum("nl,nlh->nh", weights, states[rows])  # (N, H)
+        return self.predict(torch.cat([user, candidate], dim=1)).squeeze(-1)  # (N,)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -25,6 +26,12 @@ MARN = Path(sys.executable).with_name("marn")
 def marn(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled", "COLUMNS": "200"}
     return subprocess.run([str(MARN), *args], capture_output=True, text=True, env=env, timeout=900)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _config(tmp_path: Path, extra: dict | None = None) -> Path:
@@ -75,13 +82,18 @@ def test_demo_runs_every_stage_registers_both_arms_and_skips_unchanged_data(tmp_
         "embed": {"image_size": 64},
         "tune": {"trials": 2, "max_epochs": 1, "grace_epochs": 1, "cpus_per_trial": 1},
         "distributed": {"workers": 2},
+        "serve": {"port": _free_port(), "dashboard_port": _free_port()},
     }
     config = _config(tmp_path, tiny)
     work = tmp_path / "work"
 
-    result = marn("demo", "--config", str(config))
+    try:
+        result = marn("demo", "--config", str(config))
+    finally:
+        marn("serve", "down", "--config", str(config))  # the demo leaves the service up
 
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "the A/B service answered" in result.stdout and '-> 200 {"arm":' in result.stdout
     for stage in ("validate", "embed", "features", "tune", "train marn", "train dupn", "deploy"):
         assert stage in result.stdout, f"no time printed for {stage}"
     run = next((work / "kfp").glob("marn-ctr-*"))

@@ -1,0 +1,330 @@
+"""The A/B service for real: registered MARN and DUPN on tiny data, Feast on sqlite, Ray Serve on 127.0.0.1.
+
+The HTTP tests talk to the service only through DESIGN.md's contract, as an outside client would.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import requests
+import torch
+import yaml
+
+from marn.config import load_config
+from marn.data.samples import SAMPLE_SCHEMA
+from marn.data.schema import read_dataset
+from marn.data.synth import synthesize
+from marn.data.tensors import encode_samples
+from marn.features import materialize_features
+from marn.registry import GateDecision, champion, register_model
+from marn.stages import publish_item_representations, registry_dir, work_path
+from marn.train import train_model
+
+pytestmark = pytest.mark.slow
+
+MARN = Path(sys.executable).with_name("marn")
+NOW_US = 1_900_000_000 * 10**6  # a fixed "now" (2030) after every synthetic event
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """Synthetic data, Feast materialized, MARN and DUPN trained one epoch and registered, MARN's item
+    representations published: what the pipeline leaves behind, in about half a minute."""
+    root = tmp_path_factory.mktemp("serving")
+    settings = {
+        "paths": {"work_dir": str(root / "work")},
+        "synth": {"users": 60, "items": 50, "image_size": 8},
+        "samples": {"max_history": 10},
+        "train": {"epochs": 1},
+        "features": {"title_len": 8},
+        "model": {
+            "modality_dim": 16,
+            "rep_dim": 16,
+            "sequence_dim": 16,
+            "title_filters": 4,
+            "hidden": [16, 8],
+        },
+        "serve": {"port": _free_port(), "dashboard_port": _free_port(), "canary": {"min_feedback": 5}},
+    }
+    config = root / "config.yaml"
+    config.write_text(yaml.safe_dump(settings))
+    cfg = load_config(config)
+    data = root / "data"
+    synthesize(data, cfg.synth)
+    materialize_features(data, cfg)
+    for name in ("marn", "dupn"):
+        run = root / "runs" / name
+        train_model(
+            read_dataset(data), load_config(config, {"train": {"model": name}}), run, show_progress=False
+        )
+        registered = register_model(registry_dir(cfg), run, data, GateDecision(True, 0.5, "test world"))
+        if name == "marn":
+            publish_item_representations(registered.checkpoint, cfg)
+    return {"cfg": cfg, "config": config, "data": data}
+
+
+def _scorer(world, arm):
+    from serve.features import FeatureFetcher
+    from serve.scoring import ArmScorer
+
+    cfg = world["cfg"]
+    fetcher = FeatureFetcher(work_path(cfg, cfg.feast.repo_dir, "feast"))
+    return ArmScorer(champion(registry_dir(cfg), arm).checkpoint, fetcher, cfg.samples.max_history)
+
+
+@pytest.mark.parametrize("arm", ["marn", "dupn"])
+def test_served_scores_equal_the_offline_model_on_the_same_inputs(world, arm):
+    from serve.scoring import ScoreRequest
+
+    scorer = _scorer(world, arm)
+    if arm == "marn":
+        assert scorer.uses_representations  # the 4.9.2 path: reps from Feast, not from the model
+    users = ["u000", "u001", "u002", "u003", "nobody-knows-me"]
+    items = list(scorer.catalog.items.values[:30])
+    requests_ = [ScoreRequest(u, items) for u in users]
+    served = scorer.score(requests_, NOW_US)
+
+    # Offline: the training path (encode_samples on sample rows built from the same Feast histories,
+    # then the model's own forward, which computes every item representation itself).
+    histories = scorer.histories(requests_, NOW_US)
+    assert sum(len(h.items) > 0 for h in histories) == 4 and histories[-1].items == []
+    rows = [
+        {
+            "user_id": r.user_id,
+            "item_id": item,
+            "label": 0,
+            "ts": NOW_US,
+            "hist_item_ids": h.items,
+            "hist_behaviors": h.behaviors,
+            "hist_ts": h.ts_us,
+        }
+        for r, h in zip(requests_, histories, strict=True)
+        for item in r.candidates
+    ]
+    table = pa.Table.from_pylist(rows, schema=SAMPLE_SCHEMA)
+    batch = encode_samples(table, scorer.catalog, world["cfg"].samples.max_history).tensors
+    with torch.no_grad():
+        offline = torch.sigmoid(scorer.model(batch).logits).numpy()
+    assert np.abs(np.concatenate(served) - offline).max() < 1e-5
+
+
+def test_cold_items_use_their_feast_features_and_unknown_everything_still_scores(world):
+    from serve.scoring import ScoreRequest
+
+    scorer = _scorer(world, "marn")
+    [scores] = scorer.score([ScoreRequest("a-new-user", ["never-seen-item", "i001"], None)], NOW_US)
+    assert len(scores) == 2 and all(0 <= s <= 1 for s in scores)
+    [with_history] = scorer.score([ScoreRequest("u000", ["i001"], ["i002", "not-an-item"])], NOW_US)
+    assert 0 <= with_history[0] <= 1
+
+
+def test_a_stale_representation_table_is_refused(world, tmp_path):
+    """Feast reps of another model version would serve wrong scores: the scorer refuses to start."""
+    from marn.train import load_trained
+    from serve.features import FeatureFetcher
+    from serve.scoring import ArmScorer
+
+    cfg = world["cfg"]
+    saved = torch.load(champion(registry_dir(cfg), "marn").checkpoint, weights_only=True)
+    saved["state_dict"] = {k: v + 0.1 if v.is_floating_point() else v for k, v in saved["state_dict"].items()}
+    other = tmp_path / "other.pt"
+    torch.save(saved, other)
+    assert load_trained(other).name == "marn"
+    with pytest.raises(RuntimeError, match="another version"):
+        ArmScorer(other, FeatureFetcher(work_path(cfg, cfg.feast.repo_dir, "feast")), cfg.samples.max_history)
+
+
+# -- the running service -------------------------------------------------------------------------------
+
+
+def marn(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled", "COLUMNS": "200"}
+    return subprocess.run([str(MARN), *args], capture_output=True, text=True, env=env, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def service(world):
+    config = str(world["config"])
+    up = marn("serve", "up", "--config", config)
+    assert up.returncode == 0, up.stdout + up.stderr
+    yield f"http://127.0.0.1:{world['cfg'].serve.port}"
+    down = marn("serve", "down", "--config", config)
+    assert down.returncode == 0 and "stopped" in down.stdout
+    status = marn("serve", "status", "--config", config)
+    assert status.returncode == 1
+
+
+def test_outside_client_gets_sticky_arms_both_arms_and_probabilities(service):
+    items = [f"i{k:03d}" for k in range(40)]
+    seen = {}
+    for k in range(40):
+        user = f"u{k:03d}"
+        for _ in range(2):
+            response = requests.post(
+                f"{service}/predict", json={"user_id": user, "candidates": items}, timeout=30
+            )
+            assert response.status_code == 200
+            answer = response.json()
+            assert set(answer) == {"arm", "model_version", "scores"}
+            assert answer["model_version"] == "v0001"
+            assert len(answer["scores"]) == len(items) and all(0 <= s <= 1 for s in answer["scores"])
+            assert seen.setdefault(user, answer["arm"]) == answer["arm"], "the arm is sticky per user"
+    assert set(seen.values()) == {"marn", "dupn"}
+
+
+def test_cold_start_is_served_not_an_error(service):
+    body = {"user_id": "brand-new-user", "candidates": ["brand-new-item", "i001"], "history": ["also-new"]}
+    response = requests.post(f"{service}/predict", json=body, timeout=30)
+    assert response.status_code == 200 and len(response.json()["scores"]) == 2
+
+
+BAD_BODIES = {
+    "malformed JSON": (b'{"user_id": "u1", "candidates": [', 400),
+    "not an object": (b'["u1"]', 400),
+    "missing field": (json.dumps({"user_id": "u1"}).encode(), 422),
+    "wrong type": (json.dumps({"user_id": 17, "candidates": ["i001"]}).encode(), 422),
+    "candidates not a list": (json.dumps({"user_id": "u1", "candidates": "i001"}).encode(), 422),
+    "empty candidates": (json.dumps({"user_id": "u1", "candidates": []}).encode(), 422),
+    "over 1000 candidates": (
+        json.dumps({"user_id": "u1", "candidates": [f"i{k}" for k in range(1001)]}).encode(),
+        422,
+    ),
+    "huge string": (json.dumps({"user_id": "u" * 100_000, "candidates": ["i001"]}).encode(), 422),
+    "huge body": (b'{"user_id": "' + b"u" * (2 << 20) + b'", "candidates": ["i001"]}', 413),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_BODIES))
+def test_bad_input_gets_a_4xx_json_error(service, case):
+    body, status = BAD_BODIES[case]
+    response = requests.post(
+        f"{service}/predict", data=body, headers={"content-type": "application/json"}, timeout=30
+    )
+    assert response.status_code == status
+    assert isinstance(response.json()["error"], str)
+
+
+def test_feedback_is_accepted_and_counted_per_arm(service):
+    arm = requests.post(
+        f"{service}/predict", json={"user_id": "u010", "candidates": ["i001"]}, timeout=30
+    ).json()["arm"]
+    before = requests.get(f"{service}/ab", timeout=30).json()["arms"][arm]["feedback"]
+    response = requests.post(
+        f"{service}/feedback", json={"user_id": "u010", "item_id": "i001", "clicked": True}, timeout=30
+    )
+    assert response.status_code == 202
+    bad = requests.post(f"{service}/feedback", json={"user_id": "u010", "item_id": "i001"}, timeout=30)
+    assert bad.status_code == 422 and "error" in bad.json()
+    ab = requests.get(f"{service}/ab", timeout=30).json()
+    assert ab["arms"][arm]["feedback"] == before + 1
+    assert ab["arms"][arm]["requests"] >= 1 and ab["arms"][arm]["latency_ms"]["p50"] > 0
+    assert set(ab["weights"]) == {"marn", "dupn"} and "ctr_test" in ab and "canary" in ab
+
+
+def _load(url: str, clients: int, seconds: float, max_requests: int) -> list[tuple[float, int]]:
+    """(send time, status) of every request: ``clients`` threads, bounded in time and count."""
+    out, lock = [], threading.Lock()
+    deadline = time.monotonic() + seconds
+
+    def client(k: int) -> None:
+        session = requests.Session()
+        for n in range(max_requests // clients):
+            if time.monotonic() > deadline:
+                return
+            body = {"user_id": f"u{(k * 97 + n) % 60:03d}", "candidates": [f"i{j:03d}" for j in range(20)]}
+            sent = time.monotonic()
+            try:
+                status = session.post(f"{url}/predict", json=body, timeout=30).status_code
+            except requests.RequestException:
+                status = 0
+            with lock:
+                out.append((sent, status))
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
+    for t in threads:
+        t.start()
+    return out, threads
+
+
+def test_weight_changes_and_a_killed_scorer_replica_lose_no_requests(world, service):
+    import ray
+
+    from serve.control import read_state
+
+    cfg = world["cfg"]
+    state = read_state(cfg)
+    results, threads = _load(service, clients=4, seconds=25, max_requests=4000)
+    time.sleep(3)
+    changed = marn("serve", "weights", "marn=0.25", "dupn=0.75", "--config", str(world["config"]))
+    assert changed.returncode == 0, changed.stderr
+    ray.init(address=f"127.0.0.1:{state.gcs_port}", logging_level="ERROR", log_to_driver=False)
+    try:
+        victim = next(
+            a for a in ray.util.list_named_actors(all_namespaces=True) if "#marn_scorer#" in a["name"]
+        )
+        ray.kill(ray.get_actor(victim["name"], namespace=victim["namespace"]), no_restart=True)
+    finally:
+        ray.shutdown()
+    for t in threads:
+        t.join(120)
+    statuses = [status for _, status in results]
+    assert len(statuses) > 50
+    assert statuses.count(200) == len(statuses), f"failed requests: {len(statuses) - statuses.count(200)}"
+    health = requests.get(f"{service}/healthz", timeout=30).json()
+    assert health["weights"] == {"marn": 0.25, "dupn": 0.75}
+    # The killed replica is replaced: MARN answers again.
+    deadline = time.monotonic() + 90
+    arms = set()
+    while time.monotonic() < deadline and "marn" not in arms:
+        for k in range(30):
+            r = requests.post(
+                f"{service}/predict", json={"user_id": f"u{k:03d}", "candidates": ["i001"]}, timeout=30
+            )
+            arms.add(r.json()["arm"])
+        time.sleep(1)
+    assert "marn" in arms
+
+
+def test_replay_prints_per_arm_ctr_and_promote_judges_the_canary(world, service):
+    marn("serve", "weights", "marn=0.5", "dupn=0.5", "--config", str(world["config"]))
+    replay = marn(
+        "serve",
+        "replay",
+        "--data",
+        str(world["data"]),
+        "--users",
+        "40",
+        "--candidates",
+        "20",
+        "--config",
+        str(world["config"]),
+    )
+    assert replay.returncode == 0, replay.stdout + replay.stderr
+    assert (
+        "marn" in replay.stdout
+        and "dupn" in replay.stdout
+        and "CTR" in replay.stdout
+        and "recall@10" in replay.stdout
+    )
+    promote = marn("serve", "promote", "--config", str(world["config"]))
+    assert promote.returncode == 0, promote.stderr
+    assert promote.stdout.split(":")[0] in {"advance", "rollback", "hold"}
+    status = marn("serve", "status", "--config", str(world["config"]))
+    assert status.returncode == 0 and "router: HEALTHY" in status.stdout
