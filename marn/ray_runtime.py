@@ -28,6 +28,9 @@ def ray_session(cfg: RayConfig) -> Iterator[None]:
         os.environ.setdefault(key, value)
     if cfg.address is None:
         ray.init(
+            # "local": a new private Ray even when `marn serve up` (ray start) runs one on this machine,
+            # which a bare ray.init() would join.
+            address="local",
             num_cpus=cfg.num_cpus,
             object_store_memory=cfg.object_store_mb * 1024 * 1024,
             include_dashboard=False,

@@ -77,7 +77,10 @@ def world(tmp_path_factory):
         registered = register_model(registry_dir(cfg), run, data, GateDecision(True, 0.5, "test world"))
         if name == "marn":
             publish_item_representations(registered.checkpoint, cfg)
-    return {"cfg": cfg, "config": config, "data": data}
+    dataset = read_dataset(data)
+    users = sorted(dataset.events["user_id"].astype(str).unique())
+    items = sorted(dataset.items["item_id"].astype(str).unique())
+    return {"cfg": cfg, "config": config, "data": data, "users": users, "items": items}
 
 
 def _scorer(world, arm):
@@ -96,7 +99,7 @@ def test_served_scores_equal_the_offline_model_on_the_same_inputs(world, arm):
     scorer = _scorer(world, arm)
     if arm == "marn":
         assert scorer.uses_representations  # the 4.9.2 path: reps from Feast, not from the model
-    users = ["u000", "u001", "u002", "u003", "nobody-knows-me"]
+    users = [*world["users"][:4], "nobody-knows-me"]
     items = list(scorer.catalog.items.values[:30])
     requests_ = [ScoreRequest(u, items) for u in users]
     served = scorer.score(requests_, NOW_US)
@@ -129,9 +132,10 @@ def test_cold_items_use_their_feast_features_and_unknown_everything_still_scores
     from serve.scoring import ScoreRequest
 
     scorer = _scorer(world, "marn")
-    [scores] = scorer.score([ScoreRequest("a-new-user", ["never-seen-item", "i001"], None)], NOW_US)
+    known_user, known_item = world["users"][0], world["items"][1]
+    [scores] = scorer.score([ScoreRequest("a-new-user", ["never-seen-item", known_item], None)], NOW_US)
     assert len(scores) == 2 and all(0 <= s <= 1 for s in scores)
-    [with_history] = scorer.score([ScoreRequest("u000", ["i001"], ["i002", "not-an-item"])], NOW_US)
+    [with_history] = scorer.score([ScoreRequest(known_user, [known_item], ["not-an-item"])], NOW_US)
     assert 0 <= with_history[0] <= 1
 
 
@@ -171,11 +175,10 @@ def service(world):
     assert status.returncode == 1
 
 
-def test_outside_client_gets_sticky_arms_both_arms_and_probabilities(service):
-    items = [f"i{k:03d}" for k in range(40)]
+def test_outside_client_gets_sticky_arms_both_arms_and_probabilities(world, service):
+    items = world["items"][:40]
     seen = {}
-    for k in range(40):
-        user = f"u{k:03d}"
+    for user in world["users"][:40]:
         for _ in range(2):
             response = requests.post(
                 f"{service}/predict", json={"user_id": user, "candidates": items}, timeout=30
@@ -189,8 +192,12 @@ def test_outside_client_gets_sticky_arms_both_arms_and_probabilities(service):
     assert set(seen.values()) == {"marn", "dupn"}
 
 
-def test_cold_start_is_served_not_an_error(service):
-    body = {"user_id": "brand-new-user", "candidates": ["brand-new-item", "i001"], "history": ["also-new"]}
+def test_cold_start_is_served_not_an_error(world, service):
+    body = {
+        "user_id": "brand-new-user",
+        "candidates": ["brand-new-item", world["items"][0]],
+        "history": ["new"],
+    }
     response = requests.post(f"{service}/predict", json=body, timeout=30)
     assert response.status_code == 200 and len(response.json()["scores"]) == 2
 
@@ -221,16 +228,17 @@ def test_bad_input_gets_a_4xx_json_error(service, case):
     assert isinstance(response.json()["error"], str)
 
 
-def test_feedback_is_accepted_and_counted_per_arm(service):
+def test_feedback_is_accepted_and_counted_per_arm(world, service):
+    user = world["users"][10]
     arm = requests.post(
-        f"{service}/predict", json={"user_id": "u010", "candidates": ["i001"]}, timeout=30
+        f"{service}/predict", json={"user_id": user, "candidates": ["i001"]}, timeout=30
     ).json()["arm"]
     before = requests.get(f"{service}/ab", timeout=30).json()["arms"][arm]["feedback"]
     response = requests.post(
-        f"{service}/feedback", json={"user_id": "u010", "item_id": "i001", "clicked": True}, timeout=30
+        f"{service}/feedback", json={"user_id": user, "item_id": "i001", "clicked": True}, timeout=30
     )
     assert response.status_code == 202
-    bad = requests.post(f"{service}/feedback", json={"user_id": "u010", "item_id": "i001"}, timeout=30)
+    bad = requests.post(f"{service}/feedback", json={"user_id": user, "item_id": "i001"}, timeout=30)
     assert bad.status_code == 422 and "error" in bad.json()
     ab = requests.get(f"{service}/ab", timeout=30).json()
     assert ab["arms"][arm]["feedback"] == before + 1
@@ -238,7 +246,7 @@ def test_feedback_is_accepted_and_counted_per_arm(service):
     assert set(ab["weights"]) == {"marn", "dupn"} and "ctr_test" in ab and "canary" in ab
 
 
-def _load(url: str, clients: int, seconds: float, max_requests: int) -> list[tuple[float, int]]:
+def _load(url: str, users: list[str], items: list[str], clients: int, seconds: float, max_requests: int):
     """(send time, status) of every request: ``clients`` threads, bounded in time and count."""
     out, lock = [], threading.Lock()
     deadline = time.monotonic() + seconds
@@ -248,7 +256,7 @@ def _load(url: str, clients: int, seconds: float, max_requests: int) -> list[tup
         for n in range(max_requests // clients):
             if time.monotonic() > deadline:
                 return
-            body = {"user_id": f"u{(k * 97 + n) % 60:03d}", "candidates": [f"i{j:03d}" for j in range(20)]}
+            body = {"user_id": users[(k * 97 + n) % len(users)], "candidates": items[:20]}
             sent = time.monotonic()
             try:
                 status = session.post(f"{url}/predict", json=body, timeout=30).status_code
@@ -270,7 +278,9 @@ def test_weight_changes_and_a_killed_scorer_replica_lose_no_requests(world, serv
 
     cfg = world["cfg"]
     state = read_state(cfg)
-    results, threads = _load(service, clients=4, seconds=25, max_requests=4000)
+    results, threads = _load(
+        service, world["users"], world["items"], clients=4, seconds=25, max_requests=4000
+    )
     time.sleep(3)
     changed = marn("serve", "weights", "marn=0.25", "dupn=0.75", "--config", str(world["config"]))
     assert changed.returncode == 0, changed.stderr
@@ -328,3 +338,17 @@ def test_replay_prints_per_arm_ctr_and_promote_judges_the_canary(world, service)
     assert promote.stdout.split(":")[0] in {"advance", "rollback", "hold"}
     status = marn("serve", "status", "--config", str(world["config"]))
     assert status.returncode == 0 and "router: HEALTHY" in status.stdout
+
+
+def test_a_pipeline_stage_next_to_the_service_starts_its_own_ray(world, service):
+    """`marn serve up` leaves a `ray start` cluster on this machine; a bare ray.init() would join it and
+    refuse local sizing. Stages must get their own private Ray instead."""
+    import ray
+
+    from marn.ray_runtime import ray_session
+    from serve.control import read_state
+
+    serving = f"127.0.0.1:{read_state(world['cfg']).gcs_port}"
+    with ray_session(world["cfg"].ray):
+        assert ray.get_runtime_context().gcs_address != serving
+        assert ray.cluster_resources()["CPU"] == world["cfg"].ray.num_cpus
