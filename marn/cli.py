@@ -246,6 +246,9 @@ def pipeline_schedule(
     data_dir: Annotated[str, typer.Option(help="Dataset path as the cluster's tasks see it")] = (
         "/data/datasets/current"
     ),
+    namespace: Annotated[
+        str, typer.Option(help="Kubeflow namespace (the profile namespace on multi-user Kubeflow)")
+    ] = "kubeflow",
     config: ConfigOption = None,
 ) -> None:
     """Compile the pipeline and create a recurring run on Kubeflow (retraining on a schedule)."""
@@ -261,7 +264,7 @@ def pipeline_schedule(
         raise typer.Exit(2) from None
     with tempfile.TemporaryDirectory() as tmp:
         package = compile_pipeline(Path(tmp) / "marn.yaml", dump_config(_config(config)))
-        run_id = schedule_recurring_run(host, package, cron, data_dir)
+        run_id = schedule_recurring_run(host, package, cron, data_dir, namespace=namespace)
     console.print(f"recurring run {run_id}: {cron} on {host}")
 
 

@@ -30,7 +30,7 @@ def schedule_recurring_run(
     """Create (or add) the recurring run on a Kubeflow Pipelines endpoint; returns its id."""
     import kfp
 
-    client = kfp.Client(host=host, namespace=namespace)
+    client = kfp.Client(host=host, namespace=namespace, credentials=_pod_credentials())
     experiment_id = client.create_experiment(experiment, namespace=namespace).experiment_id
     run = client.create_recurring_run(
         experiment_id=experiment_id,
@@ -42,3 +42,16 @@ def schedule_recurring_run(
         params={"data_dir": data_dir},
     )
     return run.recurring_run_id
+
+
+KFP_TOKEN = Path("/var/run/secrets/kubeflow/pipelines/token")  # a projected token, audience the KFP API
+
+
+def _pod_credentials(token: Path = KFP_TOKEN):
+    """In a pod with the KFP service-account token mounted (multi-user Kubeflow), authenticate with it;
+    elsewhere None (single-user KFP, or a port-forward from a laptop)."""
+    if not token.exists():
+        return None
+    from kfp.client import ServiceAccountTokenVolumeCredentials
+
+    return ServiceAccountTokenVolumeCredentials(path=str(token))

@@ -176,6 +176,9 @@ def canary_decision(
     share = weights.get(candidate, 0.0)
     if share == 0:
         return CanaryDecision("done", weights, f"{candidate} has no traffic (rolled back or never started)")
+    later = [s for s in canary.steps if s > share + 1e-9]
+    if not later:  # the last step: the baseline gets no traffic left to compare with
+        return CanaryDecision("done", weights, f"{candidate} already has {share:.0%} of traffic")
     step = {arm: summary["arms"][arm]["since_weight_change"] for arm in (candidate, baseline)}
     test = ctr_test(
         step[candidate]["clicks"],
@@ -198,9 +201,6 @@ def canary_decision(
     if short:
         need = ", ".join(f"{arm} {n}" for arm, n in short.items())
         return CanaryDecision("hold", weights, f"waiting for feedback since the last change: {need} more")
-    later = [s for s in canary.steps if s > share + 1e-9]
-    if not later:
-        return CanaryDecision("done", weights, f"{candidate} already has {share:.0%} of traffic")
     nxt = later[0]
     p = "n/a" if test["p_a_lower"] is None else f"{test['p_a_lower']:.3g}"
     return CanaryDecision(

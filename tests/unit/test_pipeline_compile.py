@@ -63,3 +63,14 @@ def test_recurring_runs_take_kubeflow_six_field_cron():
     assert check_cron("0 0 3 * * *") == "0 0 3 * * *"
     with pytest.raises(ValueError, match="6 fields"):
         check_cron("0 3 * * *")  # a 5-field Unix cron is a common mistake
+
+
+def test_schedule_authenticates_with_the_mounted_kfp_token_only_when_there_is_one(tmp_path):
+    from kfp.client import ServiceAccountTokenVolumeCredentials
+
+    from pipelines.schedule import _pod_credentials
+
+    assert _pod_credentials(tmp_path / "absent") is None
+    token = tmp_path / "token"
+    token.write_text("a-projected-service-account-token")
+    assert isinstance(_pod_credentials(token), ServiceAccountTokenVolumeCredentials)

@@ -76,8 +76,8 @@ def test_canary_advances_one_step_when_not_worse_and_finishes_at_full_traffic():
     )
     assert decision.action == "advance"
     assert decision.weights == {"marn": 0.25, "dupn": 0.75}
-    done = canary_decision(_summary({"marn": 1.0, "dupn": 0.0}, (300, 33), (300, 30)), "marn", "dupn", CANARY)
-    assert done.action == "done"
+    done = canary_decision(_summary({"marn": 1.0, "dupn": 0.0}, (300, 33), (0, 0)), "marn", "dupn", CANARY)
+    assert done.action == "done"  # at 100% the baseline has no traffic: nothing left to wait for
 
 
 def test_canary_rolls_back_a_significantly_worse_candidate():
