@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -26,12 +25,6 @@ MARN = Path(sys.executable).with_name("marn")
 def marn(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled", "COLUMNS": "200"}
     return subprocess.run([str(MARN), *args], capture_output=True, text=True, env=env, timeout=900)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _config(tmp_path: Path, extra: dict | None = None) -> Path:
@@ -66,24 +59,13 @@ def test_poisoned_data_stops_the_pipeline_at_validation_with_the_report(tmp_path
     assert not (tmp_path / "work" / "registry").exists()
 
 
-def test_demo_runs_every_stage_registers_both_arms_and_skips_unchanged_data(tmp_path):
-    tiny = {
-        "synth": {"users": 60, "items": 50, "image_size": 16},
-        "samples": {"max_history": 10},
-        "train": {"epochs": 1},
-        "features": {"title_len": 8},
-        "model": {
-            "modality_dim": 16,
-            "rep_dim": 16,
-            "sequence_dim": 16,
-            "title_filters": 4,
-            "hidden": [16, 8],
-        },
-        "embed": {"image_size": 64},
-        "tune": {"trials": 2, "max_epochs": 1, "grace_epochs": 1, "cpus_per_trial": 1},
-        "distributed": {"workers": 2},
-        "serve": {"port": _free_port(), "dashboard_port": _free_port()},
-    }
+def test_demo_runs_every_stage_registers_both_arms_and_skips_unchanged_data(tmp_path, tiny_settings):
+    tiny = tiny_settings(tmp_path / "work")
+    tiny.update(
+        embed={"image_size": 64},
+        tune={"trials": 2, "max_epochs": 1, "grace_epochs": 1, "cpus_per_trial": 1},
+        distributed={"workers": 2},
+    )
     config = _config(tmp_path, tiny)
     work = tmp_path / "work"
 

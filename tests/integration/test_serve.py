@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -37,32 +36,13 @@ MARN = Path(sys.executable).with_name("marn")
 NOW_US = 1_900_000_000 * 10**6  # a fixed "now" (2030) after every synthetic event
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
+def world(tmp_path_factory, tiny_settings):
     """Synthetic data, Feast materialized, MARN and DUPN trained one epoch and registered, MARN's item
     representations published: what the pipeline leaves behind, in about half a minute."""
     root = tmp_path_factory.mktemp("serving")
-    settings = {
-        "paths": {"work_dir": str(root / "work")},
-        "synth": {"users": 60, "items": 50, "image_size": 8},
-        "samples": {"max_history": 10},
-        "train": {"epochs": 1},
-        "features": {"title_len": 8},
-        "model": {
-            "modality_dim": 16,
-            "rep_dim": 16,
-            "sequence_dim": 16,
-            "title_filters": 4,
-            "hidden": [16, 8],
-        },
-        "serve": {"port": _free_port(), "dashboard_port": _free_port(), "canary": {"min_feedback": 5}},
-    }
+    settings = tiny_settings(root / "work")
+    settings["serve"]["canary"] = {"min_feedback": 5}
     config = root / "config.yaml"
     config.write_text(yaml.safe_dump(settings))
     cfg = load_config(config)
