@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 import os
+import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -71,3 +75,33 @@ def tiny_world(tmp_path_factory: pytest.TempPathFactory) -> TinyWorld:
     samples = build_samples(dataset, cfg.samples)
     train, valid = (encode_samples(samples.split(s), catalog, 12) for s in ("train", "valid"))
     return TinyWorld(catalog, features, model_cfg, train, valid)
+
+
+# A whole-pipeline world small enough for a test: every stage runs, each in seconds.
+TINY_PIPELINE: dict[str, Any] = {
+    "synth": {"users": 60, "items": 50, "image_size": 16},
+    "samples": {"max_history": 10},
+    "train": {"epochs": 1},
+    "features": {"title_len": 8},
+    "model": TINY_MODEL,
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_settings() -> Callable[[Path], dict[str, Any]]:
+    """``make(work_dir)`` -> config settings of TINY_PIPELINE with their own work dir and free serve ports
+    (tests never collide with a service a developer left running on 8000)."""
+
+    def make(work_dir: Path) -> dict[str, Any]:
+        settings = copy.deepcopy(TINY_PIPELINE)
+        settings["paths"] = {"work_dir": str(work_dir)}
+        settings["serve"] = {"port": free_port(), "dashboard_port": free_port()}
+        return settings
+
+    return make
