@@ -12,7 +12,6 @@ with their Feast histories (no ``history`` field), as a production caller would 
 from __future__ import annotations
 
 import argparse
-import http.client
 import json
 import statistics
 import threading
@@ -20,9 +19,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import numpy as np
+import requests
 from rich.console import Console
 from rich.table import Table
 
@@ -77,35 +76,25 @@ def run_load(
     start = time.perf_counter()
     deadline = start + max_seconds
 
-    # A light client (http.client, keep-alive, bodies encoded up front): it shares the 2 cores with the
-    # service, so every millisecond it spends is one the service does not get.
-    host, port = urlsplit(url).hostname, urlsplit(url).port
-    encoded = [json.dumps(body).encode() for body in bodies]
-    headers = {"content-type": "application/json"}
-
     def client(index: int) -> None:
-        connection = http.client.HTTPConnection(host, port, timeout=30)
+        session = requests.Session()
         while time.perf_counter() < deadline:
             with lock:
                 if counter[0] >= max_requests:
                     return
                 n = counter[0]
                 counter[0] += 1
+            body = bodies[n % len(bodies)]
             sent = time.perf_counter()
             try:
-                connection.request("POST", "/predict", encoded[n % len(encoded)], headers)
-                response = connection.getresponse()
-                payload = response.read()
-                status = response.status
-                arm = json.loads(payload).get("arm") if status == 200 else None
-            except (OSError, http.client.HTTPException, ValueError):
+                response = session.post(f"{url}/predict", json=body, timeout=30)
+                arm = response.json().get("arm") if response.status_code == 200 else None
+                status = response.status_code
+            except (requests.RequestException, ValueError):
                 status, arm = 0, None
-                connection.close()
-                connection = http.client.HTTPConnection(host, port, timeout=30)
             sample = Sample(sent, 1000 * (time.perf_counter() - sent), status, arm)
             with lock:
                 result.samples.append(sample)
-        connection.close()
 
     threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(clients)]
     for t in threads:
@@ -243,6 +232,14 @@ def main() -> None:
     state = read_state(cfg)
     if state is None:
         raise SystemExit("the service is not up: `marn serve up` (or `make demo`) first")
+    # Each arm's scorer is one process: the split decides how the work spreads over the 2 cores, so every
+    # run starts from the configured split (an earlier --faults run leaves 25/75 behind).
+    from serve.ab import starting_weights
+    from serve.control import set_weights
+
+    weights = starting_weights([cfg.pipeline.model, cfg.pipeline.baseline], cfg.serve.weights)
+    set_weights(state, weights)
+    console.print(f"weights {weights}")
     data = args.data or cfg.paths.work_dir / "demo" / "data"
     bodies = request_bodies(data, args.candidates, 500, seed=11)
     floors = model_floor(cfg, bodies)
