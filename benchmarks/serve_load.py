@@ -138,7 +138,7 @@ def model_floor(cfg, bodies: list[dict], repeats: int = 30) -> dict[str, dict[st
         work = [ScoreRequest(b["user_id"], b["candidates"]) for b in bodies[:repeats]]
         now = time.time_ns() // 1000
         histories = scorer.histories(work, now)
-        codes = [scorer._codes([*w.candidates, *h.items]) for w, h in zip(work, histories, strict=True)]
+        codes = [scorer.item_codes([*w.candidates, *h.items]) for w, h in zip(work, histories, strict=True)]
         batches = [
             scorer.expanded_batch([w], [h], c, now) for w, h, c in zip(work, histories, codes, strict=True)
         ]

@@ -140,7 +140,7 @@ def up(cfg: Config, config_path: str | None, say: Callable[[str], None] = print)
     try:
         say(f"starting Ray (log {log_path})")
         _wait(
-            lambda: _get(f"{dashboard}/api/serve/applications/", timeout=2).ok,
+            lambda: requests.get(f"{dashboard}/api/serve/applications/", timeout=2).ok,
             90,
             "Ray's dashboard",
             process,
@@ -156,7 +156,7 @@ def up(cfg: Config, config_path: str | None, say: Callable[[str], None] = print)
             log_path,
             lambda: _deploy_problem(state),
         )
-        _wait(lambda: _get(f"{state.url}/healthz", timeout=2).ok, 30, "HTTP", process, log_path)
+        _wait(lambda: requests.get(f"{state.url}/healthz", timeout=2).ok, 30, "HTTP", process, log_path)
     except BaseException:
         down(cfg)
         raise
@@ -190,7 +190,7 @@ def deploy(state: ServeState, document: dict[str, Any]) -> None:
 
 
 def serve_details(state: ServeState) -> dict[str, Any]:
-    response = _get(f"{state.dashboard}/api/serve/applications/", timeout=10)
+    response = requests.get(f"{state.dashboard}/api/serve/applications/", timeout=10)
     response.raise_for_status()
     return response.json()
 
@@ -201,7 +201,7 @@ def app_status(state: ServeState) -> str | None:
 
 
 def ab_summary(state: ServeState) -> dict[str, Any]:
-    response = _get(f"{state.url}/ab", timeout=10)
+    response = requests.get(f"{state.url}/ab", timeout=10)
     response.raise_for_status()
     return response.json()
 
@@ -227,7 +227,7 @@ def _wait_for_weights(state: ServeState, weights: dict[str, float], timeout_s: f
     deadline, agreeing = time.monotonic() + timeout_s, 0
     while time.monotonic() < deadline:
         with contextlib.suppress(requests.RequestException, ValueError):
-            seen = _get(f"{state.url}/healthz", timeout=5).json()["weights"]
+            seen = requests.get(f"{state.url}/healthz", timeout=5).json()["weights"]
             agreeing = agreeing + 1 if all(abs(seen.get(a, 0) - w) < 1e-9 for a, w in weights.items()) else 0
             if agreeing >= 5:  # several answers in a row: every router replica has it
                 return
@@ -277,10 +277,6 @@ def _wait(
             pass
         time.sleep(0.5)
     raise ServeError(f"{what} not ready after {timeout_s:.0f} s; see {log_path}")
-
-
-def _get(url: str, timeout: float) -> requests.Response:
-    return requests.get(url, timeout=timeout)
 
 
 def _port_taken(host: str, port: int) -> bool:

@@ -71,7 +71,7 @@ class ArmScorer:
     @torch.no_grad()
     def score(self, requests: Sequence[ScoreRequest], now_us: int) -> list[list[float]]:
         histories = self.histories(requests, now_us)
-        codes = self._codes(
+        codes = self.item_codes(
             [i for r, h in zip(requests, histories, strict=True) for i in (*r.candidates, *h.items)]
         )
         if self.uses_representations:
@@ -191,7 +191,7 @@ class ArmScorer:
             "hist_len": torch.from_numpy(lengths),
         }
 
-    def _codes(self, item_ids: Sequence[str]) -> dict[str, int]:
+    def item_codes(self, item_ids: Sequence[str]) -> dict[str, int]:
         """Item id -> the model's code: the catalogue's, a cold item's added code, or PAD."""
         distinct = list(dict.fromkeys(item_ids))
         known = self.catalog.items.encode(distinct)
