@@ -24,15 +24,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
-import importlib.metadata
-import io
 import json
 import os
 import platform
 import shutil
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -42,6 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from deepctr_models import deepctr_version, din_network, input_matrix
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -233,92 +231,19 @@ def build_din_ids(catalog: ItemCatalog, features: ItemFeatures, cfg: ModelConfig
     return glorot_init(DIN(catalog, features, cfg, modalities=("ids",), behavior=False))
 
 
-def import_deepctr() -> None:
-    """Import deepctr_torch without its import-time version check, a thread that queries PyPI and prints on
-    failure: no network traffic and no stray output, and no thread left running into the timings."""
-    import requests
-
-    def offline(*args: object, **kwargs: object) -> None:
-        raise requests.ConnectionError("the benchmark does not check for deepctr-torch updates")
-
-    before = set(threading.enumerate())
-    real_get, requests.get = requests.get, offline
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            import deepctr_torch  # noqa: F401
-
-            for thread in set(threading.enumerate()) - before:
-                thread.join(timeout=10)
-    finally:
-        requests.get = real_get
-
-
-def deepctr_version() -> str | None:
-    try:
-        return importlib.metadata.version("deepctr-torch")
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
 def deepctr_din_runner(catalog: ItemCatalog, cfg: ModelConfig, max_history: int) -> Runner:
-    """DeepCTR-Torch's DIN on the ID fields, sized like ours; only its model's forward/backward/step is used.
+    """DeepCTR-Torch's DIN on the ID fields, sized like ours (``deepctr_models.din_network``); only its
+    model's forward/backward/step is used.
 
     Its inputs are one float matrix (B, columns) laid out by its ``feature_index``; ``prepare`` builds it
-    from our batch before timing. Its attention MLP uses Dice (its DIN default; the DIN paper's choice); its
-    prediction MLP keeps ReLU because its DIN cannot pass ``dice_dim=2`` to that DNN. Embedding L2 is off
-    (DeepCTR adds it in ``fit`` only) and the loss is the mean BCE on its sigmoid output, as ours.
+    from our batch before timing. It outputs the click probability; the loss is the mean BCE on it, as ours.
     """
-    import_deepctr()
-    from deepctr_torch.inputs import SparseFeat, VarLenSparseFeat
-    from deepctr_torch.models import DIN as DeepCTRDIN
-
-    fields = {  # name -> (vocabulary size, embedding width), the widths of our ItemModalities IDs
-        "item_id": (len(catalog.items), cfg.item_dim),
-        "category": (len(catalog.categories), cfg.category_dim),
-        "brand": (len(catalog.brands), cfg.brand_dim),
-        "shop": (len(catalog.shops), cfg.shop_dim),
-    }
-    columns = [SparseFeat(name, size, embedding_dim=dim) for name, (size, dim) in fields.items()]
-    columns += [
-        VarLenSparseFeat(
-            SparseFeat(f"hist_{name}", size, embedding_dim=dim, embedding_name=name),
-            maxlen=max_history,
-            length_name="seq_length",
-        )
-        for name, (size, dim) in fields.items()
-    ]
-    model = DeepCTRDIN(
-        columns,
-        list(fields),
-        dnn_use_bn=False,
-        dnn_hidden_units=tuple(cfg.hidden),
-        att_hidden_size=tuple(cfg.attention_hidden),
-        att_activation="Dice",
-        att_weight_normalization=False,
-        l2_reg_embedding=0.0,
-        dnn_dropout=0.0,
-        seed=1024,
-        device="cpu",
-    )
+    model = din_network(catalog, cfg, max_history, task="binary")
     attributes = torch.as_tensor(catalog.attributes)  # (n_items + 1, 3) category, brand, shop
     optimizer = _adagrad(model)
 
     def prepare(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        item, hist = batch["item"], batch["hist_items"]  # (B,), (B, L)
-        if hist.shape[1] != max_history:
-            raise ValueError(f"history width {hist.shape[1]} != max_history {max_history}")
-        values = {
-            "item_id": item[:, None],
-            "hist_item_id": hist,
-            "seq_length": batch["hist_len"][:, None],
-        }
-        for j, name in enumerate(("category", "brand", "shop")):
-            values[name] = attributes[item, j][:, None]
-            values[f"hist_{name}"] = attributes[hist, j]  # PAD item -> PAD attributes
-        x = torch.zeros(len(item), max(end for _, end in model.feature_index.values()))
-        for name, (start, end) in model.feature_index.items():
-            x[:, start:end] = values[name].float()
-        return x, batch["label"]
+        return input_matrix(model.feature_index, attributes, batch, max_history), batch["label"]
 
     def step(inputs: tuple[torch.Tensor, torch.Tensor], progress: float) -> None:
         x, label = inputs

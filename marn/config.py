@@ -54,6 +54,9 @@ class TrainConfig(Strict):
     # lr-sized step for every weight with any gradient, which blows deep models up at lr 0.1.
     adagrad_initial_accumulator: float = Field(0.1, ge=0)
     patience: int = Field(2, ge=1)  # epochs without validation-AUC gain before stopping
+    # Gradient-norm clipping, 0 = off. AdaGrad's first steps are about lr per weight whatever the gradient's
+    # size; at lr 0.1 and large batches they can throw a deep model into a dead, chance-level state.
+    clip_grad_norm: float = Field(0.0, ge=0)
     seed: int = 7
 
 

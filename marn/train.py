@@ -132,12 +132,15 @@ def fit(
     on_epoch: Callable[[EpochResult, FitState], None] | None = None,
     show_progress: bool = True,
     resume: FitState | None = None,
+    on_step: Callable[[int, dict[str, float]], None] | None = None,
 ) -> tuple[dict[str, torch.Tensor], list[EpochResult]]:
     """Train with AdaGrad and early stopping on validation AUC; return the best state dict and history.
 
     ``model`` may be wrapped in DDP (Ray Train's ``prepare_model``): training steps go through the wrapper,
     validation and state dicts use the bare model. ``on_epoch`` sees each epoch's result and the state to
     resume from after it (Ray Train reports and checkpoints there); ``resume`` continues from such a state.
+    ``on_step`` sees every optimiser step's number (1-based) and its losses: ``ctr`` and each auxiliary one
+    (loss curves, paper Figure 6).
     """
     core = _unwrap(model)
     device = _device(core)  # a GPU under Ray Train with use_gpu; samples stay in CPU memory
@@ -169,16 +172,21 @@ def fit(
                 batch = _batch(train, index, device)
                 out = model(batch, progress=step / total_steps)  # p of the lambda schedule
                 loss = bce(out.logits, batch["label"])
-                ctr_loss += loss.item() * len(index)
+                step_ctr = loss.item()
+                ctr_loss += step_ctr * len(index)
                 if out.aux_loss is not None:
                     loss = loss + out.aux_loss
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                if cfg.clip_grad_norm:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad_norm)
                 optimizer.step()
                 for name, value in out.aux.items():
                     aux_sums[name] = aux_sums.get(name, 0.0) + value.item() * len(index)
                 seen += len(index)
                 step += 1
+                if on_step is not None:
+                    on_step(step, {"ctr": step_ctr, **{name: v.item() for name, v in out.aux.items()}})
                 bar.update(task, advance=1, description=f"epoch {epoch} loss {ctr_loss / seen:.4f}")
             _sync_buffers(model)
             valid_metrics = evaluate_split(core, valid)

@@ -41,8 +41,8 @@ class TuneResult:
 def tune_hyperparameters(
     dataset: Dataset, cfg: Config, out_dir: str | Path, samples: Samples | None = None
 ) -> TuneResult:
-    """Search lambda0 and lr (log-uniform in ``cfg.tune``'s ranges) for ``cfg.tune.model`` with ASHA;
-    write ``tune.json`` into ``out_dir``.
+    """Search lambda0 and lr (log-uniform in ``cfg.tune``'s ranges; low == high fixes one) for
+    ``cfg.tune.model`` with ASHA; write ``tune.json`` into ``out_dir``.
 
     ``samples``: prebuilt DIN samples (the pipeline's come from Feast); None builds them from ``dataset``.
     """
@@ -86,8 +86,8 @@ def tune_hyperparameters(
         tuner = tune.Tuner(
             trainable,
             param_space={
-                "lambda0": tune.loguniform(*search.lambda0_range),
-                "lr": tune.loguniform(*search.lr_range),
+                "lambda0": _log_uniform(tune, search.lambda0_range),
+                "lr": _log_uniform(tune, search.lr_range),
             },
             tune_config=tune.TuneConfig(
                 metric=METRIC,
@@ -131,6 +131,12 @@ def apply_best(cfg: Config, best: dict[str, float]) -> Config:
     raw["model"]["lambda0"] = best["lambda0"]
     raw["train"]["lr"] = best["lr"]
     return Config.model_validate(raw)
+
+
+def _log_uniform(tune: Any, bounds: tuple[float, float]) -> Any:
+    """Tune's log-uniform domain; a range with low == high fixes the value (searched in no trial)."""
+    low, high = bounds
+    return low if low == high else tune.loguniform(low, high)
 
 
 def _trial(

@@ -24,11 +24,14 @@ _MEASURED = (
 
 @pytest.fixture(scope="module")
 def bench():
-    """The script as a module (benchmarks/ is not a package)."""
+    """The script as a module (benchmarks/ is not a package; the script imports its sibling deepctr_models,
+    as ``python benchmarks/model_speed.py`` would with benchmarks/ first on sys.path)."""
     spec = importlib.util.spec_from_file_location("benchmarks_model_speed", _SCRIPT)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses resolve their module through sys.modules
-    spec.loader.exec_module(module)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.syspath_prepend(str(_SCRIPT.parent))
+        spec.loader.exec_module(module)
     yield module
     sys.modules.pop(spec.name, None)
 

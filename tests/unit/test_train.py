@@ -94,3 +94,46 @@ def test_lr_overfits_a_tiny_batch(dataset):
         loss.backward()
         opt.step()
     assert loss.item() < 0.05
+
+
+def _fit_lr(dataset, **train):
+    """fit on the lr model for one epoch; returns (model before, model after, history, on_step calls)."""
+    import copy
+
+    from marn.config import FeaturesConfig, ModelConfig
+    from marn.data.item_features import build_item_features
+    from marn.models import build_model
+    from marn.train import fit
+
+    cfg = _cfg(epochs=1, **train)
+    samples = build_samples(dataset, cfg.samples)
+    catalog = ItemCatalog.from_items(dataset.items)
+    train_split, valid = (encode_samples(samples.split(s), catalog, 20) for s in ("train", "valid"))
+    features = build_item_features(dataset, catalog, FeaturesConfig(image="pixels"))
+    torch.manual_seed(0)
+    model = build_model("lr", catalog, features, ModelConfig())
+    before = copy.deepcopy(model)
+    steps: list[tuple[int, dict[str, float]]] = []
+    _, history = fit(model, train_split, valid, cfg.train, show_progress=False,
+                     on_step=lambda step, losses: steps.append((step, losses)))  # fmt: skip
+    return before, model, history, steps, len(train_split)
+
+
+def _moved(before, after) -> float:
+    return sum(
+        (a - b).abs().sum().item() for a, b in zip(after.parameters(), before.parameters(), strict=True)
+    )
+
+
+def test_on_step_sees_every_step_and_its_ctr_loss(dataset):
+    _, _, history, steps, n = _fit_lr(dataset)
+    assert [s for s, _ in steps] == list(range(1, -(-n // 64) + 1))
+    sizes = [64] * (n // 64) + ([n % 64] if n % 64 else [])
+    weighted = sum(losses["ctr"] * size for (_, losses), size in zip(steps, sizes, strict=True)) / n
+    assert weighted == pytest.approx(history[0].train_loss, rel=1e-6)
+
+
+def test_gradient_clipping_bounds_the_updates(dataset):
+    free_before, free, *_ = _fit_lr(dataset)
+    clipped_before, clipped, *_ = _fit_lr(dataset, clip_grad_norm=1e-6)
+    assert _moved(clipped_before, clipped) < 1e-3 * _moved(free_before, free)

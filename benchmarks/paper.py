@@ -1,0 +1,365 @@
+"""Reproduce the paper's experiments (Tables 2-5, Figures 4-6) on MovieLens-100k with posters and plot texts.
+
+    marn data import movielens --src ../shared/datasets/movielens-100k \\
+        --media ../shared/datasets/movielens-100k-media --out DATA
+    marn embed --data DATA --weights ../shared/models/mobilenet_v2-b0353104.pth   # the paper used VGG16
+    python benchmarks/paper.py run --data DATA --work WORK       # resumable: finished runs are kept
+    python benchmarks/paper.py report --data DATA --work WORK    # tables, figures, results JSON
+
+Stages of ``run``, each skipped when its outputs exist (stop it any time and run it again):
+1. **tune**: Ray Tune searches MARN's lambda0 on the validation split (``WORK/tune/tune.json``); the
+   best value is used by every adversarial model. The learning rate is the paper's 0.1 for every model.
+2. **grid**: every model of Tables 2 and 3 (the 17 registered models) x ``--seeds``, as Ray tasks of one
+   CPU each (``WORK/runs/MODEL/seed-K``). Each run trains with early stopping on validation AUC and is
+   scored once on test (``metrics.json``), and keeps its per-step losses (``curves.json``) and weights
+   (``model.pt``). DeepCTR-Torch's DIN and DIEN run last, the same way, as outside references.
+3. **cold**: Table 5 needs items unseen in training, which MovieLens' time split hardly has (3 test
+   items). A share of the items is held out: their samples are dropped from train and valid and they
+   are cut out of train and valid histories; base_ids and MARN are trained on that and ranked on the
+   test users who clicked a held-out item (``WORK/cold/MODEL/seed-K``).
+
+The test split is read only by ``save_run`` after a run's epochs are chosen on validation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+import traceback
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from paper_report import REFERENCES, TABLE2, TABLE3, write_report
+
+from marn.config import Config, load_config
+from marn.data.schema import Dataset, read_dataset
+from marn.data.tensors import PAD, EncodedSamples
+from marn.models import build_model, model_names
+from marn.train import METRICS, RunInputs, fit, prepare_inputs, save_run, seed_everything
+from marn.tune import TUNE_FILE, tune_hyperparameters
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG = REPO / "configs" / "paper-movielens.yaml"
+COLD_MODELS = ("base_ids", "marn")  # the paper's Table 5 rows
+CURVES = "curves.json"
+TIMING = "timing.json"  # wall seconds of every stage and invocation, summed for the results' wall_s
+# Rough seconds per epoch on one core at configs/paper-movielens.yaml: longest runs start first so the two
+# cores stay busy to the end (an unknown model counts as slow).
+EPOCH_COST = {"lr": 1, "fm": 3, "youtubenet": 22, "base_ids": 18, "base_image": 25}
+
+
+def paper_models() -> tuple[str, ...]:
+    """Table 2 then Table 3, each model once: the 17 registered models."""
+    names = tuple(dict.fromkeys(TABLE2 + TABLE3))
+    missing = sorted(set(model_names()) - set(names))
+    if missing:  # a newly registered model must be placed in a table, not silently left out
+        raise ValueError(f"registered models missing from the paper's tables: {missing}")
+    return names
+
+
+def run_dir(work: Path, experiment: str, model: str, seed: int) -> Path:
+    return work / experiment / model / f"seed-{seed}"
+
+
+# --------------------------------------------------------------------------------------------------------
+# Stage 1: lambda0 by Ray Tune on validation
+# --------------------------------------------------------------------------------------------------------
+
+
+def tuned_lambda0(dataset: Dataset, cfg: Config, work: Path) -> float:
+    """The best lambda0 of ``WORK/tune/tune.json``, searching first when it does not exist yet."""
+    path = work / "tune" / TUNE_FILE
+    if not path.exists():
+        print(
+            f"[tune] Ray Tune: {cfg.tune.trials} trials of {cfg.tune.model} over lambda0 "
+            f"{cfg.tune.lambda0_range}, validation AUC only",
+            flush=True,
+        )
+        with _timed(work, "tune"):
+            tune_hyperparameters(dataset, cfg, path.parent)
+    report = json.loads(path.read_text())
+    if report["search"]["lr_range"][0] != cfg.train.lr or report["search"]["lr_range"][1] != cfg.train.lr:
+        raise ValueError(
+            f"{path} searched lr {report['search']['lr_range']}; the grid trains at {cfg.train.lr}"
+        )
+    print(
+        f"[tune] lambda0 = {report['best']['lambda0']:.4g} (validation AUC {report['best_valid_auc']:.4f}, "
+        f"{len(report['trials'])} trials)",
+        flush=True,
+    )
+    return float(report["best"]["lambda0"])
+
+
+# --------------------------------------------------------------------------------------------------------
+# Stage 3's data: items held out of training
+# --------------------------------------------------------------------------------------------------------
+
+
+def cold_items(n_items: int, share: float, seed: int) -> torch.Tensor:
+    """(C,) sorted item codes (1..n_items) held out of training: a seeded uniform draw of ``share``."""
+    if not 0 < share < 1:
+        raise ValueError(f"the held-out share must lie in (0, 1), got {share}")
+    count = max(1, round(share * n_items))
+    generator = torch.Generator().manual_seed(seed)
+    return torch.sort(torch.randperm(n_items, generator=generator)[:count] + 1).values  # codes start at 1
+
+
+def without_items(data: EncodedSamples, held_out: torch.Tensor) -> EncodedSamples:
+    """Drop the samples whose candidate is held out and cut held-out items out of every history.
+
+    Histories stay left-aligned: the kept behaviours move left in order and the rest becomes padding.
+    """
+    t = data.tensors
+    keep = ~torch.isin(t["item"], held_out)  # (N,)
+    hist = t["hist_items"][keep]  # (N', L)
+    width = hist.shape[1]
+    real = torch.arange(width)[None, :] < t["hist_len"][keep][:, None]  # (N', L)
+    kept = real & ~torch.isin(hist, held_out)  # (N', L)
+    order = torch.argsort((~kept).to(torch.int8), dim=1, stable=True)  # kept columns first, in order
+    tensors = {"item": t["item"][keep], "label": t["label"][keep], "hist_len": kept.sum(1)}
+    for name in ("hist_items", "hist_behavior", "hist_gap"):
+        moved = torch.gather(t[name][keep], 1, order)
+        tensors[name] = torch.where(torch.gather(kept, 1, order), moved, torch.full_like(moved, PAD))
+    return EncodedSamples(data.users[keep.numpy()], tensors)
+
+
+def cold_inputs(inputs: RunInputs, share: float, seed: int) -> tuple[RunInputs, torch.Tensor]:
+    """Inputs whose train and valid splits never mention the held-out items; test is untouched."""
+    held_out = cold_items(len(inputs.catalog.items.values), share, seed)  # len(Vocab) counts PAD too
+    train, valid = (without_items(split, held_out) for split in (inputs.train, inputs.valid))
+    return replace(inputs, train=train, valid=valid), held_out
+
+
+# --------------------------------------------------------------------------------------------------------
+# One training run (a Ray task)
+# --------------------------------------------------------------------------------------------------------
+
+
+def train_one(inputs: RunInputs, cfg: Config, model_name: str, seed: int, out_dir: str) -> dict[str, Any]:
+    """Train ``model_name`` with ``seed``; write metrics.json, curves.json and model.pt into ``out_dir``."""
+    torch.set_num_threads(1)  # one core per task
+    started = time.perf_counter()
+    run_cfg = Config.model_validate(
+        {**cfg.model_dump(), "train": {**cfg.train.model_dump(), "model": model_name, "seed": seed}}
+    )
+    seed_everything(seed)
+    if model_name in REFERENCES:
+        from deepctr_models import build_deepctr
+
+        model = build_deepctr(
+            model_name, inputs.catalog, inputs.features, run_cfg.model, cfg.samples.max_history
+        )
+    else:
+        model = build_model(model_name, inputs.catalog, inputs.features, run_cfg.model)
+    curve: list[dict[str, float]] = []
+    best_state, history = fit(
+        model,
+        inputs.train,
+        inputs.valid,
+        run_cfg.train,
+        show_progress=False,
+        on_step=lambda step, losses: curve.append({"step": step, **losses}),
+    )
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    result = save_run(
+        model,
+        best_state,
+        history,
+        inputs,
+        run_cfg,
+        out,
+        started,
+        extra={"lambda0": run_cfg.model.lambda0, "threads": torch.get_num_threads()},
+    )
+    (out / CURVES).write_text(
+        json.dumps({"steps_per_epoch": -(-len(inputs.train) // run_cfg.train.batch_size), "steps": curve})
+        + "\n"
+    )
+    m = result.metrics
+    return {"auc": m["auc"], "user_auc": m["user_auc"], "epochs": m["epochs_run"], "wall_s": m["wall_s"]}
+
+
+def run_experiment(
+    experiment: str, inputs: RunInputs, cfg: Config, models: list[str], seeds: list[int], work: Path
+) -> list[str]:
+    """Train every (model, seed) not yet done, two at a time on Ray; return the failures' descriptions."""
+    import ray
+
+    from marn.ray_runtime import ray_session
+
+    todo = [(m, s) for m in models for s in seeds if not (run_dir(work, experiment, m, s) / METRICS).exists()]
+    done = len(models) * len(seeds) - len(todo)
+    print(
+        f"[{experiment}] {len(models)} models x {len(seeds)} seeds: {done} done, {len(todo)} to train",
+        flush=True,
+    )
+    if not todo:
+        return []
+    todo.sort(key=lambda job: -EPOCH_COST.get(job[0], 60))  # longest first: fewer idle cores at the end
+    failures: list[str] = []
+    started = time.perf_counter()
+    with _timed(work, experiment), ray_session(cfg.ray):
+        remote = ray.remote(num_cpus=1, max_retries=0)(_guarded_train_one)
+        shared = ray.put(inputs)  # the features and encoded splits go to the object store once
+        pending = {
+            remote.remote(shared, cfg, m, s, str(run_dir(work, experiment, m, s))): (m, s) for m, s in todo
+        }
+        finished = 0
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            model, seed = pending.pop(ready[0])
+            outcome = ray.get(ready[0])
+            finished += 1
+            elapsed = time.perf_counter() - started
+            eta = elapsed / finished * (len(todo) - finished)
+            if "error" in outcome:
+                failures.append(f"{experiment}/{model}/seed-{seed}: {outcome['error']}")
+                print(
+                    f"[{experiment} {finished}/{len(todo)}] {model} seed {seed} FAILED: {outcome['error']}",
+                    flush=True,
+                )
+                continue
+            print(
+                f"[{experiment} {finished}/{len(todo)}] {model:>14} seed {seed}: "
+                f"test AUC {outcome['auc']:.4f} "
+                f"user AUC {outcome['user_auc']:.4f}, {outcome['epochs']} epochs, {outcome['wall_s']:.0f} s "
+                f"(elapsed {elapsed / 60:.1f} min, about {eta / 60:.0f} min left)",
+                flush=True,
+            )
+    return failures
+
+
+def _guarded_train_one(inputs: RunInputs, cfg: Config, model: str, seed: int, out_dir: str) -> dict[str, Any]:
+    """``train_one`` whose failure is reported as a value, so one broken model does not stop the grid."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))  # workers import deepctr_models from here
+    try:
+        return train_one(inputs, cfg, model, seed, out_dir)
+    except Exception as err:
+        traceback.print_exc()
+        return {"error": f"{type(err).__name__}: {err}"}
+
+
+# --------------------------------------------------------------------------------------------------------
+# The whole run
+# --------------------------------------------------------------------------------------------------------
+
+
+def run(args: argparse.Namespace) -> int:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    cfg = load_config(args.config)
+    dataset = read_dataset(args.data)
+    work = args.work
+    work.mkdir(parents=True, exist_ok=True)
+    _write_json(work / "command.json", {"command": _command(args), "config": str(args.config)})
+    lambda0 = tuned_lambda0(dataset, cfg, work)
+    cfg = Config.model_validate({**cfg.model_dump(), "model": {**cfg.model.model_dump(), "lambda0": lambda0}})
+    inputs = prepare_inputs(dataset, cfg)
+    seeds = list(range(1, args.seeds + 1))
+    models = [m for m in paper_models() if not args.models or m in args.models]
+    failures = run_experiment("runs", inputs, cfg, models, seeds, work)
+    if not args.no_cold:
+        held_inputs, held_out = cold_inputs(inputs, args.cold_share, args.cold_seed)
+        _write_json(
+            work / "cold" / "held_out.json",
+            {"share": args.cold_share, "seed": args.cold_seed, "items": held_out.tolist()},
+        )
+        failures += run_experiment("cold", held_inputs, cfg, list(COLD_MODELS), seeds, work)
+    if not args.no_references:  # last: the paper's own grid comes first when time is short
+        failures += run_experiment("runs", inputs, cfg, list(REFERENCES), seeds, work)
+    for failure in failures:
+        print(f"FAILED {failure}", file=sys.stderr)
+    return 1 if failures else 0
+
+
+def _command(args: argparse.Namespace) -> str:
+    return " ".join(["python", "benchmarks/paper.py", *sys.argv[1:]])
+
+
+def _write_json(path: Path, value: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(value, indent=2) + "\n")
+    tmp.replace(path)  # never a half-written file, even when the run is stopped
+
+
+class _timed:
+    """Adds the wall seconds of a stage to ``WORK/timing.json`` (also when it is interrupted)."""
+
+    def __init__(self, work: Path, stage: str):
+        self.path, self.stage = work / TIMING, stage
+
+    def __enter__(self) -> None:
+        self.started = time.perf_counter()
+
+    def __exit__(self, *exc: object) -> None:
+        timing = json.loads(self.path.read_text()) if self.path.exists() else {}
+        timing[self.stage] = timing.get(self.stage, 0.0) + time.perf_counter() - self.started
+        _write_json(self.path, timing)
+
+
+def hardware() -> str:
+    cores = os.cpu_count()
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    gpu = "CUDA GPU" if torch.cuda.is_available() else "no GPU"
+    return f"{cores} cores ({cpu}), {memory:.0f} GiB RAM, {gpu}; torch {torch.__version__}, 1 thread per run"
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    run_p = sub.add_parser("run", help="tune lambda0, train the grid and the held-out-items runs (resumable)")
+    report_p = sub.add_parser("report", help="tables, figures and the results JSON from finished runs")
+    for p in (run_p, report_p):
+        p.add_argument("--data", type=Path, required=True, help="imported and embedded MovieLens directory")
+        p.add_argument("--work", type=Path, required=True, help="runs, tune results and timings live here")
+        p.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
+        p.add_argument("--seeds", type=int, default=5, help="training seeds 1..N per model")
+    run_p.add_argument("--models", type=lambda s: s.split(","), default=None, help="a subset (default: all)")
+    run_p.add_argument("--no-references", action="store_true", help="skip DeepCTR-Torch's DIN and DIEN")
+    run_p.add_argument("--no-cold", action="store_true", help="skip the held-out-items runs (Table 5)")
+    run_p.add_argument("--cold-share", type=float, default=0.1, help="share of items held out of training")
+    run_p.add_argument("--cold-seed", type=int, default=7)
+    report_p.add_argument(
+        "--out",
+        type=Path,
+        default=REPO / "benchmarks" / "results",
+        help="paper-movielens.{json,md} and the figures go here",
+    )
+    args = parser.parse_args(argv)
+    if args.seeds < 2:
+        parser.error("--seeds must be at least 2 (mean, standard deviation and the t-test need them)")
+    if args.command == "run":
+        return run(args)
+    write_report(args.data, args.work, args.config, args.out, args.seeds, hardware(), git_commit())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

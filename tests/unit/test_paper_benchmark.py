@@ -1,0 +1,142 @@
+"""benchmarks/paper.py and paper_report.py: the held-out-items data, the tables and the claim checks."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from marn.data.tensors import PAD, EncodedSamples
+from marn.models import model_names
+
+_BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+def _load(name: str):
+    """A benchmark script as a module (benchmarks/ is not a package; scripts import their siblings)."""
+    spec = importlib.util.spec_from_file_location(name, _BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve their module through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def scripts():
+    with pytest.MonkeyPatch.context() as patch:
+        patch.syspath_prepend(str(_BENCHMARKS))
+        report = _load("paper_report")
+        paper = _load("paper")
+    yield paper, report
+    for name in ("paper", "paper_report"):
+        sys.modules.pop(name, None)
+
+
+def test_the_grid_is_every_registered_model_once(scripts):
+    paper, _ = scripts
+    models = paper.paper_models()
+    assert sorted(models) == sorted(model_names())
+    assert len(models) == len(set(models)) == 17
+
+
+def test_cold_items_are_a_seeded_share_of_real_item_codes(scripts):
+    paper, _ = scripts
+    held = paper.cold_items(200, 0.1, seed=3)
+    assert len(held) == 20 and held.min() >= 1 and held.max() <= 200
+    assert torch.equal(held, torch.sort(held).values) and len(torch.unique(held)) == 20
+    assert torch.equal(held, paper.cold_items(200, 0.1, seed=3))
+    assert not torch.equal(held, paper.cold_items(200, 0.1, seed=4))
+    with pytest.raises(ValueError, match="share"):
+        paper.cold_items(200, 1.0, seed=3)
+
+
+def test_without_items_drops_candidates_and_cuts_histories(scripts):
+    paper, _ = scripts
+    t = {
+        "item": torch.tensor([5, 7, 9]),
+        "label": torch.tensor([1.0, 0.0, 1.0]),
+        "hist_items": torch.tensor([[1, 7, 2, PAD], [3, 4, PAD, PAD], [7, 7, 8, 6]]),
+        "hist_behavior": torch.tensor([[1, 2, 1, PAD], [1, 1, PAD, PAD], [2, 2, 1, 1]]),
+        "hist_gap": torch.tensor([[4, 3, 2, PAD], [2, 1, PAD, PAD], [9, 8, 7, 6]]),
+        "hist_len": torch.tensor([3, 2, 4]),
+    }
+    out = paper.without_items(EncodedSamples(np.array(["a", "b", "c"]), t), torch.tensor([7]))
+    assert out.users.tolist() == ["a", "c"]  # b's candidate 7 is held out
+    assert out.tensors["item"].tolist() == [5, 9]
+    assert out.tensors["hist_len"].tolist() == [2, 2]
+    assert out.tensors["hist_items"].tolist() == [[1, 2, PAD, PAD], [8, 6, PAD, PAD]]
+    assert out.tensors["hist_behavior"].tolist() == [[1, 1, PAD, PAD], [1, 1, PAD, PAD]]
+    assert out.tensors["hist_gap"].tolist() == [[4, 2, PAD, PAD], [7, 6, PAD, PAD]]
+    assert out.tensors["label"].tolist() == [1.0, 1.0]
+
+
+def test_welch_matches_a_hand_computation(scripts):
+    _, report = scripts
+    a, b = [0.80, 0.81, 0.82], [0.78, 0.79, 0.77]
+    # means 0.81 and 0.78, both variances 1e-4: t = 0.03 / sqrt(2e-4 / 3)
+    result = report.welch(a, b)
+    assert result["t"] == pytest.approx(0.03 / np.sqrt(2e-4 / 3))
+    assert result["p_one_sided"] == pytest.approx(result["p_two_sided"] / 2)
+    assert report.welch(b, a)["p_one_sided"] == pytest.approx(1 - result["p_two_sided"] / 2)
+
+
+def _summary(report, name: str, aucs: list[float]):
+    return report.Summary(name, aucs, aucs, [2] * len(aucs), [1.0] * len(aucs))
+
+
+def test_claims_follow_the_numbers(scripts):
+    _, report = scripts
+    runs = {
+        name: _summary(report, name, [0.70 + 0.001 * k for k in range(5)])
+        for name in report.TABLE2 + report.TABLE3
+    }
+    runs["marn"] = _summary(report, "marn", [0.75, 0.751, 0.752, 0.753, 0.754])  # far ahead
+    runs["lr"] = _summary(report, "lr", [0.60, 0.601, 0.602, 0.603, 0.604])
+    claims = {c.text: c for c in report.table_claims(runs)}
+    best = claims["MARN beats the best other model significantly (Table 2)"]
+    assert best.holds is True and "MARN 0.7520" in best.here
+    assert claims["Neural models beat LR and FM (group 1)"].holds is False  # FM ties the neural models
+    assert claims["MAF beats CONC"].holds is False  # equal runs: not significant
+    runs["base_maf"] = _summary(report, "base_maf", [0.69, 0.691, 0.692, 0.693, 0.694])
+    assert {c.text: c for c in report.table_claims(runs)}["MAF beats CONC"].holds is False
+    del runs["base_conc"]
+    assert {c.text: c for c in report.table_claims(runs)}["MAF beats CONC"].holds is None
+
+
+def test_model_table_marks_missing_models(scripts):
+    _, report = scripts
+    table = report.model_table({"marn": _summary(report, "marn", [0.8, 0.82])}, ["marn", "naml"])
+    lines = table.splitlines()
+    assert lines[2].startswith("| MARN | 0.8100 ± 0.0141 |") and "0.8034 / 0.7909 / 0.7486" in lines[2]
+    assert lines[3].startswith("| NAML | not run |")
+
+
+def test_popularity_and_cold_tables(scripts):
+    _, report = scripts
+    levels = [{"level": k, "samples": 10, "min_count": k, "max_count": k + 1} for k in range(10)]
+    table = {
+        "levels": levels,
+        "base_ids": [[0.60]] * 5 + [[0.80]] * 5,
+        "marn": [[0.70]] * 5 + [[0.80]] * 5,
+    }
+    markdown, (claim,) = report.popularity_markdown(table)
+    assert "| GAP | +10.0% |" in markdown and claim.holds is True
+    table["marn"] = [[0.60]] * 5 + [[0.85]] * 5
+    assert report.popularity_markdown(table)[1][0].holds is False
+
+    cold = {
+        name: {
+            "users": 40,
+            "pool": 50,
+            "auc": [0.7, 0.72],
+            "recall": {"10": [r, r], "50": [r + 0.5, r + 0.5]},
+        }
+        for name, r in (("base_ids", 0.2), ("marn", 0.3))
+    }
+    markdown, (claim,) = report.cold_markdown(cold)
+    assert "| RANDOM (expected) | 20.0% | 100.0% |" in markdown
+    assert claim.holds is True and "2 of 2" in claim.here
