@@ -8,7 +8,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 export RAY_AUTH_MODE := disabled
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test test-unit test-slow bench lint format constraints clean
+.PHONY: help install demo test test-unit test-slow bench paper paper-report lint format constraints clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -38,6 +38,21 @@ test-unit: $(STAMP)  ## fast unit tests only
 
 bench: $(STAMP)  ## model speed table (train samples/s, inference latency) incl. DeepCTR-Torch's DIN
 	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/model_speed.py --threads 1
+
+# The paper's experiments read the research data from ../shared (never copied here); work goes to PAPER_WORK.
+SHARED     ?= ../shared
+PAPER_WORK ?= .marn/paper
+paper: $(STAMP)  ## Tables 2-5, Figures 4-6 on ../shared MovieLens (hours on 2 cores; resumable)
+	@test -d $(SHARED)/datasets/movielens-100k || { echo "no $(SHARED)/datasets/movielens-100k (SHARED=...)"; exit 1; }
+	test -f $(PAPER_WORK)/data/events.parquet || $(BIN)/marn data import movielens \
+		--src $(SHARED)/datasets/movielens-100k --media $(SHARED)/datasets/movielens-100k-media --out $(PAPER_WORK)/data
+	test -f $(PAPER_WORK)/data/image_embeddings.parquet || $(BIN)/marn embed --data $(PAPER_WORK)/data \
+		--weights $(SHARED)/models/mobilenet_v2-b0353104.pth --config configs/paper-movielens.yaml
+	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/paper.py run --data $(PAPER_WORK)/data --work $(PAPER_WORK)
+	$(MAKE) paper-report
+
+paper-report: $(STAMP)  ## rewrite benchmarks/results/paper-movielens.{md,json} and figures from finished runs
+	$(BIN)/python benchmarks/paper.py report --data $(PAPER_WORK)/data --work $(PAPER_WORK)
 
 lint: $(STAMP)  ## ruff check + format check
 	$(BIN)/ruff check .
