@@ -258,7 +258,7 @@ def run(args: argparse.Namespace) -> int:
     dataset = read_dataset(args.data)
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
-    _write_json(work / "command.json", {"command": _command(args), "config": str(args.config)})
+    _record_invocation(work, args)
     lambda0 = tuned_lambda0(dataset, cfg, work)
     cfg = Config.model_validate({**cfg.model_dump(), "model": {**cfg.model.model_dump(), "lambda0": lambda0}})
     inputs = prepare_inputs(dataset, cfg)
@@ -277,6 +277,21 @@ def run(args: argparse.Namespace) -> int:
     for failure in failures:
         print(f"FAILED {failure}", file=sys.stderr)
     return 1 if failures else 0
+
+
+def _record_invocation(work: Path, args: argparse.Namespace) -> None:
+    """Append this ``run`` to ``WORK/command.json``: the report names every command and the code's commit."""
+    path = work / "command.json"
+    invocations = json.loads(path.read_text())["invocations"] if path.exists() else []
+    invocations.append(
+        {
+            "command": _command(args),
+            "config": str(args.config),
+            "commit": git_commit(),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+    )
+    _write_json(path, {"invocations": invocations})
 
 
 def _command(args: argparse.Namespace) -> str:

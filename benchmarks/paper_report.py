@@ -80,6 +80,8 @@ class Summary:
     user_auc: list[float]
     epochs: list[int]
     wall_s: list[float]
+    best_epochs: list[int]  # the validation-chosen epoch of each seed
+    valid_curves: list[list[float]]  # validation AUC after each epoch, per seed
 
     @property
     def mean(self) -> float:
@@ -106,6 +108,8 @@ def read_runs(root: Path, names: Sequence[str], seeds: int) -> dict[str, Summary
                 [m["user_auc"] for m in metrics],
                 [m["epochs_run"] for m in metrics],
                 [m["wall_s"] for m in metrics],
+                [m["best_epoch"] for m in metrics],
+                [[h["valid_auc"] for h in m["history"]] for m in metrics],
             )
     return out
 
@@ -130,10 +134,12 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 
 def model_table(runs: dict[str, Summary], names: Sequence[str], paper: bool = True) -> str:
+    header = ["model", "test AUC", "user AUC", "seeds", "epochs run", "best epoch", "s / run"]
+    header += ["paper AUC (Electro. / Clothe. / Taobao)"] if paper else []
     rows = []
     for name in names:
         if name not in runs:
-            rows.append([LABELS[name], "not run", "", "", "", ""])
+            rows.append([LABELS[name], "not run", *[""] * (len(header) - 2)])
             continue
         s = runs[name]
         paper_cols = [" / ".join(f"{v:.4f}" for v in PAPER_AUC[name])] if paper and name in PAPER_AUC else []
@@ -144,12 +150,12 @@ def model_table(runs: dict[str, Summary], names: Sequence[str], paper: bool = Tr
                 _fmt(s.user_auc),
                 len(s.auc),
                 f"{np.mean(s.epochs):.1f}",
+                f"{np.mean(s.best_epochs):.1f}",
                 f"{np.mean(s.wall_s):.0f}",
                 *(paper_cols or ([""] if paper else [])),
             ]
         )
-    header = ["model", "test AUC", "user AUC", "seeds", "epochs", "s / run"]
-    return _table(header + (["paper AUC (Electro. / Clothe. / Taobao)"] if paper else []), rows)
+    return _table(header, rows)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -480,6 +486,25 @@ def figure_lambda(path: Path, tune_report: dict[str, Any]) -> None:
     plt.close(fig)
 
 
+def figure_valid_curves(path: Path, runs: dict[str, Summary]) -> None:
+    """Validation AUC after each epoch (mean over seeds): which models were still improving at the cap."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for name, s in runs.items():
+        width = max(len(c) for c in s.valid_curves)
+        means = [np.mean([c[k] for c in s.valid_curves if len(c) > k]) for k in range(width)]
+        style = {"color": "tab:red", "lw": 2.5} if name == "marn" else {"lw": 1, "alpha": 0.8}
+        ax.plot(range(1, width + 1), means, marker="o", ms=3, label=LABELS[name], **style)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("validation AUC (mean over seeds)")
+    ax.set_xticks(range(1, max(len(c) for s in runs.values() for c in s.valid_curves) + 1))
+    ax.legend(fontsize=7, ncol=2, loc="lower right")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def figure_auc(path: Path, runs: dict[str, Summary], references: dict[str, Summary]) -> None:
     """Every model's test AUC per seed, sorted by mean: the spread the t-tests work with."""
     everything = {**runs, **references}
@@ -516,9 +541,12 @@ def write_report(
     tune_path = work / "tune" / "tune.json"
     tune_report = json.loads(tune_path.read_text()) if tune_path.exists() else None
     timing = json.loads((work / "timing.json").read_text()) if (work / "timing.json").exists() else {}
-    command = (
-        json.loads((work / "command.json").read_text())["command"] if (work / "command.json").exists() else ""
-    )
+    path = work / "command.json"
+    invocations = json.loads(path.read_text())["invocations"] if path.exists() else []
+    command = " && ".join(dict.fromkeys(i["command"] for i in invocations))
+    report_commit = commit
+    commit = invocations[0]["commit"] if invocations else commit  # the code the runs came from
+    later = sorted({i["commit"][:10] for i in invocations} - {commit[:10]})
     claims = table_claims(runs)
     sections: list[str] = []
     figures: dict[str, str] = {}
@@ -577,6 +605,8 @@ def write_report(
     if runs:
         figure_auc(fig_dir / "auc-by-model.png", runs, references)
         figures["auc"] = f"{RESULTS}/auc-by-model.png"
+        figure_valid_curves(fig_dir / "valid-auc-by-epoch.png", runs)
+        figures["curves"] = f"{RESULTS}/valid-auc-by-epoch.png"
 
     complete = [n for n in runs if len(runs[n].auc) == seeds]
     wall_s = float(sum(timing.values()))
@@ -584,7 +614,9 @@ def write_report(
         "models": {n: {"auc": runs[n].auc, "user_auc": runs[n].user_auc} for n in runs},
         "references": {n: {"auc": s.auc, "user_auc": s.user_auc} for n, s in references.items()},
         "command": command,
-        "commit": commit,
+        "commit": commit,  # the code of the first `run`; `invocations` lists every one
+        "invocations": invocations,
+        "report_commit": report_commit,
         "hardware": hardware,
         "wall_s": wall_s,
         "wall_s_by_stage": timing,
@@ -602,8 +634,10 @@ def write_report(
 
     sections.append(
         f"# MARN on MovieLens-100k: the paper's experiments\n\n"
-        f"Generated by `benchmarks/paper_report.py` from the runs of `{command}` at commit `{commit[:10]}` "
-        f"on {hardware}. Grid wall time: {wall_s / 60:.0f} min "
+        f"Generated by `benchmarks/paper_report.py` (commit `{report_commit[:10]}`) from the runs of "
+        f"`{command}` at commit `{commit[:10]}`"
+        + (f" (continued at {', '.join(later)})" if later else "")
+        + f" on {hardware}. Grid wall time: {wall_s / 60:.0f} min "
         f"({', '.join(f'{k} {v / 60:.0f} min' for k, v in timing.items())}).\n"
     )
     sections.append(_setup_text(cfg, dataset, tune_report, seeds, len(complete), len(runs)))
@@ -623,6 +657,12 @@ def write_report(
         + (f"\n\n![test AUC by model]({figures['auc']})" if "auc" in figures else "")
     )
     sections.append("## Table 3 analogue: ablations\n\n" + model_table(runs, TABLE3))
+    if "curves" in figures:
+        sections.append(
+            "## Training budget: validation AUC per epoch\n\nEvery model gets the same epoch cap; a curve "
+            "still rising at the last epoch means that model was stopped by the budget, not by early "
+            f"stopping.\n\n![validation AUC per epoch]({figures['curves']})"
+        )
     if references:
         ours = [n for n in ("din", "dien") if n in runs]
         sections.append(

@@ -115,6 +115,7 @@ def test_report_shows_every_table_and_figure(finished):
         "fig6a-losses.png",
         "fig6b-auc-vs-lambda0.png",
         "auc-by-model.png",
+        "valid-auc-by-epoch.png",
     }
     for figure in figures:
         assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"paper-movielens/{figure.name}" in report

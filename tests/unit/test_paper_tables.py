@@ -85,7 +85,7 @@ def test_welch_matches_a_hand_computation(scripts):
 
 
 def _summary(report, name: str, aucs: list[float]):
-    return report.Summary(name, aucs, aucs, [2] * len(aucs), [1.0] * len(aucs))
+    return report.Summary(name, aucs, aucs, [2] * len(aucs), [1.0] * len(aucs), [2] * len(aucs), [[0.6, 0.7]])
 
 
 def test_claims_follow_the_numbers(scripts):
