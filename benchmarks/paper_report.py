@@ -123,6 +123,13 @@ def welch(a: Sequence[float], b: Sequence[float]) -> dict[str, float]:
     return {"t": float(t), "p_two_sided": float(p_two), "p_one_sided": float(p_one)}
 
 
+def auc_standard_error(auc: float, positives: int, negatives: int) -> float:
+    """Hanley & McNeil (1982): the sampling standard error of an AUC measured on this many samples."""
+    q1, q2 = auc / (2 - auc), 2 * auc**2 / (1 + auc)
+    var = auc * (1 - auc) + (positives - 1) * (q1 - auc**2) + (negatives - 1) * (q2 - auc**2)
+    return math.sqrt(var / (positives * negatives))
+
+
 def _fmt(values: Sequence[float]) -> str:
     return f"{np.mean(values):.4f} ± {np.std(values, ddof=1):.4f}" if len(values) > 1 else f"{values[0]:.4f}"
 
@@ -640,7 +647,13 @@ def write_report(
         + f" on {hardware}. Grid wall time: {wall_s / 60:.0f} min "
         f"({', '.join(f'{k} {v / 60:.0f} min' for k, v in timing.items())}).\n"
     )
-    sections.append(_setup_text(cfg, dataset, tune_report, seeds, len(complete), len(runs)))
+    test_users, typical = 0, 0.85
+    if (marn_dir / METRICS).exists():
+        marn_metrics = json.loads((marn_dir / METRICS).read_text())
+        test_users, typical = marn_metrics["samples"]["test"] // 2, marn_metrics["auc"]
+    sections.append(
+        _setup_text(cfg, dataset, tune_report, seeds, len(complete), len(runs), test_users, typical)
+    )
     sections.append(
         "## The paper's claims on this data\n\n"
         + _table(
@@ -699,7 +712,14 @@ def write_report(
 
 
 def _setup_text(
-    cfg, dataset, tune_report: dict[str, Any] | None, seeds: int, complete: int, total: int
+    cfg,
+    dataset,
+    tune_report: dict[str, Any] | None,
+    seeds: int,
+    complete: int,
+    total: int,
+    test_users: int = 0,
+    typical: float = 0.85,
 ) -> str:
     from marn.data.schema import item_stat_columns
 
@@ -724,5 +744,13 @@ def _setup_text(
         f"{list(m.hidden)}.\n"
         f"- lambda0 = {lam}, chosen by Ray Tune on validation AUC (MARN; every adversarial model uses it).\n"
         f"- {seeds} seeds per model (initialisation and batch order; the split and negatives are fixed); "
-        f"{complete} of {total} models have all {seeds}. t-tests are Welch's over seeds.\n"
+        f"{complete} of {total} models have all {seeds}. t-tests are Welch's over seeds: they say whether a "
+        "model is reliably ahead on this split, not on another sample of users.\n"
+        + (
+            f"- The test split has {test_users} positives and as many negatives; at AUC {typical:.2f} its "
+            f"sampling standard error is about {auc_standard_error(typical, test_users, test_users):.3f} "
+            "(Hanley & McNeil), so differences smaller than that may not carry over to other users.\n"
+            if test_users
+            else ""
+        )
     )

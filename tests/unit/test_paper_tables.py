@@ -140,3 +140,10 @@ def test_popularity_and_cold_tables(scripts):
     markdown, (claim,) = report.cold_markdown(cold)
     assert "| RANDOM (expected) | 20.0% | 100.0% |" in markdown
     assert claim.holds is True and "2 of 2" in claim.here
+
+
+def test_auc_standard_error_matches_hanley_mcneil(scripts):
+    _, report = scripts
+    # Chance AUC with 50 + 50 samples: variance (0.25 + 2 * 49 * (1/3 - 1/4)) / 2500, SE about 0.0580.
+    assert report.auc_standard_error(0.5, 50, 50) == pytest.approx(0.0580, abs=1e-4)
+    assert report.auc_standard_error(0.85, 943, 943) < report.auc_standard_error(0.85, 100, 100)
