@@ -27,6 +27,7 @@ import argparse
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import time
@@ -84,6 +85,8 @@ def tuned_lambda0(dataset: Dataset, cfg: Config, work: Path) -> float:
         )
         with _timed(work, "tune"):
             tune_hyperparameters(dataset, cfg, path.parent)
+        # Ray Tune leaves its own SIGINT handler behind, which would swallow Ctrl+C during the grid.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     report = json.loads(path.read_text())
     if report["search"]["lr_range"][0] != cfg.train.lr or report["search"]["lr_range"][1] != cfg.train.lr:
         raise ValueError(
