@@ -588,7 +588,7 @@ def write_report(
             extras["attention_by_genre"] = {
                 "modalities": modalities,
                 "genres": {
-                    g: dict(zip(modalities, row.round(4).tolist(), strict=True))
+                    g: {m: round(float(v), 4) for m, v in zip(modalities, row, strict=True)}
                     for g, row in zip(genres, matrix, strict=True)
                 },
             }
@@ -598,9 +598,8 @@ def write_report(
             extras["tsne_image_title_mixing"] = mixing
             # DDMA's importance weights w^m = 1 - D0's probability of the true modality: near 0 means D0
             # tells every c^m's modality apart, which also scales L_adv (and its reversed gradient) to ~0.
-            extras["ddma_w_mean"] = dict(
-                zip(modalities, parts.w.mean(0).round(decimals=4).tolist(), strict=True)
-            )
+            w_mean = parts.w.mean(0).tolist()  # (M,)
+            extras["ddma_w_mean"] = {m: round(w, 4) for m, w in zip(modalities, w_mean, strict=True)}
             claims.append(
                 Claim(
                     "Modality-invariant features of image and title overlap; modality-specific ones do not "
