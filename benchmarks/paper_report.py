@@ -134,6 +134,11 @@ def _fmt(values: Sequence[float]) -> str:
     return f"{np.mean(values):.4f} ± {np.std(values, ddof=1):.4f}" if len(values) > 1 else f"{values[0]:.4f}"
 
 
+def _fmt_percent(values: Sequence[float]) -> str:
+    spread = f" ± {100 * np.std(values, ddof=1):.1f}" if len(values) > 1 else ""
+    return f"{100 * np.mean(values):.1f}%{spread}"
+
+
 def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
@@ -311,10 +316,7 @@ def cold_markdown(table: dict[str, Any]) -> tuple[str, list[Claim]]:
         rows.append(
             [
                 LABELS[name],
-                *[
-                    f"{100 * np.mean(r['recall'][n]):.1f}% ± {100 * np.std(r['recall'][n], ddof=1):.1f}"
-                    for n in ns
-                ],
+                *[_fmt_percent(r["recall"][n]) for n in ns],
                 _fmt(r["auc"]),
             ]
         )
@@ -554,7 +556,7 @@ def write_report(
     tune_report = json.loads(tune_path.read_text()) if tune_path.exists() else None
     timing = json.loads((work / "timing.json").read_text()) if (work / "timing.json").exists() else {}
     path = work / "command.json"
-    invocations = json.loads(path.read_text())["invocations"] if path.exists() else []
+    invocations = json.loads(path.read_text()).get("invocations", []) if path.exists() else []
     command = " && ".join(dict.fromkeys(i["command"] for i in invocations))
     report_commit = commit
     commit = invocations[0]["commit"] if invocations else commit  # the code the runs came from
@@ -695,11 +697,14 @@ def write_report(
             f"stopping.\n\n![validation AUC per epoch]({figures['curves']})"
         )
     if references:
-        ours = [n for n in ("din", "dien") if n in runs]
+        ours = [n for n in ("base_ids", "din", "dien") if n in runs]
         sections.append(
             "## Outside references: DeepCTR-Torch on the same split\n\n"
-            "DeepCTR-Torch 0.3.0's DIN and DIEN see the ID fields only (item, genre; MovieLens has "
-            "no brand or shop), with our widths, optimiser, early stopping and seeds.\n\n"
+            "DeepCTR-Torch 0.3.0's DIN and DIEN (AUGRU, auxiliary loss on sampled negatives) see the ID "
+            "fields only (item, genre; MovieLens has no brand or shop), with our widths, optimiser, "
+            "clipping, early stopping and seeds. Their dense layers get our Glorot initialisation: with "
+            "DeepCTR's own (std 1e-4, made for Adam) neither learns under AdaGrad. BaseModel+IDs is ours "
+            "on the same IDs-only inputs; our DIN and DIEN see every modality.\n\n"
             + model_table({**runs, **references}, [*REFERENCES, *ours], paper=False)
         )
     if pop_md:
