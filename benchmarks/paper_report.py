@@ -504,10 +504,11 @@ def figure_valid_curves(path: Path, runs: dict[str, Summary]) -> None:
     """Validation AUC after each epoch (mean over seeds): which models were still improving at the cap."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(8, 5))
-    for name, s in runs.items():
+    colors = plt.cm.tab20(np.linspace(0, 1, 20))  # 17 lines: tab10 would repeat colours
+    for k, (name, s) in enumerate(runs.items()):
         width = max(len(c) for c in s.valid_curves)
         means = [np.mean([c[k] for c in s.valid_curves if len(c) > k]) for k in range(width)]
-        style = {"color": "tab:red", "lw": 2.5} if name == "marn" else {"lw": 1, "alpha": 0.8}
+        style = {"color": "tab:red", "lw": 2.5} if name == "marn" else {"lw": 1, "color": colors[k % 20]}
         ax.plot(range(1, width + 1), means, marker="o", ms=3, label=LABELS[name], **style)
     ax.set_xlabel("epoch")
     ax.set_ylabel("validation AUC (mean over seeds)")
