@@ -16,8 +16,9 @@ from pathlib import Path
 
 from marn.config import load_config
 from marn.data.item_features import build_item_features
+from marn.data.samples import build_samples
 from marn.data.schema import read_dataset
-from marn.data.tensors import ItemCatalog
+from marn.data.tensors import ItemCatalog, fit_statistics
 from marn.models import model_names
 from marn.train import train_model
 
@@ -31,7 +32,9 @@ def run(data: Path, models: list[str], out: Path, epochs: int, batch_size: int |
     dataset = read_dataset(data)
     base = load_config(config)
     catalog = ItemCatalog.from_items(dataset.items)  # the same codes train_model derives
-    features = build_item_features(dataset, catalog, base.features, base.model.stats_buckets)  # once for all
+    samples = build_samples(dataset, base.samples)  # once for all, as the features
+    statistics = fit_statistics(samples.train, base.model.stats_buckets)
+    features = build_item_features(dataset, catalog, base.features, statistics)
     rows = []
     for i, name in enumerate(models, 1):
         train = {"model": name, "epochs": epochs}
@@ -40,7 +43,9 @@ def run(data: Path, models: list[str], out: Path, epochs: int, batch_size: int |
         cfg = load_config(config, {"train": train})
         print(f"[{i}/{len(models)}] {name}: training up to {epochs} epoch(s) on {data}", flush=True)
         started = time.perf_counter()
-        metrics = train_model(dataset, cfg, out / name, show_progress=False, features=features).metrics
+        metrics = train_model(
+            dataset, cfg, out / name, show_progress=False, features=features, samples=samples
+        ).metrics
         history = metrics["history"]
         rows.append(
             {

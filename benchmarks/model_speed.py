@@ -50,7 +50,7 @@ from marn.data.item_features import ItemFeatures, build_item_features
 from marn.data.samples import build_samples
 from marn.data.schema import read_dataset
 from marn.data.synth import synthesize
-from marn.data.tensors import EncodedSamples, ItemCatalog, encode_samples
+from marn.data.tensors import EncodedSamples, ItemCatalog, encode_samples, fit_statistics
 from marn.models.base import CTRModel
 from marn.models.din import DIN
 from marn.models.layers import glorot_init
@@ -382,9 +382,10 @@ def synthetic_data(
         log(f"data: synthesized {users} users x {items} items in {time.perf_counter() - started:.1f} s")
         started = time.perf_counter()
         features_cfg = FeaturesConfig(image="pixels", word_vectors=word_vectors)
-        features = build_item_features(dataset, catalog, features_cfg, ModelConfig().stats_buckets)
+        statistics = fit_statistics(samples.train, ModelConfig().stats_buckets)
+        features = build_item_features(dataset, catalog, features_cfg, statistics)
         log(f"data: item features in {time.perf_counter() - started:.1f} s: {features.shapes}")
-        train = encode_samples(samples.split("train"), catalog, max_history)
+        train = encode_samples(samples.split("train"), catalog, max_history, statistics)
     summary = {
         "users": users,
         "items": items,

@@ -14,9 +14,10 @@ Stages of ``run``, each skipped when its outputs exist (stop it any time and run
    scored once on test (``metrics.json``), and keeps its per-step losses (``curves.json``) and weights
    (``model.pt``). DeepCTR-Torch's DIN and DIEN run last, the same way, as outside references.
 3. **cold**: Table 5 needs items unseen in training, which MovieLens' time split hardly has (3 test
-   items). A share of the items is held out: their samples are dropped from train and valid and they
-   are cut out of train and valid histories; base_ids and MARN are trained on that and ranked on the
-   test users who clicked a held-out item (``WORK/cold/MODEL/seed-K``).
+   items). A share of the items is held out: their samples are dropped from train and valid, they are
+   cut out of train and valid histories, and they are held out of the statistics too (their counts come
+   from their test clicks alone, so before those they are 0, as a new item's are); base_ids and MARN are
+   trained on that and ranked on the test users who clicked a held-out item (``WORK/cold/MODEL/seed-K``).
 
 The test split is read only by ``save_run`` after a run's epochs are chosen on validation.
 """
@@ -36,12 +37,15 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pandas as pd
 import torch
 from paper_report import REFERENCES, TABLE2, TABLE3, write_report
 
 from marn.config import Config, load_config
 from marn.data.schema import Dataset, read_dataset
-from marn.data.tensors import PAD, EncodedSamples
+from marn.data.stats import earliest_time, item_stat_table
+from marn.data.tensors import PAD, EncodedSamples, stat_codes
 from marn.models import build_model, model_names
 from marn.train import METRICS, RunInputs, fit, prepare_inputs, save_run, seed_everything
 from marn.tune import TUNE_FILE, tune_hyperparameters
@@ -126,18 +130,66 @@ def without_items(data: EncodedSamples, held_out: torch.Tensor) -> EncodedSample
     real = torch.arange(width)[None, :] < t["hist_len"][keep][:, None]  # (N', L)
     kept = real & ~torch.isin(hist, held_out)  # (N', L)
     order = torch.argsort((~kept).to(torch.int8), dim=1, stable=True)  # kept columns first, in order
-    tensors = {"item": t["item"][keep], "label": t["label"][keep], "hist_len": kept.sum(1)}
-    for name in ("hist_items", "hist_behavior", "hist_gap"):
-        moved = torch.gather(t[name][keep], 1, order)
-        tensors[name] = torch.where(torch.gather(kept, 1, order), moved, torch.full_like(moved, PAD))
-    return EncodedSamples(data.users[keep.numpy()], tensors)
+    tensors = {
+        "item": t["item"][keep],
+        "item_stats": t["item_stats"][keep],
+        "label": t["label"][keep],
+        "hist_len": kept.sum(1),
+    }
+    rows = torch.arange(len(order))[:, None]  # (N', 1)
+    still = torch.gather(kept, 1, order)  # (N', L) a kept behaviour at this column after the move
+    for name in ("hist_items", "hist_stats", "hist_behavior", "hist_gap"):
+        moved = t[name][keep][rows, order]  # (N', L, ...)
+        mask = still.view(*still.shape, *[1] * (moved.dim() - 2))
+        tensors[name] = torch.where(mask, moved, torch.full_like(moved, PAD))
+    return EncodedSamples(data.users[keep.numpy()], data.times[keep.numpy()], tensors)
 
 
-def cold_inputs(inputs: RunInputs, share: float, seed: int) -> tuple[RunInputs, torch.Tensor]:
-    """Inputs whose train and valid splits never mention the held-out items; test is untouched."""
+def cold_statistics(dataset: Dataset, inputs: RunInputs, held_out: torch.Tensor) -> pd.DataFrame:
+    """The statistic table with the held-out items held out of it: their counts come from the users' test
+    clicks alone (each user's last event, the only events of theirs the experiment keeps), so they are 0
+    until a held-out item's first test click, as a new item's are. Other items' rows are unchanged."""
+    held_ids = set(np.asarray(inputs.catalog.items.values, dtype=object)[held_out.numpy() - 1])
+    events = dataset.events
+    order = events.assign(_row=np.arange(len(events))).sort_values(["user_id", "ts", "_row"], kind="stable")
+    last = np.zeros(len(events), dtype=bool)
+    last[order.groupby("user_id", sort=False).tail(1)["_row"].to_numpy()] = True  # each user's test event
+    kept = events[~events["item_id"].astype(str).isin(held_ids).to_numpy() | last]
+    cold = item_stat_table(replace(dataset, events=kept, item_stats=None), earliest_time(dataset))
+    table = inputs.item_stats
+    return pd.concat(
+        [table[~table["item_id"].isin(held_ids)], cold[cold["item_id"].isin(held_ids)]], ignore_index=True
+    ).sort_values(["item_id", "ts"], kind="stable", ignore_index=True)
+
+
+def with_statistics_of(data: EncodedSamples, items: torch.Tensor, inputs: RunInputs) -> EncodedSamples:
+    """``data`` whose candidates and history entries among ``items`` (codes) read their statistics from
+    ``inputs.item_stats`` as of each sample's time; every other entry is left as it is."""
+    t = dict(data.tensors)
+    ids = np.asarray(("", *inputs.catalog.items.values), dtype=object)  # code -> id
+    statistics = inputs.features.statistics
+    for column, stats in (("item", "item_stats"), ("hist_items", "hist_stats")):
+        codes = t[column]
+        where = torch.isin(codes, items)  # (N,) or (N, L)
+        if column == "hist_items":
+            where &= torch.arange(codes.shape[1])[None, :] < t["hist_len"][:, None]
+        rows = torch.nonzero(where, as_tuple=True)
+        times = data.times[rows[0].numpy()]
+        values = stat_codes(inputs.item_stats, ids[codes[rows].numpy()], times, statistics)
+        t[stats] = t[stats].clone()
+        t[stats][rows] = torch.from_numpy(values)
+    return EncodedSamples(data.users, data.times, t)
+
+
+def cold_inputs(
+    dataset: Dataset, inputs: RunInputs, share: float, seed: int
+) -> tuple[RunInputs, torch.Tensor]:
+    """Inputs whose train and valid splits never mention the held-out items and whose statistics never
+    count their events outside the test clicks; test keeps its samples, with those statistics."""
     held_out = cold_items(len(inputs.catalog.items.values), share, seed)  # len(Vocab) counts PAD too
     train, valid = (without_items(split, held_out) for split in (inputs.train, inputs.valid))
-    return replace(inputs, train=train, valid=valid), held_out
+    cold = replace(inputs, train=train, valid=valid, item_stats=cold_statistics(dataset, inputs, held_out))
+    return replace(cold, test=with_statistics_of(inputs.test, held_out, cold)), held_out
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -269,7 +321,7 @@ def run(args: argparse.Namespace) -> int:
     models = [m for m in paper_models() if not args.models or m in args.models]
     failures = run_experiment("runs", inputs, cfg, models, seeds, work)
     if not args.no_cold:
-        held_inputs, held_out = cold_inputs(inputs, args.cold_share, args.cold_seed)
+        held_inputs, held_out = cold_inputs(dataset, inputs, args.cold_share, args.cold_seed)
         _write_json(
             work / "cold" / "held_out.json",
             {"share": args.cold_share, "seed": args.cold_seed, "items": held_out.tolist()},

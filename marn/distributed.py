@@ -119,7 +119,7 @@ def shard(data: EncodedSamples, rank: int, world_size: int, seed: int) -> Encode
         raise ValueError(f"{len(data)} samples cannot be shared by {world_size} workers")
     order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))
     index = order[: per_rank * world_size][rank::world_size].sort().values
-    return EncodedSamples(data.users[index.numpy()], data.batch(index))
+    return data.subset(index)
 
 
 def write_checkpoint(directory: Path, state: FitState, resumed_from: list[int]) -> None:

@@ -6,7 +6,7 @@ torch is imported only inside the model-driven function, so the metrics stay usa
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from itertools import chain
 from numbers import Integral
 from typing import TYPE_CHECKING, Any
@@ -189,6 +189,7 @@ def unseen_item_recall(
     model: CTRModel,
     test: EncodedSamples,
     unseen_items: torch.Tensor,
+    pool_stats: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     ns: Iterable[int] = (10, 20, 50, 100),
     max_users: int = 1000,
     batch_size: int = 4096,
@@ -201,7 +202,9 @@ def unseen_item_recall(
     pool (one per user under the DIN protocol), at most ``max_users`` of them, spread over the test order
     (the middle one of each of ``max_users`` equal strata). Each user's history is scored against every
     pool item; the rank of the clicked one gives :func:`recall_at_n`. The paper ranks a next-day candidate
-    set of new items; here the pool stands in for it.
+    set of new items; here the pool stands in for it. ``pool_stats(rows (U,), pool (C,))`` gives each pool
+    item's statistic codes (U, C, F, G) as of each user's test time, so a pool item is scored with its own
+    point-in-time statistics, as the clicked one is.
 
     Cost: users x pool forward passes, in batches of ``batch_size`` (user, item) pairs; memory holds the
     (users, pool) float32 scores plus one batch. Returns {"users": U, "eligible": positives before the
@@ -228,6 +231,7 @@ def unseen_item_recall(
     # (U,) the middle row of each of U equal strata of the eligible rows: spread over the whole test order
     rows = eligible[(2 * torch.arange(n_users) + 1) * n_eligible // (2 * n_users)]
     targets = torch.searchsorted(pool, items[rows])  # (U,) columns in the sorted pool
+    stats = pool_stats(rows, pool).flatten(0, 1)  # (U * C, F, G) row-major as the pairs
     scores = torch.empty(n_users * n_pool)  # (U * C,) row-major: pair p = user p // C, item p % C
     first = next(chain(model.parameters(), model.buffers()), None)
     device = first.device if first is not None else torch.device("cpu")
@@ -239,6 +243,7 @@ def unseen_item_recall(
                 pair = torch.arange(start, min(start + batch_size, n_users * n_pool))  # (B,)
                 batch = test.batch(rows[pair // n_pool])  # the user's history, repeated per pool item
                 batch["item"] = pool[pair % n_pool]
+                batch["item_stats"] = stats[pair]
                 batch = {name: t.to(device) for name, t in batch.items()}
                 scores[start : start + len(pair)] = model(batch).logits.float().cpu()  # no sigmoid: ranks
     finally:

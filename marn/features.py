@@ -27,16 +27,16 @@ item_representations  item  item_rep: MARN's rep = s + c (paper 4.9.2)       reg
 ====================  ====  ===============================================  ==============================
 
 Static rows carry the dataset's earliest timestamp and never expire (ttl 0), so every sample finds them;
-the time-varying views expire after ``feast.ttl_days``. Feature services ``marn_v1`` and ``dupn_v1`` (the
+item_stats never expires either (a cumulative count holds until the next snapshot); user_sequences rows
+expire after ``feast.ttl_days``. Feature services ``marn_v1`` and ``dupn_v1`` (the
 two A/B arms) group the views; ``marn_v1`` adds item_representations once they exist.
 
 Point in time: a target at time t is retrieved as of ``t - 1 µs`` (``AS_OF_SHIFT``), so its user_sequences
 row is the newest one stamped before t and its history holds only events strictly before t. Events of the
 user at exactly t (ties with the target) are left out; :func:`marn.data.samples.build_samples` keeps the
-tied events that come earlier in file order instead, so both agree on data without ties per user. The item
-statistics are read as of the same instant: a snapshot stamped exactly t (it counts only events before t)
-is skipped for the one before it, so a target at exactly midnight sees one day less than
-``stats_as_of`` gives it.
+tied events that come earlier in file order instead, so both agree on data without ties per user. The
+statistics of the candidate and of every history item are read from the newest snapshot stamped strictly
+before t, exactly as :func:`marn.data.stats.stats_before` reads them on the local path.
 
 Feast 0.67's dask offline store collapses entity rows that share the first view's join keys and the
 timestamp (feast-dev/feast#6787; a row-id column does not help), and a target's positive and negative share
@@ -67,9 +67,17 @@ import pyarrow.parquet as pq
 import yaml
 
 from marn.config import Config
-from marn.data.samples import SAMPLE_SCHEMA, SPLITS, Samples, concatenated_ranges, sample_targets
-from marn.data.schema import TS, Dataset, item_stat_columns, read_dataset
-from marn.data.stats import STAT_PREFIX, daily_item_stats
+from marn.data.samples import (
+    SAMPLE_SCHEMA,
+    SPLITS,
+    Samples,
+    candidate_stat_columns,
+    concatenated_ranges,
+    history_stat_columns,
+    sample_targets,
+)
+from marn.data.schema import TS, Dataset, read_dataset
+from marn.data.stats import STAT_PREFIX, earliest_time, item_stat_table, stat_names
 from marn.data.text import tokenize_titles
 from marn.embed import IMAGE_EMBEDDINGS, TITLE_EMBEDDINGS
 
@@ -152,7 +160,7 @@ def build_feature_tables(dataset: Dataset, cfg: Config, tables_dir: str | Path) 
         raise ValueError("no events: cannot build feature tables from an empty events table")
     tables_dir = Path(tables_dir)
     tables_dir.mkdir(parents=True, exist_ok=True)
-    static_ts = _earliest_time(dataset)
+    static_ts = earliest_time(dataset)
     tables = {
         USER_SEQUENCES: user_sequences(dataset.events, cfg.samples.max_history),
         ITEM_ATTRIBUTES: _item_attributes(dataset.items, static_ts),
@@ -210,14 +218,6 @@ def user_sequences(events: pd.DataFrame, max_history: int) -> pa.Table:
     )
 
 
-def _earliest_time(dataset: Dataset) -> pd.Timestamp:
-    """The stamp of static rows: no sample is older, so every point-in-time join finds them."""
-    times = [pd.to_datetime(dataset.events["ts"], utc=True).min()]
-    if "first_seen" in dataset.items.columns:
-        times.append(pd.to_datetime(dataset.items["first_seen"], utc=True).min())
-    return min(t for t in times if not pd.isna(t)).as_unit("us")
-
-
 def _static_times(n: int, static_ts: pd.Timestamp) -> pa.Array:
     return pa.array(np.full(n, static_ts.tz_localize(None).to_datetime64()), TS)
 
@@ -247,32 +247,23 @@ def _item_attributes(items: pd.DataFrame, static_ts: pd.Timestamp) -> pa.Table:
 
 
 def _item_stats(dataset: Dataset, static_ts: pd.Timestamp) -> pa.Table:
-    """Daily snapshots (the dataset's item_stats, else counted from events) after a zero row per item at
-    ``static_ts`` (nothing counted yet, as ``stats_as_of`` fills), each with the static numeric columns."""
-    snapshots = dataset.item_stats if dataset.item_stats is not None else daily_item_stats(dataset.events)
-    snapshots = snapshots.assign(ts=pd.to_datetime(snapshots["ts"], utc=True).dt.as_unit("us"))
-    counts = [c for c in snapshots.columns if c.startswith(STAT_PREFIX)]
-    items = dataset.items.drop_duplicates("item_id")
-    static = item_stat_columns(items)
-    clash = sorted(set(static) & {*counts, STATS_TIME})
-    if clash:
-        raise ValueError(f"items.parquet columns {clash} clash with item_stats feature names")
-    zeros = pd.DataFrame({"item_id": items["item_id"].astype(str).to_numpy(), "ts": static_ts})
-    zeros[counts] = 0
-    rows = pd.concat([zeros, snapshots[["item_id", "ts", *counts]]], ignore_index=True)
-    rows["item_id"] = rows["item_id"].astype(str)
-    rows = rows.drop_duplicates(["item_id", "ts"], keep="last")  # a snapshot at static_ts wins over zeros
-    rows = rows.merge(items[["item_id", *static]].astype({"item_id": str}), on="item_id", how="left")
-    rows = rows.sort_values(["item_id", "ts"], kind="stable")
+    """:func:`marn.data.stats.item_stat_table` (a zero row per item at ``static_ts``, then the daily
+    snapshots, with the static numeric columns) as the item_stats view's table."""
+    rows = item_stat_table(dataset, static_ts)
+    if STATS_TIME in rows.columns:
+        raise ValueError(f"items.parquet column {STATS_TIME!r} clashes with the item_stats snapshot time")
     columns: dict[str, pa.Array] = {
         "item_id": pa.array(rows["item_id"], pa.string()),
         TIMESTAMP: pa.array(rows["ts"], TS),
         STATS_TIME: pa.array(rows["ts"], TS),
     }
-    for name in counts:
-        columns[name] = pa.array(rows[name].fillna(0).astype(np.int64), pa.int64())
-    for name in static:
-        columns[name] = pa.array(rows[name].astype(np.float64), pa.float64())  # nullable, one type for all
+    for name in stat_names(rows):
+        if name.startswith(STAT_PREFIX):
+            columns[name] = pa.array(rows[name].astype(np.int64), pa.int64())
+        else:
+            columns[name] = pa.array(
+                rows[name].astype(np.float64), pa.float64()
+            )  # nullable, one type for all
     return pa.table(columns)
 
 
@@ -327,7 +318,9 @@ def feature_definitions(tables_dir: str | Path, cfg: Config) -> list[Any]:
     views = {
         USER_SEQUENCES: _view(tables_dir, USER_SEQUENCES, user, ttl_days, "behaviour history for APGRU/DUPN"),
         ITEM_ATTRIBUTES: _view(tables_dir, ITEM_ATTRIBUTES, item, 0, "ID and title modalities"),
-        ITEM_STATS: _view(tables_dir, ITEM_STATS, item, ttl_days, "statistic modality, point in time"),
+        # Cumulative counts stay true until the next snapshot: no ttl, or an item quiet for ttl_days would
+        # read zeros here and its real counts on the local path and online.
+        ITEM_STATS: _view(tables_dir, ITEM_STATS, item, 0, "statistic modality, point in time"),
     }
     if table_path(tables_dir, ITEM_EMBEDDINGS).exists():
         views[ITEM_EMBEDDINGS] = _view(tables_dir, ITEM_EMBEDDINGS, item, 0, "image and title vectors")
@@ -499,10 +492,11 @@ def samples_from_feature_store(dataset: Dataset, cfg: Config, repo_dir: str | Pa
     """DIN samples whose histories and item statistics come from Feast's point-in-time join.
 
     The targets are :func:`marn.data.samples.sample_targets` (the same positives and seeded negatives as
-    build_samples); each is joined as of ``ts - 1 µs`` with marn_v1's user_sequences and item_stats
-    views (see the module docstring). The splits hold SAMPLE_SCHEMA's columns, then the target item's
-    statistics. Item attributes and vectors are not copied into every sample: the model reads them once
-    per item from its catalogue.
+    build_samples); each is joined as of ``ts - 1 µs`` with marn_v1's user_sequences view, and the
+    candidate and every history item with its item_stats view as of the newest snapshot before ``ts``
+    (see the module docstring). The splits hold SAMPLE_SCHEMA's columns, then ``stat_<name>`` and
+    ``hist_stat_<name>`` as build_samples writes them. Item attributes and vectors are not copied into
+    every sample: the model reads them once per item from its catalogue.
     """
     repo_dir = Path(repo_dir) if repo_dir is not None else default_repo_dir(cfg)
     store = _open_store(repo_dir)
@@ -519,21 +513,76 @@ def samples_from_feature_store(dataset: Dataset, cfg: Config, repo_dir: str | Pa
     # from that row of the view's own table. Joining the lists inside Feast costs ~50x more: dask
     # tokenizes object columns by pickling them, again at every persist.
     rows = _retrieve(store, targets, "user_id", [f"{USER_SEQUENCES}:{SEQUENCE_TIME}"])
-    stats = _retrieve(store, targets, "item_id", refs[ITEM_STATS])
-    log.info("feast: point-in-time join of %d targets in %.2f s", len(targets), time.perf_counter() - started)
-
-    stat_names = [ref.split(":", 1)[1] for ref in refs[ITEM_STATS]]
-    counts = [c for c in stat_names if c.startswith(STAT_PREFIX)]
-    stats[counts] = stats[counts].fillna(0).astype(np.int64)  # no snapshot in reach: nothing counted
     joined = targets.merge(rows, on=["user_id", TIMESTAMP], how="left", validate="many_to_one")
-    joined = joined.merge(stats, on=["item_id", TIMESTAMP], how="left", validate="many_to_one")
     sequences = pq.read_table(store.get_feature_view(USER_SEQUENCES).batch_source.path)
     joined["_sequence_row"] = _row_index(sequences, joined["user_id"], joined[SEQUENCE_TIME])
     tables = {
-        split: _sample_table(joined[joined["split"] == split], sequences, cfg.samples.max_history, stat_names)
+        split: _sample_table(joined[joined["split"] == split], sequences, cfg.samples.max_history)
         for split in SPLITS
     }
+    tables = _with_statistics(
+        store, tables, [r for r in refs[ITEM_STATS] if not r.endswith(f":{STATS_TIME}")]
+    )
+    log.info("feast: point-in-time join of %d targets in %.2f s", len(targets), time.perf_counter() - started)
     return Samples(**tables)
+
+
+def _with_statistics(
+    store: FeatureStore, tables: dict[str, pa.Table], refs: list[str]
+) -> dict[str, pa.Table]:
+    """Append the candidate's and every history item's statistics, from Feast's item_stats view, as of
+    the newest snapshot stamped before each sample's time: one retrieval for all splits."""
+    path = store.get_feature_view(ITEM_STATS).batch_source.path
+    moments = np.unique(pq.read_table(path, columns=[TIMESTAMP]).column(TIMESTAMP).to_numpy())
+    names = [ref.split(":", 1)[1] for ref in refs]
+    parts, items, times = [], [], []
+    for split, table in tables.items():
+        ts = table.column("ts").to_numpy()  # datetime64[us]
+        history = table.column("hist_item_ids").combine_chunks()
+        lengths = pc.list_value_length(history).to_numpy(zero_copy_only=False)
+        parts.append((split, table.num_rows, int(lengths.sum()), np.r_[0, np.cumsum(lengths)]))
+        items += [table.column("item_id").to_numpy(zero_copy_only=False), history.flatten().to_numpy(False)]
+        times += [ts, np.repeat(ts, lengths)]
+    values = _stats_before(store, refs, np.concatenate(items), np.concatenate(times), moments)
+    out, start = {}, 0
+    for split, n, n_history, offsets in parts:
+        candidate, history = values[start : start + n], values[start + n : start + n + n_history]
+        start += n + n_history
+        columns = {
+            **candidate_stat_columns(names, candidate),
+            **history_stat_columns(names, history, offsets),
+        }
+        table = tables[split]
+        for column, array in columns.items():
+            table = table.append_column(column, array)
+        out[split] = table
+    return out
+
+
+def _stats_before(
+    store: FeatureStore, refs: list[str], items: np.ndarray, times: np.ndarray, moments: np.ndarray
+) -> np.ndarray:
+    """(n, F) statistics of each (item, t) from Feast, as of g = the newest snapshot time before t: no
+    snapshot of any item lies in (g, t), so this is the join as of t - 1 µs on far fewer entity rows.
+    Counts with no snapshot in reach are 0, statics NaN (as :func:`marn.data.stats.stats_before`)."""
+    names = [ref.split(":", 1)[1] for ref in refs]
+    counts = [n.startswith(STAT_PREFIX) for n in names]
+    slot = np.searchsorted(moments, times.astype(moments.dtype), side="left") - 1
+    keys = pd.DataFrame({"item_id": items.astype(str), "_slot": slot})
+    distinct = keys[keys["_slot"] >= 0].drop_duplicates(ignore_index=True)
+    out = np.full((len(keys), len(names)), np.nan)
+    out[:, counts] = 0.0
+    if distinct.empty:
+        return out
+    distinct[TIMESTAMP] = (
+        pd.to_datetime(moments[distinct["_slot"].to_numpy()]).tz_localize("UTC").as_unit("ns")
+    )
+    found = _retrieve(store, distinct, "item_id", refs)
+    found = distinct.merge(found, on=["item_id", TIMESTAMP], how="left", validate="one_to_one")
+    values = keys.merge(found.drop(columns=TIMESTAMP), on=["item_id", "_slot"], how="left")
+    out = values[names].to_numpy(dtype=np.float64)
+    out[:, counts] = np.nan_to_num(out[:, counts], nan=0.0)
+    return out
 
 
 def _service_refs(service: FeatureService, views: Sequence[str]) -> dict[str, list[str]]:
@@ -588,9 +637,7 @@ def _tails(lists: pa.ChunkedArray, rows: np.ndarray, keep: int) -> pa.ListArray:
     return pa.ListArray.from_arrays(new_offsets, lists.values.take(pa.array(index, pa.int64())))
 
 
-def _sample_table(
-    rows: pd.DataFrame, sequences: pa.Table, max_history: int, stat_names: list[str]
-) -> pa.Table:
+def _sample_table(rows: pd.DataFrame, sequences: pa.Table, max_history: int) -> pa.Table:
     index = rows["_sequence_row"].to_numpy()
     columns = [
         pa.array(rows["user_id"], pa.string()),
@@ -599,11 +646,7 @@ def _sample_table(
         pa.array(rows["ts"], TS),
         *(_tails(sequences.column(name), index, max_history) for name in HISTORY_COLUMNS),
     ]
-    fields = list(SAMPLE_SCHEMA)
-    for name in stat_names:
-        columns.append(pa.Array.from_pandas(rows[name]))
-        fields.append(pa.field(name, columns[-1].type))
-    return pa.Table.from_arrays(columns, schema=pa.schema(fields))
+    return pa.Table.from_arrays(columns, schema=SAMPLE_SCHEMA)
 
 
 # -- online ------------------------------------------------------------------------------------------------

@@ -8,7 +8,10 @@ Layout (a directory; a bucket or a PVC in the cluster)::
     REGISTRY/<model>/champion.json          {"version": "v0001", ...}: what serving loads
 
 The evaluation gate (:func:`gate`) lets a candidate in only when it beats the champion's test AUC by
-``min_improvement`` (or there is no champion); a registered model becomes the champion at once.
+``min_improvement`` (or there is no champion); a registered model becomes the champion at once. Both AUCs
+are measured on the candidate's test split: the champion's checkpoint is re-scored on it (AUCs of two
+different splits say nothing about which model is better). When the champion cannot be scored there, the
+gate refuses and says why.
 """
 
 from __future__ import annotations
@@ -73,19 +76,38 @@ def versions(registry_dir: str | Path, model: str) -> list[str]:
 
 
 def gate(
-    candidate_metrics: dict[str, Any], current: RegisteredModel | None, min_improvement: float
+    candidate_metrics: dict[str, Any],
+    current: RegisteredModel | None,
+    min_improvement: float,
+    champion_metrics: dict[str, Any] | None = None,
+    unscored_because: str | None = None,
 ) -> GateDecision:
-    """Register only a model that beats the champion's test AUC by at least ``min_improvement``."""
+    """Register only a model that beats the champion's test AUC by at least ``min_improvement``.
+
+    ``champion_metrics``: the champion re-scored on the candidate's test split; without them (the champion
+    could not be scored there, ``unscored_because`` says why) the gate refuses: the champion's own stored
+    AUC comes from another split and is no basis for a comparison.
+    """
     auc = float(candidate_metrics["auc"])
     if current is None:
         return GateDecision(True, auc, "no champion yet")
-    best = float(current.metrics["auc"])
+    if champion_metrics is None:
+        return GateDecision(
+            False,
+            auc,
+            f"champion {current.version} could not be scored on the candidate's test split "
+            f"({unscored_because or 'no re-scored metrics given'}); refusing to compare AUCs of different "
+            f"splits. Retrain the champion on this data or retire it ({current.path.parent / CHAMPION})",
+            None,
+            current.version,
+        )
+    best = float(champion_metrics["auc"])
     passed = auc >= best + min_improvement if min_improvement > 0 else auc > best
     verdict = "beats" if passed else "does not beat"
     return GateDecision(
         passed,
         auc,
-        f"candidate AUC {auc:.4f} {verdict} champion {current.version} AUC {best:.4f}"
+        f"candidate AUC {auc:.4f} {verdict} champion {current.version} AUC {best:.4f} on the same test split"
         + (f" by the required {min_improvement:.4f}" if min_improvement > 0 else ""),
         best,
         current.version,

@@ -124,19 +124,35 @@ def with_params(cfg: Config, model: str, params: dict[str, float]) -> Config:
 
 
 def evaluate_stage(run_dir: Path, samples_dir: Path, cfg: Config) -> dict[str, Any]:
-    """Score the checkpoint artifact on the test split (not the trainer's numbers) and gate it."""
+    """Score the checkpoint artifact on the test split (not the trainer's numbers), re-score the champion
+    on the same split, and gate the one against the other."""
     from marn.data.samples import read_samples
-    from marn.data.tensors import encode_samples
+
+    test = read_samples(samples_dir).test
+    metrics = score_checkpoint(run_dir / "model.pt", test)
+    current = champion(registry_dir(cfg), metrics["model"])
+    champion_metrics, why = None, None
+    if current is not None:
+        try:
+            champion_metrics = score_checkpoint(current.checkpoint, test)
+        except (OSError, ValueError, KeyError, RuntimeError) as err:  # an old format, other statistics ...
+            why = f"{type(err).__name__}: {err}"
+    decision = gate(metrics, current, cfg.pipeline.min_improvement, champion_metrics, why)
+    out: dict[str, Any] = {"metrics": metrics, "gate": _without_none(asdict(decision))}
+    if champion_metrics is not None:
+        out["champion_metrics"] = champion_metrics
+    return out
+
+
+def score_checkpoint(checkpoint: Path, samples: Any) -> dict[str, Any]:
+    """CTR metrics of a saved model on sample rows (a test split), encoded the way that model reads them."""
     from marn.evaluate import ctr_metrics
     from marn.train import load_trained, predict
 
-    trained = load_trained(run_dir / "model.pt")
-    max_history = trained.config["samples"]["max_history"]
-    test = encode_samples(read_samples(samples_dir).test, trained.catalog, max_history)
-    metrics = ctr_metrics(test.users, test.tensors["label"].numpy(), predict(trained.model, test))
-    metrics["model"] = trained.name
-    decision = gate(metrics, champion(registry_dir(cfg), trained.name), cfg.pipeline.min_improvement)
-    return {"metrics": metrics, "gate": _without_none(asdict(decision))}
+    trained = load_trained(checkpoint)
+    data = trained.encode(samples)
+    metrics = ctr_metrics(data.users, data.tensors["label"].numpy(), predict(trained.model, data))
+    return {**metrics, "model": trained.name}
 
 
 def register_stage(run_dir: Path, data_dir: Path, evaluation: dict[str, Any], cfg: Config) -> dict[str, Any]:
@@ -154,7 +170,9 @@ def register_stage(run_dir: Path, data_dir: Path, evaluation: dict[str, Any], cf
 
 
 def publish_item_representations(checkpoint: Path, cfg: Config) -> int:
-    """rep = s + c for every catalogue item, written to the Feast view the MARN scorer reads online."""
+    """The time-invariant part of rep = s + c ([s_rest; c_rest], every modality but the statistics) for
+    every catalogue item, written to the Feast view the MARN scorer reads online; the scorer adds each
+    item's current statistics at request time (``MARN.represent_from_static``)."""
     from datetime import UTC, datetime
 
     import torch
@@ -167,7 +185,7 @@ def publish_item_representations(checkpoint: Path, cfg: Config) -> int:
     item_ids = list(trained.catalog.items.values)  # item_ids[i] has code i + 1; code 0 is padding
     codes = torch.arange(1, len(item_ids) + 1)
     with torch.no_grad():
-        reps = torch.cat([model.represent(chunk) for chunk in codes.split(1024)])  # (n_items, D)
+        reps = torch.cat([model.static_parts(chunk) for chunk in codes.split(1024)])  # (n_items, 2D)
     write_item_representations(
         work_path(cfg, cfg.feast.repo_dir, "feast"),
         item_ids,

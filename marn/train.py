@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
+import pyarrow as pa
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
@@ -25,7 +27,8 @@ from marn.config import Config, ModelConfig, TrainConfig
 from marn.data.item_features import ItemFeatures, build_item_features
 from marn.data.samples import Samples, build_samples
 from marn.data.schema import Dataset
-from marn.data.tensors import EncodedSamples, ItemCatalog, encode_samples
+from marn.data.stats import StatDiscretizer, earliest_time, item_stat_table
+from marn.data.tensors import EncodedSamples, ItemCatalog, encode_samples, fit_statistics, stat_codes
 from marn.evaluate import auc_by_popularity, ctr_metrics, training_item_counts, unseen_item_recall
 from marn.models import CTRModel, build_model
 
@@ -93,13 +96,15 @@ class TrainResult:
 
 @dataclass(frozen=True)
 class RunInputs:
-    """What one training run needs besides the model: the catalogue, item features and encoded splits."""
+    """What one training run needs besides the model: the catalogue, item features, encoded splits and
+    the point-in-time statistic table (to score items a sample does not carry: Table 5's pool)."""
 
     catalog: ItemCatalog
     features: ItemFeatures
     train: EncodedSamples
     valid: EncodedSamples
     test: EncodedSamples
+    item_stats: pd.DataFrame  # marn.data.stats.item_stat_table of the dataset
 
 
 def seed_everything(seed: int) -> None:
@@ -232,7 +237,8 @@ def train_model(
     """DIN samples -> fit -> test metrics; writes ``model.pt`` and ``metrics.json`` into ``out_dir``.
 
     ``features``: item features built beforehand with :func:`build_item_features` for this dataset's
-    catalogue (a comparison of many models builds them once); None builds them from ``cfg.features``.
+    catalogue and these samples' training split (a comparison of many models builds them once); None
+    builds them from ``cfg.features``.
     ``samples``: prebuilt DIN samples (the pipeline's come from Feast); None builds them from ``dataset``.
     """
     out_dir = Path(out_dir)
@@ -248,18 +254,21 @@ def train_model(
 def prepare_inputs(
     dataset: Dataset, cfg: Config, samples: Samples | None = None, features: ItemFeatures | None = None
 ) -> RunInputs:
-    """Samples (built unless given), catalogue, item features (built unless given) and encoded splits."""
+    """Samples (built unless given), catalogue, item features (built unless given, the statistics'
+    buckets fitted on the training split) and encoded splits."""
     if samples is None:
         samples = build_samples(dataset, cfg.samples)
     catalog = ItemCatalog.from_items(dataset.items)
     if features is None:
-        features = build_item_features(dataset, catalog, cfg.features, cfg.model.stats_buckets)
+        statistics = fit_statistics(samples.train, cfg.model.stats_buckets)
+        features = build_item_features(dataset, catalog, cfg.features, statistics)
     elif features.n_items != len(catalog.items):
         raise ValueError(f"features cover {features.n_items} item codes, the catalogue {len(catalog.items)}")
     train, valid, test = (
-        encode_samples(samples.split(s), catalog, cfg.samples.max_history) for s in ("train", "valid", "test")
+        encode_samples(samples.split(s), catalog, cfg.samples.max_history, features.statistics)
+        for s in ("train", "valid", "test")
     )
-    return RunInputs(catalog, features, train, valid, test)
+    return RunInputs(catalog, features, train, valid, test, item_stat_table(dataset, earliest_time(dataset)))
 
 
 def save_run(
@@ -285,7 +294,7 @@ def save_run(
     test_scores = predict(model, test)  # click probabilities, one per test sample
     metrics: dict[str, Any] = {
         **ctr_metrics(test.users, test.tensors["label"].numpy(), test_scores),
-        **item_slices(model, train, test, test_scores, len(inputs.catalog.items)),
+        **item_slices(model, inputs, test_scores),
         "model": cfg.train.model,
         "best_epoch": best.epoch,
         "epochs_run": len(history),
@@ -311,7 +320,7 @@ def save_run(
             "model": cfg.train.model,
             "state_dict": best_state,
             "catalog": inputs.catalog.to_dict(),
-            "features": inputs.features.to_dict(),
+            "features": inputs.features.to_dict(),  # with the statistics' bucket boundaries
             "config": cfg.model_dump(mode="json"),
         },
         checkpoint,
@@ -321,15 +330,15 @@ def save_run(
     return TrainResult(metrics, checkpoint, metrics_path)
 
 
-def item_slices(
-    model: CTRModel, train: EncodedSamples, test: EncodedSamples, test_scores: np.ndarray, n_items: int
-) -> dict[str, Any]:
+def item_slices(model: CTRModel, inputs: RunInputs, test_scores: np.ndarray) -> dict[str, Any]:
     """Paper Table 4 (AUC by item-popularity level) and Table 5 (recall@N of items unseen in training).
 
     Popularity counts the training positives only (each training event once); "unseen" means absent from
     the whole training log as the model saw it (candidates and histories). The recall pool is the test
-    items never seen in training, standing in for the paper's next-day candidate set.
+    items never seen in training, standing in for the paper's next-day candidate set; each pool item is
+    scored with its own statistics as of the user's test time.
     """
+    train, test, n_items = inputs.train, inputs.test, len(inputs.catalog.items)
     labels, items = test.tensors["label"].numpy(), test.tensors["item"].numpy()
     popularity = training_item_counts(train, n_items, histories=False)
     seen = training_item_counts(train, n_items)
@@ -337,31 +346,53 @@ def item_slices(
     unseen = torch.from_numpy(test_items[seen[test_items] == 0])
     return {
         "auc_by_popularity": auc_by_popularity(items, labels, test_scores, popularity),
-        "unseen_recall": unseen_item_recall(model, test, unseen),
+        "unseen_recall": unseen_item_recall(model, test, unseen, pool_statistics(inputs)),
     }
+
+
+def pool_statistics(inputs: RunInputs) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """``(rows (U,), pool (C,)) -> (U, C, F, G)`` codes of each pool item as of each test row's time."""
+    item_ids = np.asarray(("", *inputs.catalog.items.values), dtype=object)  # code -> id; PAD -> ""
+
+    def lookup(rows: torch.Tensor, pool: torch.Tensor) -> torch.Tensor:
+        times = np.repeat(inputs.test.times[rows.numpy()], len(pool))
+        ids = np.tile(item_ids[pool.numpy()], len(rows))
+        codes = stat_codes(inputs.item_stats, ids, times, inputs.features.statistics)  # (U * C, F, G)
+        return torch.from_numpy(codes).view(len(rows), len(pool), *codes.shape[1:])
+
+    return lookup
 
 
 @dataclass(frozen=True)
 class TrainedModel:
-    """Everything ``model.pt`` holds, rebuilt: the model (eval mode), its item catalogue and run config."""
+    """Everything ``model.pt`` holds, rebuilt: the model (eval mode), its item catalogue, the statistics'
+    bucket boundaries it was trained with and the run config."""
 
     name: str
     model: CTRModel
     catalog: ItemCatalog
+    statistics: StatDiscretizer
     config: dict[str, Any]
+
+    def encode(self, samples: pa.Table) -> EncodedSamples:
+        """Sample rows as this model reads them: its catalogue, history length and statistic buckets."""
+        return encode_samples(samples, self.catalog, self.config["samples"]["max_history"], self.statistics)
 
 
 def load_trained(path: str | Path) -> TrainedModel:
     saved = torch.load(path, map_location="cpu", weights_only=True)
     catalog = ItemCatalog.from_dict(saved["catalog"])
+    if "statistics" not in saved["features"]:
+        raise ValueError(
+            f"{path}: a checkpoint from before point-in-time statistics (its statistic inputs leaked the "
+            "future); retrain it"
+        )
+    features = ItemFeatures.from_dict(saved["features"])
     model = build_model(
-        saved["model"],
-        catalog,
-        ItemFeatures.from_dict(saved["features"]),
-        ModelConfig.model_validate(saved["config"]["model"]),
+        saved["model"], catalog, features, ModelConfig.model_validate(saved["config"]["model"])
     )
     model.load_state_dict(saved["state_dict"])
-    return TrainedModel(saved["model"], model.eval(), catalog, saved["config"])
+    return TrainedModel(saved["model"], model.eval(), catalog, features.statistics, saved["config"])
 
 
 def load_checkpoint(path: str | Path) -> tuple[CTRModel, dict[str, Any]]:

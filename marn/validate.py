@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Collection
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -33,6 +34,8 @@ import pyarrow.parquet as pq
 from marn.config import ValidateConfig
 from marn.data import schema
 from marn.data.stats import STAT_PREFIX
+
+log = logging.getLogger(__name__)
 
 # A helper column added to the events frame: True where item_id is known to items (or null, which the
 # not-null expectation reports), computed with one hash lookup per distinct id. GX then checks one boolean
@@ -165,7 +168,7 @@ def validate_dataset(
     usable: dict[str, set[str]] = {}  # per table: columns present with the right type
 
     for table in (schema.EVENTS, schema.ITEMS, schema.USERS, schema.ITEM_STATS):
-        loaded = _load(data_dir, table, failures)
+        loaded = _load(data_dir, table, failures, _derivable(table, usable))
         if loaded is not None:
             frames[table], usable[table] = loaded
 
@@ -186,8 +189,21 @@ def validate_dataset(
 # --- structure ------------------------------------------------------------------------------------------
 
 
-def _load(data_dir: Path, table: str, failures: list[Failure]) -> tuple[pd.DataFrame, set[str]] | None:
-    """Read one table and check its columns' presence and types; None when it is absent or unreadable."""
+def _derivable(table: str, usable: dict[str, set[str]]) -> set[str]:
+    """Required columns that ``table`` may lack because :func:`marn.data.schema.read_dataset` derives them:
+    items.first_seen, from events with a usable item_id and ts (events are loaded first). The derived
+    values are the events' own ts, which the events suite checks, so nothing more is checked for them."""
+    if table == schema.ITEMS and {"item_id", "ts"} <= usable.get(schema.EVENTS, set()):
+        return {schema.FIRST_SEEN}
+    return set()
+
+
+def _load(
+    data_dir: Path, table: str, failures: list[Failure], derivable: Collection[str] = ()
+) -> tuple[pd.DataFrame, set[str]] | None:
+    """Read one table and check its columns' presence and types; None when it is absent or unreadable.
+
+    A missing column in ``derivable`` is no failure (see :func:`_derivable`)."""
     path = data_dir / schema.TABLE_FILES[table]
     if not path.exists():
         if table in schema.REQUIRED_TABLES:
@@ -209,16 +225,13 @@ def _load(data_dir: Path, table: str, failures: list[Failure]) -> tuple[pd.DataF
     usable = set(df.columns)
     for column, kind in expected.items():
         if column not in arrow_schema.names:
-            failures.append(
-                Failure(
-                    table,
-                    column,
-                    "expect_column_to_exist",
-                    0,
-                    len(df),
-                    message=f"required column missing; have {arrow_schema.names}",
-                )
-            )
+            if column in derivable:
+                log.info("%s.%s is absent: read_dataset derives it from events.parquet", table, column)
+                continue
+            message = f"required column missing; have {arrow_schema.names}"
+            if table == schema.ITEMS and column == schema.FIRST_SEEN:
+                message += "; it cannot be derived either: events.parquet has no usable item_id and ts"
+            failures.append(Failure(table, column, "expect_column_to_exist", 0, len(df), message=message))
             continue
         arrow_type = arrow_schema.field(column).type
         if not _type_ok(arrow_type, kind):
@@ -428,11 +441,12 @@ def _build_suites(
             checks.append(unique("item_id"))
         # every static statistic of an item is a magnitude (price, runtime, counts); nulls are allowed
         checks += [non_negative(c) for c in _stat_columns(items) if c in ok]
-        if "first_seen" in ok:
+        # a source's own first_seen; a derived one (column absent here) is the events' ts, checked above
+        if schema.FIRST_SEEN in ok:
             checks.append(
                 _Check(
-                    gxe.ExpectColumnValuesToBeBetween(column="first_seen", max_value=latest),
-                    "first_seen",
+                    gxe.ExpectColumnValuesToBeBetween(column=schema.FIRST_SEEN, max_value=latest),
+                    schema.FIRST_SEEN,
                     "expect_column_values_to_be_between",
                     future,
                 )

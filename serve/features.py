@@ -1,8 +1,9 @@
 """Feast online lookups for the scorers: a user's latest behaviour sequence and the items' rows.
 
-Items change slowly (attributes, image vectors, MARN's precomputed representations), so their rows are
-kept for ``item_cache_s`` seconds; a request after warm-up reads only its user's sequence from Feast.
-Unknown users and items come back empty, never as errors (cold start).
+Items change slowly (attributes, image vectors, MARN's precomputed representations, and the statistics,
+which the pipeline snapshots daily), so their rows are kept for ``item_cache_s`` seconds; a request after
+warm-up reads only its user's sequence from Feast. Unknown users and items come back empty, never as
+errors (cold start).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from marn.features import (
     ITEM_ATTRIBUTES,
     ITEM_EMBEDDINGS,
     ITEM_REPRESENTATIONS,
+    ITEM_STATS,
     REP_COLUMN,
     USER_SEQUENCES,
 )
@@ -29,6 +31,7 @@ ITEM_FEATURES = (  # what a scorer needs of an item; views that are absent (no e
     (ITEM_ATTRIBUTES, ("category_id", "brand_id", "shop_id")),
     (ITEM_EMBEDDINGS, ("image_embedding",)),
     (ITEM_REPRESENTATIONS, (REP_COLUMN,)),
+    (ITEM_STATS, None),  # every statistic the view serves: the newest snapshot, as of now
 )
 
 
@@ -53,11 +56,11 @@ class FeatureFetcher:
         self.store = FeatureStore(repo_path=str(repo_dir))
         views = {view.name: view for view in self.store.list_feature_views()}
         self.item_refs = [
-            f"{view}:{name}"
+            f"{view}:{feature.name}"
             for view, names in ITEM_FEATURES
             if view in views
-            for name in names
-            if name in {f.name for f in views[view].features}
+            for feature in views[view].features
+            if names is None or feature.name in names
         ]
         self.has_representations = ITEM_REPRESENTATIONS in views
         self.item_cache_s = item_cache_s

@@ -1,9 +1,14 @@
 """One A/B arm's scorer, without Ray: a registered model plus Feast lookups -> click probabilities.
 
-MARN (paper 4.9.2): item representations rep = s + c depend on the item alone, so registration writes them
-to Feast and the online path runs only APGRU, candidate attention and the prediction MLP, with the GRU run
-once per user rather than once per candidate. Other models (the DUPN baseline) run their full forward on
-the request expanded to one row per candidate.
+Statistics: every item of a request (candidate or history) is read with its newest statistic snapshot
+from Feast's online store, the same item_stats rows the offline samples were joined with, and bucketed
+with the boundaries the model was trained with. An item Feast does not know has zero counts.
+
+MARN (paper 4.9.2): rep = s + c splits exactly into a part of every modality but the statistics, which
+registration precomputes into Feast, and the statistics' part, added here from the item's current counts
+(``MARN.represent_from_static``); the online path then runs only APGRU, candidate attention and the
+prediction MLP, with the GRU run once per user rather than once per candidate. Other models (the DUPN
+baseline) run their full forward on the request expanded to one row per candidate.
 
 Cold start: an unknown user has an empty history. An item the model never saw gets its known features
 from Feast (category, brand, shop, image vector) and defaults for the rest; an item Feast does not know
@@ -21,9 +26,10 @@ import numpy as np
 import torch
 
 from marn.data.schema import BEHAVIORS
+from marn.data.stats import STAT_PREFIX
 from marn.data.tensors import PAD, Vocab, gap_buckets
 from marn.features import REP_COLUMN
-from marn.models.layers import ItemModalities
+from marn.models.layers import ItemModalities, ItemStates
 from marn.models.marn import MARN
 from marn.train import load_trained
 from serve.features import EMPTY_HISTORY, FeatureFetcher, UserHistory
@@ -54,6 +60,7 @@ class ArmScorer:
     ):
         trained = load_trained(checkpoint)
         self.name, self.model, self.catalog = trained.name, trained.model, trained.catalog
+        self.statistics = trained.statistics
         self.fetcher, self.max_history, self.max_cold_items = fetcher, max_history, max_cold_items
         self.behaviors = Vocab(BEHAVIORS)
         self._cold: dict[str, int] = {}  # item id the model never saw -> code added by ItemModalities.extend
@@ -74,16 +81,18 @@ class ArmScorer:
         codes = self.item_codes(
             [i for r, h in zip(requests, histories, strict=True) for i in (*r.candidates, *h.items)]
         )
+        stats = self.item_stats(codes)
         if self.uses_representations:
-            logits = self._score_from_representations(requests, histories, codes, now_us)
+            logits = self._score_from_representations(requests, histories, codes, stats, now_us)
         elif hasattr(self.model, "score_users"):  # a sequence run once per user (DUPN)
-            candidates = torch.tensor([codes[i] for r in requests for i in r.candidates], dtype=torch.long)
             counts = torch.tensor([len(r.candidates) for r in requests])
             logits = self.model.score_users(
-                self._history_tensors(histories, codes, now_us), candidates, counts
+                self._history_tensors(histories, codes, stats, now_us),
+                self._states([i for r in requests for i in r.candidates], codes, stats),
+                counts,
             )
         else:
-            logits = self.model(self.expanded_batch(requests, histories, codes, now_us)).logits
+            logits = self.model(self.expanded_batch(requests, histories, codes, stats, now_us)).logits
         probabilities = torch.sigmoid(logits).tolist()
         out, start = [], 0
         for r in requests:
@@ -117,15 +126,42 @@ class ArmScorer:
         requests: Sequence[ScoreRequest],
         histories: Sequence[UserHistory],
         codes: dict[str, int],
+        stats: dict[str, np.ndarray],
         now_us: int,
     ) -> dict[str, torch.Tensor]:
         """One row per candidate, the user's history repeated: the tensors ``encode_samples`` makes."""
-        history = self._history_tensors(histories, codes, now_us)
+        history = self._history_tensors(histories, codes, stats, now_us)
         counts = torch.tensor([len(r.candidates) for r in requests])
         rows = torch.repeat_interleave(torch.arange(len(requests)), counts)
         batch = {name: t[rows] for name, t in history.items()}
-        batch["item"] = torch.tensor([codes[i] for r in requests for i in r.candidates], dtype=torch.long)
+        candidates = self._states([i for r in requests for i in r.candidates], codes, stats)
+        batch["item"], batch["item_stats"] = candidates.items, candidates.stats
         return batch
+
+    def item_stats(self, item_ids: Sequence[str]) -> dict[str, np.ndarray]:
+        """Item id -> (F, G) bucket codes of its newest statistics in Feast's online store, in the model's
+        statistic order; an item without a row has zero counts and missing static values, as offline."""
+        rows = self.fetcher.items(list(item_ids))
+        names = self.statistics.names
+        values = np.full((len(item_ids), len(names)), np.nan)
+        for k, item in enumerate(item_ids):
+            row = rows[item]
+            for j, name in enumerate(names):
+                value = row.get(name)
+                if value is None and name.startswith(STAT_PREFIX):
+                    value = 0.0  # nothing counted yet
+                if value is not None:
+                    values[k, j] = float(value)
+        codes = self.statistics.transform(values)  # (K, F, G)
+        return dict(zip(item_ids, codes, strict=True))
+
+    def _states(
+        self, item_ids: Sequence[str], codes: dict[str, int], stats: dict[str, np.ndarray]
+    ) -> ItemStates:
+        items = torch.tensor([codes[i] for i in item_ids], dtype=torch.long)
+        shape = (len(item_ids), self.statistics.n_stats, len(self.statistics.buckets))
+        values = np.stack([stats[i] for i in item_ids]) if item_ids else np.zeros(shape, dtype=np.int16)
+        return ItemStates(items, torch.from_numpy(values))
 
     # -- internals -------------------------------------------------------------------------------------
 
@@ -134,10 +170,11 @@ class ArmScorer:
         requests: Sequence[ScoreRequest],
         histories: Sequence[UserHistory],
         codes: dict[str, int],
+        stats: dict[str, np.ndarray],
         now_us: int,
     ) -> torch.Tensor:
-        reps = self._representations(codes)  # item id -> (D,)
-        tensors = self._history_tensors(histories, codes, now_us)
+        reps = self._representations(codes, stats)  # item id -> (D,)
+        tensors = self._history_tensors(histories, codes, stats, now_us)
         dim = self.model.cfg.rep_dim
         history = torch.zeros(len(requests), tensors["hist_items"].shape[1], dim)  # (R, L, D)
         for row, h in enumerate(histories):
@@ -149,29 +186,42 @@ class ArmScorer:
             history, tensors["hist_behavior"], tensors["hist_gap"], tensors["hist_len"], candidates, counts
         )
 
-    def _representations(self, codes: dict[str, int]) -> dict[str, torch.Tensor]:
-        """rep per item: Feast's precomputed vector; computed here only for items Feast has none for."""
+    def _representations(
+        self, codes: dict[str, int], stats: dict[str, np.ndarray]
+    ) -> dict[str, torch.Tensor]:
+        """rep per item: Feast's precomputed time-invariant part (computed here only for items Feast has
+        none for) plus the part of the item's current statistics."""
         rows = self.fetcher.items(list(codes))
-        reps: dict[str, torch.Tensor] = {}
+        static: dict[str, torch.Tensor] = {}
         missing = []
         for item, code in codes.items():
             vector = rows[item].get(REP_COLUMN)
             if vector is not None and code != PAD and item not in self._cold:
-                reps[item] = torch.from_numpy(np.asarray(vector, dtype=np.float32))
+                static[item] = torch.from_numpy(np.asarray(vector, dtype=np.float32))
             else:
                 missing.append(item)
         if missing:  # cold and padding items: their representation from known features and defaults
-            computed = self.model.represent(torch.tensor([codes[i] for i in missing], dtype=torch.long))
-            reps.update(zip(missing, computed, strict=True))
-        return reps
+            computed = self.model.static_parts(torch.tensor([codes[i] for i in missing], dtype=torch.long))
+            static.update(zip(missing, computed, strict=True))
+        items = list(codes)
+        reps = self.model.represent_from_static(
+            torch.stack([static[i] for i in items]), self._states(items, codes, stats)
+        )  # (K, D)
+        return dict(zip(items, reps, strict=True))
 
     def _history_tensors(
-        self, histories: Sequence[UserHistory], codes: dict[str, int], now_us: int
+        self,
+        histories: Sequence[UserHistory],
+        codes: dict[str, int],
+        stats: dict[str, np.ndarray],
+        now_us: int,
     ) -> dict[str, torch.Tensor]:
-        """Left-aligned (R, L) item, behaviour and time-gap codes and (R,) lengths; the newest kept."""
+        """Left-aligned (R, L) item, behaviour and time-gap codes, (R, L, F, G) statistic codes and (R,)
+        lengths; the newest kept."""
         width = max([min(len(h.items), self.max_history) for h in histories] + [1])
         items = np.zeros((len(histories), width), dtype=np.int64)
         behaviors, gaps = np.zeros_like(items), np.zeros_like(items)
+        item_stats = np.zeros((*items.shape, self.statistics.n_stats, len(self.statistics.buckets)), np.int16)
         lengths = np.zeros(len(histories), dtype=np.int64)
         for row, h in enumerate(histories):
             keep = slice(max(len(h.items) - self.max_history, 0), None)
@@ -181,11 +231,13 @@ class ArmScorer:
             if n == 0:
                 continue
             items[row, :n] = [codes[i] for i in kept]
+            item_stats[row, :n] = [stats[i] for i in kept]
             behaviors[row, :n] = self.behaviors.encode(h.behaviors[keep])
             if h.ts_us is not None:
                 gaps[row, :n] = gap_buckets(np.full(n, now_us), np.asarray(h.ts_us[keep]))
         return {
             "hist_items": torch.from_numpy(items),
+            "hist_stats": torch.from_numpy(item_stats),
             "hist_behavior": torch.from_numpy(behaviors),
             "hist_gap": torch.from_numpy(gaps),
             "hist_len": torch.from_numpy(lengths),
@@ -244,7 +296,7 @@ class ArmScorer:
                 "the pipeline)"
             )
         with torch.no_grad():
-            expected = self.model.represent(torch.arange(1, len(sample) + 1))
+            expected = self.model.static_parts(torch.arange(1, len(sample) + 1))
         gap = float((torch.from_numpy(np.stack(stored)) - expected).abs().max())
         if gap > REP_CHECK_TOLERANCE:
             raise RuntimeError(

@@ -10,14 +10,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import pytest
+import torch
 
 from marn.config import FeaturesConfig, ModelConfig, load_config
 from marn.data.item_features import ItemFeatures, build_item_features
 from marn.data.samples import build_samples
 from marn.data.schema import read_dataset
+from marn.data.stats import earliest_time, item_stat_table
 from marn.data.synth import synthesize
-from marn.data.tensors import EncodedSamples, ItemCatalog, encode_samples
+from marn.data.tensors import EncodedSamples, ItemCatalog, encode_samples, fit_statistics
+from marn.models.layers import ItemStates
 
 # /work/main/tests/conftest.py -> /work/shared: the shared folder sits beside the repository checkout.
 _DEFAULT_SHARED = Path(__file__).resolve().parents[2] / "shared"
@@ -45,6 +49,7 @@ class TinyWorld:
     model_cfg: ModelConfig
     train: EncodedSamples
     valid: EncodedSamples
+    item_stats: pd.DataFrame  # marn.data.stats.item_stat_table: point-in-time statistics of any item
 
 
 # Small widths so every model trains in well under a second per step on two cores.
@@ -71,10 +76,26 @@ def tiny_world(tmp_path_factory: pytest.TempPathFactory) -> TinyWorld:
     catalog = ItemCatalog.from_items(dataset.items)
     features_cfg = FeaturesConfig(image="pixels", image_pixels=4, word_vectors=str(glove), title_len=8)
     model_cfg = ModelConfig.model_validate(TINY_MODEL)
-    features = build_item_features(dataset, catalog, features_cfg, model_cfg.stats_buckets)
     samples = build_samples(dataset, cfg.samples)
-    train, valid = (encode_samples(samples.split(s), catalog, 12) for s in ("train", "valid"))
-    return TinyWorld(catalog, features, model_cfg, train, valid)
+    statistics = fit_statistics(samples.train, model_cfg.stats_buckets)
+    features = build_item_features(dataset, catalog, features_cfg, statistics)
+    train, valid = (encode_samples(samples.split(s), catalog, 12, statistics) for s in ("train", "valid"))
+    item_stats = item_stat_table(dataset, earliest_time(dataset))
+    return TinyWorld(catalog, features, model_cfg, train, valid, item_stats)
+
+
+def item_states(features: ItemFeatures, codes: torch.Tensor, seed: int = 0) -> ItemStates:
+    """Items with random (valid) statistic codes: what a batch's distinct item states look like."""
+    generator = torch.Generator().manual_seed(seed)
+    statistics = features.statistics
+    stats = torch.stack(
+        [
+            torch.randint(0, b + 1, (len(codes), statistics.n_stats), generator=generator)
+            for b in statistics.buckets
+        ],
+        dim=-1,
+    )  # (U, F, G)
+    return ItemStates(codes, stats.to(torch.int16))
 
 
 # A whole-pipeline world small enough for a test: every stage runs, each in seconds.

@@ -16,7 +16,8 @@ from pathlib import Path
 import pandas as pd
 
 from marn.data.files import open_binary
-from marn.data.schema import EVENTS, ITEM_STATS, ITEMS, USERS, write_table
+from marn.data.schema import EVENTS, ITEM_STATS, ITEMS, USERS, with_first_seen, write_table
+from marn.data.schema import first_seen as first_seen  # re-exported: it moved to schema for read_dataset
 from marn.data.stats import daily_item_stats
 
 
@@ -88,11 +89,6 @@ def unix_to_utc(seconds: pd.Series) -> pd.Series:
     return pd.to_datetime(seconds.astype("int64"), unit="s", utc=True).dt.as_unit("us")
 
 
-def first_seen(events: pd.DataFrame) -> pd.Series:
-    """Each item's first event time, indexed by item_id: the first moment the platform knew the item."""
-    return events.groupby("item_id", sort=False)["ts"].min()
-
-
 def local_image_uri(path: Path | None, out: Path) -> str | None:
     """The canonical image_uri of an existing local file, else None.
 
@@ -113,6 +109,8 @@ def finish_import(
 ) -> ImportSummary:
     """Check referential integrity, then write events, items, users (if any) and item_stats into ``out``.
 
+    Items without ``first_seen`` get it derived from ``events`` (:func:`marn.data.schema.with_first_seen`).
+
     item_stats is :func:`marn.data.stats.daily_item_stats` of ``events``: each snapshot counts strictly
     earlier events only. Raises ValueError when an event references an unknown item (or user, when a
     users table is given) or when ids repeat in items/users.
@@ -128,7 +126,7 @@ def finish_import(
         if len(unknown):
             raise ValueError(f"{len(unknown)} event user(s) missing from users, e.g. {list(unknown[:5])}")
     write_table(out, EVENTS, events)
-    write_table(out, ITEMS, items)
+    write_table(out, ITEMS, with_first_seen(items, events))
     if users is not None:
         write_table(out, USERS, users)
     write_table(out, ITEM_STATS, daily_item_stats(events))

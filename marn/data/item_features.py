@@ -4,13 +4,10 @@
   embed stage wrote one (VGG16 fc7, 4096-d, in the paper; any dimension works); otherwise the raw pixels
   of a small thumbnail, which is cheap and keeps colour and coarse shape.
 - title: token codes of the first ``title_len`` words, plus the frozen word vectors they index.
-- stats: multi-granularity discretisation (after AutoCross, the paper's [37]): each numeric statistic
-  becomes a 10-bucket and a 100-bucket code by the item's quantile rank ("according to the number of
-  items"); 0 means missing.
-
-Statistics are the items' static numeric columns plus behaviour counts over the *training log*: every
-event except each user's last two, which are the validation and test targets of the DIN protocol. Counting
-those would leak the held-out clicks into the candidate's popularity.
+- stats: not a per-item table. Statistics change over time, so every sample carries its items' values as
+  of its own time (:mod:`marn.data.stats`, :func:`marn.data.samples.build_samples`); what belongs to the
+  model is the :class:`~marn.data.stats.StatDiscretizer` fitted on the training split, kept here so it
+  is saved and loaded with the rest of the item inputs.
 """
 
 from __future__ import annotations
@@ -27,14 +24,14 @@ import torch
 from PIL import Image
 
 from marn.config import FeaturesConfig
-from marn.data.schema import BEHAVIORS, Dataset, item_stat_columns, resolve_image_uri
+from marn.data.schema import Dataset, resolve_image_uri
+from marn.data.stats import StatDiscretizer
 from marn.data.tensors import ItemCatalog
 from marn.data.text import build_title_vocabulary, encode_titles, load_word_vectors
 
 log = logging.getLogger(__name__)
 
 IMAGE_EMBEDDINGS = "image_embeddings.parquet"  # item_id (str), embedding (list<float>)
-HELD_OUT_PER_USER = 2  # the DIN protocol's validation and test targets
 
 
 @dataclass(frozen=True)
@@ -44,16 +41,12 @@ class ItemFeatures:
     image: np.ndarray  # (n_items + 1, D_img) float32
     title: np.ndarray  # (n_items + 1, H) int64 title-vocabulary codes
     word_vectors: np.ndarray  # (V, D_word) float32, frozen; row 0 = PAD zeros
-    stats: np.ndarray  # (n_items + 1, F, 2) int64 bucket codes, 0 = missing
-    stat_names: tuple[str, ...]  # the F statistics, in column order
+    statistics: StatDiscretizer  # the F statistics and their bucket boundaries (training split)
     image_source: str  # "embeddings" or "pixels:<side>"
 
     def __post_init__(self) -> None:
-        n = self.image.shape[0]
-        if self.title.shape[0] != n or self.stats.shape[0] != n:
+        if self.title.shape[0] != self.image.shape[0]:
             raise ValueError(f"item feature tables disagree on the item count: {self.shapes}")
-        if self.stats.shape[1] != len(self.stat_names):
-            raise ValueError(f"{self.stats.shape[1]} stat columns but {len(self.stat_names)} names")
 
     @property
     def n_items(self) -> int:
@@ -61,7 +54,7 @@ class ItemFeatures:
 
     @property
     def shapes(self) -> dict[str, tuple[int, ...]]:
-        names = ("image", "title", "word_vectors", "stats")
+        names = ("image", "title", "word_vectors")
         return {name: tuple(getattr(self, name).shape) for name in names}
 
     def to_dict(self) -> dict[str, Any]:
@@ -70,8 +63,7 @@ class ItemFeatures:
             "image": torch.from_numpy(self.image),
             "title": torch.from_numpy(self.title),
             "word_vectors": torch.from_numpy(self.word_vectors),
-            "stats": torch.from_numpy(self.stats),
-            "stat_names": list(self.stat_names),
+            "statistics": self.statistics.to_dict(),
             "image_source": self.image_source,
         }
 
@@ -81,54 +73,22 @@ class ItemFeatures:
             image=data["image"].numpy(),
             title=data["title"].numpy(),
             word_vectors=data["word_vectors"].numpy(),
-            stats=data["stats"].numpy(),
-            stat_names=tuple(data["stat_names"]),
+            statistics=StatDiscretizer.from_dict(data["statistics"]),
             image_source=str(data["image_source"]),
         )
 
 
 def build_item_features(
-    dataset: Dataset, catalog: ItemCatalog, cfg: FeaturesConfig, stats_buckets: tuple[int, int] = (10, 100)
+    dataset: Dataset, catalog: ItemCatalog, cfg: FeaturesConfig, statistics: StatDiscretizer
 ) -> ItemFeatures:
+    """Image and title inputs per item code; ``statistics`` from
+    :func:`marn.data.tensors.fit_statistics` on the training samples."""
     items = dataset.items.drop_duplicates("item_id").reset_index(drop=True)
     codes = catalog.items.encode(items["item_id"].astype(str).tolist())  # (n,) row of each item
     n_rows = len(catalog.items)
     image, image_source = _image_matrix(dataset, items, codes, n_rows, cfg)
     title, word_vectors = _title_codes(items, codes, n_rows, cfg)
-    values, stat_names = _stat_values(dataset, items)
-    stats = np.zeros((n_rows, len(stat_names), 2), dtype=np.int64)
-    for j in range(len(stat_names)):
-        for g, buckets in enumerate(stats_buckets):
-            stats[codes, j, g] = discretize(values[:, j], buckets)
-    return ItemFeatures(image, title, word_vectors, stats, tuple(stat_names), image_source)
-
-
-def discretize(values: np.ndarray, buckets: int) -> np.ndarray:
-    """Codes 1..buckets by quantile rank among the items that have a value (ties share a code); 0 = NaN."""
-    values = np.asarray(values, dtype=np.float64)
-    out = np.zeros(len(values), dtype=np.int64)
-    present = ~np.isnan(values)
-    if present.any():
-        rank = pd.Series(values[present]).rank(method="average", pct=True).to_numpy()  # (0, 1]
-        out[present] = 1 + np.minimum((rank * buckets).astype(np.int64), buckets - 1)
-    return out
-
-
-def _stat_values(dataset: Dataset, items: pd.DataFrame) -> tuple[np.ndarray, list[str]]:
-    static = item_stat_columns(items)
-    events = dataset.events[["user_id", "item_id", "behavior", "ts"]]
-    ordered = events.sort_values(["user_id", "ts"], kind="stable")
-    from_end = ordered.groupby("user_id", sort=False).cumcount(ascending=False)  # 0 = the user's last event
-    log_events = ordered[from_end.to_numpy() >= HELD_OUT_PER_USER]
-    counts = pd.crosstab(log_events["item_id"].astype(str), log_events["behavior"])
-    behaviors = [b for b in BEHAVIORS if b in counts.columns]
-    counts = counts.reindex(items["item_id"].astype(str)).fillna(0.0)
-    columns = {f"n_{b}": counts[b].to_numpy(dtype=np.float64) for b in behaviors}
-    columns["n_events"] = counts[behaviors].sum(axis=1).to_numpy(dtype=np.float64)
-    for name in static:
-        columns[name] = pd.to_numeric(items[name], errors="coerce").to_numpy(dtype=np.float64)
-    names = list(columns)
-    return np.stack([columns[c] for c in names], axis=1), names
+    return ItemFeatures(image, title, word_vectors, statistics, image_source)
 
 
 def _title_codes(

@@ -12,9 +12,12 @@ history with an item the user never interacted with (at any time), drawn uniform
 a seeded generator. Histories keep the newest ``max_history`` behaviours before the target.
 
 Samples are arrow tables (histories are list columns; pandas would hold one Python object per entry):
-user_id, item_id, label, ts, hist_item_ids, hist_behaviors, hist_ts. Samples retrieved from Feast
-(:func:`marn.features.samples_from_feature_store`) carry the target item's point-in-time statistics as
-extra columns after these; :func:`marn.data.tensors.encode_samples` ignores extra columns.
+user_id, item_id, label, ts, hist_item_ids, hist_behaviors, hist_ts, then the point-in-time statistics
+(:mod:`marn.data.stats`): ``stat_<name>`` for the candidate and ``hist_stat_<name>`` (one value per
+history position) for every statistic, each read from the newest snapshot stamped strictly before the
+sample's time. A negative gets its item's statistics as of its positive's time; history items get theirs as
+of the sample's time too, as serving reads every item's current statistics at request time.
+:func:`marn.features.samples_from_feature_store` builds the same columns through Feast's point-in-time join.
 """
 
 from __future__ import annotations
@@ -29,8 +32,12 @@ import pyarrow.parquet as pq
 
 from marn.config import SamplesConfig
 from marn.data.schema import TS, Dataset
+from marn.data.stats import earliest_time, item_stat_table, stat_names, stats_before
 
 SPLITS = ("train", "valid", "test")
+
+STAT_COLUMN = "stat_{}"  # the candidate's value of a statistic, as of the sample's time
+HIST_STAT_COLUMN = "hist_stat_{}"  # the same statistic of every history item, as of the sample's time
 
 SAMPLE_SCHEMA = pa.schema(
     [
@@ -58,13 +65,41 @@ class Samples:
 
 
 def build_samples(dataset: Dataset, cfg: SamplesConfig) -> Samples:
-    """Turn canonical events into DIN train/valid/test samples with sampled negatives."""
+    """Turn canonical events into DIN train/valid/test samples with sampled negatives and point-in-time
+    statistics computed from the dataset's snapshots (:func:`marn.data.stats.item_stat_table`)."""
     protocol = _protocol(dataset, cfg)
     seq = protocol.sequences
+    stats = item_stat_table(dataset, earliest_time(dataset))
     tables = {}
     for split, (rows, user_start, negatives) in protocol.targets.items():
-        tables[split] = _split_table(rows, user_start, negatives, seq, cfg)
+        tables[split] = _split_table(rows, user_start, negatives, seq, cfg, stats)
     return Samples(**tables)
+
+
+def sample_stat_names(table: pa.Table) -> list[str]:
+    """The statistics a sample table carries, in column order."""
+    prefix = STAT_COLUMN.format("")
+    return [name[len(prefix) :] for name in table.column_names if name.startswith(prefix)]
+
+
+def candidate_stat_columns(names: list[str], values: np.ndarray) -> dict[str, pa.Array]:
+    """``stat_<name>`` columns from (N, F) values in ``names`` order (NaN -> null)."""
+    return {
+        STAT_COLUMN.format(name): pa.array(values[:, j], pa.float64(), from_pandas=True)
+        for j, name in enumerate(names)
+    }
+
+
+def history_stat_columns(names: list[str], values: np.ndarray, offsets: np.ndarray) -> dict[str, pa.Array]:
+    """``hist_stat_<name>`` list columns from (sum of history lengths, F) values, row r's history being
+    ``values[offsets[r]:offsets[r + 1]]``."""
+    arrow_offsets = pa.array(np.asarray(offsets, dtype=np.int32))
+    return {
+        HIST_STAT_COLUMN.format(name): pa.ListArray.from_arrays(
+            arrow_offsets, pa.array(values[:, j], pa.float64(), from_pandas=True)
+        )
+        for j, name in enumerate(names)
+    }
 
 
 def sample_targets(dataset: Dataset, cfg: SamplesConfig) -> pd.DataFrame:
@@ -236,8 +271,10 @@ def _split_table(
     negatives: np.ndarray,
     seq: _Sequences,
     cfg: SamplesConfig,
+    stats: pd.DataFrame,
 ) -> pa.Table:
-    """Positive then negative for each target row, both with the same history."""
+    """Positive then negative for each target row, both with the same history; statistics as of the
+    target's time (``stats``: :func:`marn.data.stats.item_stat_table`)."""
     hist_start = np.maximum(user_start, rows - cfg.max_history)
     hist_len = rows - hist_start
     offsets = np.r_[0, np.cumsum(hist_len)].astype(np.int32)
@@ -257,4 +294,13 @@ def _split_table(
         history(seq.behaviors, pa.string()).take(take),
         history(seq.ts, TS).take(take),
     ]
-    return pa.Table.from_arrays(columns, schema=SAMPLE_SCHEMA)
+    table = pa.Table.from_arrays(columns, schema=SAMPLE_SCHEMA)
+    names = stat_names(stats)
+    target_ts = seq.ts[rows]
+    history = stats_before(stats, seq.items[hist_idx], np.repeat(target_ts, hist_len))  # per target
+    columns = candidate_stat_columns(names, stats_before(stats, candidate, target_ts[pair]))  # per sample
+    for column, values in history_stat_columns(names, history, offsets).items():
+        columns[column] = values.take(take)  # a positive and its negative share the history
+    for column, values in columns.items():
+        table = table.append_column(column, values)
+    return table

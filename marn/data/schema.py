@@ -12,10 +12,15 @@ A dataset directory holds:
 
 ``image_uri`` is a path; a relative one is resolved against the dataset directory, so a synthetic dataset
 can be moved as a whole, while an importer may point at media it must not copy (absolute paths).
+
+``items.first_seen`` is required, but a source may lack it: :func:`write_dataset` and :func:`read_dataset`
+then derive it from the events (:func:`with_first_seen`: each item's first event, null for an item without
+events). :func:`conform` alone has no events and rejects items without it.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +37,10 @@ REQUIRED_TABLES = (EVENTS, ITEMS)
 BEHAVIORS = ("click", "cart", "purchase", "rating", "review")
 
 TS = pa.timestamp("us", tz="UTC")
+
+FIRST_SEEN = "first_seen"  # items column derived from events when a source lacks it (with_first_seen)
+
+log = logging.getLogger(__name__)
 
 EVENTS_SCHEMA = pa.schema(
     [
@@ -51,7 +60,7 @@ ITEMS_SCHEMA = pa.schema(
         pa.field("shop_id", pa.string()),
         pa.field("title", pa.string()),
         pa.field("image_uri", pa.string()),
-        pa.field("first_seen", TS),
+        pa.field(FIRST_SEEN, TS),
     ]
 )
 
@@ -102,7 +111,13 @@ def conform(table: str, df: pd.DataFrame) -> pa.Table:
     schema = REQUIRED_SCHEMAS[table]
     missing = [name for name in schema.names if name not in df.columns]
     if missing:
-        raise SchemaError(f"{table}: missing required column(s) {missing}; have {list(df.columns)}")
+        message = f"{table}: missing required column(s) {missing}; have {list(df.columns)}"
+        if table == ITEMS and FIRST_SEEN in missing:
+            message += (
+                f"; {FIRST_SEEN} needs the events: write_dataset and read_dataset derive it from them "
+                "(each item's first event ts) when items lack it"
+            )
+        raise SchemaError(message)
     fields = list(schema)
     if table == EVENTS and "label" in df.columns:
         fields.append(EVENTS_LABEL)
@@ -131,6 +146,36 @@ def _canonical_values(series: pd.Series, arrow_type: pa.DataType):
     return series
 
 
+def first_seen(events: pd.DataFrame) -> pd.Series:
+    """Each item's first event time, indexed by item_id: the first moment the platform knew the item."""
+    return events.groupby("item_id", sort=False, observed=True)["ts"].min()
+
+
+def with_first_seen(items: pd.DataFrame, events: pd.DataFrame) -> pd.DataFrame:
+    """``items`` as it is when it has ``first_seen``, else a copy with ``first_seen`` derived from ``events``.
+
+    The derived value is the item's earliest event ``ts`` (UTC, microseconds, as the contract stores it);
+    an item without events gets NaT. Ids are matched in their canonical (string) form.
+    """
+    if FIRST_SEEN in items.columns:
+        return items
+    ts = events["ts"]
+    if not pd.api.types.is_datetime64_any_dtype(ts):  # e.g. ISO text with offsets: compare instants
+        ts = pd.to_datetime(ts, utc=True)
+    seen = first_seen(pd.DataFrame({"item_id": events["item_id"], "ts": ts}))  # one row per distinct id
+    seen.index = pd.Index(_canonical_values(seen.index.to_series(), pa.string()))
+    seen = _canonical_values(seen.groupby(level=0).min(), TS)  # ids equal as strings (1 and "1") merge
+    keys = _canonical_values(items["item_id"], pa.string())
+    derived = keys.map(seen).astype(seen.dtype)
+    log.info(
+        "items.%s derived from events (each item's first event): %d of %d items have events",
+        FIRST_SEEN,
+        int(derived.notna().sum()),
+        len(items),
+    )
+    return items.assign(**{FIRST_SEEN: derived})
+
+
 def write_table(data_dir: str | Path, table: str, df: pd.DataFrame) -> Path:
     """Write one canonical table into ``data_dir`` (created if needed)."""
     data_dir = Path(data_dir)
@@ -141,8 +186,10 @@ def write_table(data_dir: str | Path, table: str, df: pd.DataFrame) -> Path:
 
 
 def write_dataset(data_dir: str | Path, dataset: Dataset) -> None:
+    """Write every table the dataset holds; items without ``first_seen`` get it derived from the events."""
+    items = with_first_seen(dataset.items, dataset.events)
     for table in (EVENTS, ITEMS, USERS, ITEM_STATS):
-        df = getattr(dataset, table)
+        df = items if table == ITEMS else getattr(dataset, table)
         if df is not None:
             write_table(data_dir, table, df)
 
@@ -158,7 +205,9 @@ def read_table(data_dir: str | Path, table: str) -> pd.DataFrame | None:
 
 
 def read_dataset(data_dir: str | Path) -> Dataset:
+    """Read a dataset directory; items without ``first_seen`` get it derived from the events."""
     tables = {table: read_table(data_dir, table) for table in (EVENTS, ITEMS, USERS, ITEM_STATS)}
+    tables[ITEMS] = with_first_seen(tables[ITEMS], tables[EVENTS])
     return Dataset(**tables, root=Path(data_dir))
 
 

@@ -57,6 +57,7 @@ from marn.models.layers import (
     BehaviorProperty,
     CandidateAttention,
     ItemModalities,
+    distinct_states,
     recent_window,
     run_gru,
     sequence_mask,
@@ -138,11 +139,17 @@ class DIEN(CTRModel):
         self, batch: dict[str, torch.Tensor], negatives: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Candidate (B, E), history (B, L, E) and negatives' (B, L - 1, E) item vectors, each distinct
-        item encoded once."""
-        columns = [batch["item"][:, None], batch["hist_items"]]
+        item state encoded once.
+
+        A sampled negative stands against the next clicked item and takes that item's statistics: the
+        batch holds no point-in-time statistics of arbitrary items, and equal statistics keep the auxiliary
+        task from being solved by popularity alone."""
+        items = [batch["item"][:, None], batch["hist_items"]]
+        stats = [batch["item_stats"][:, None], batch["hist_stats"]]
         if negatives is not None:
-            columns.append(negatives)
-        unique, inverse = torch.unique(torch.cat(columns, dim=1), return_inverse=True)
+            items.append(negatives)
+            stats.append(batch["hist_stats"][:, 1:])  # (B, L - 1, F, G)
+        unique, inverse = distinct_states(torch.cat(items, dim=1), torch.cat(stats, dim=1))
         rows = self.embedding(unique).flatten(1)[inverse]  # (U, M, D) -> (U, E) -> (B, 1 + L [+ L - 1], E)
         width = batch["hist_items"].shape[1]
         negative = rows[:, 1 + width :] if negatives is not None else None

@@ -47,6 +47,7 @@ from marn.models.layers import (
     MODALITIES,
     CandidateAttention,
     ItemModalities,
+    ItemStates,
     batch_items,
     gather_items,
     run_gru,
@@ -97,8 +98,8 @@ class FusionCTRModel(CTRModel):
         super().__init__(catalog, features, cfg)
         self.embedding = ItemModalities(catalog, features, cfg, modalities)  # paper 3.1.1, as MARN
 
-    def represent(self, items: torch.Tensor) -> torch.Tensor:
-        """(U,) item codes -> (U, D) item representations."""
+    def represent(self, states: ItemStates) -> torch.Tensor:
+        """U item states -> (U, D) item representations."""
         raise NotImplementedError
 
     def forward(self, batch: dict[str, torch.Tensor], progress: float = 1.0) -> ModelOutput:
@@ -153,5 +154,5 @@ class DMF(FusionCTRModel):
         self.fusion = DenseMultimodalFusion(self.embedding.n_modalities, cfg.modality_dim, cfg.rep_dim, depth)
         self.user = GRUAttentionUser(cfg.rep_dim, cfg)
 
-    def represent(self, items: torch.Tensor) -> torch.Tensor:
-        return self.fusion(self.embedding(items))[-1]  # (U, M, D_e) -> (U, D) top shared layer
+    def represent(self, states: ItemStates) -> torch.Tensor:
+        return self.fusion(self.embedding(states))[-1]  # (U, M, D_e) -> (U, D) top shared layer

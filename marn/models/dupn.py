@@ -49,7 +49,9 @@ from marn.models.layers import (
     MODALITIES,
     BehaviorProperty,
     ItemModalities,
+    ItemStates,
     batch_items,
+    distinct_states,
     gather_items,
     masked_softmax,
     recent_window,
@@ -155,15 +157,17 @@ class DUPN(CTRModel):
 
     @torch.no_grad()
     def score_users(
-        self, histories: dict[str, torch.Tensor], candidates: torch.Tensor, counts: torch.Tensor
+        self, histories: dict[str, torch.Tensor], candidates: ItemStates, counts: torch.Tensor
     ) -> torch.Tensor:
-        """Serving: R users' histories (hist_items, hist_behavior, hist_gap (R, L), hist_len (R,)) and N
-        candidate codes grouped by user (counts (R,) = C_r) -> logits (N,). The LSTM runs once per user
-        rather than once per candidate; the result equals ``forward`` on the batch expanded to N rows."""
+        """Serving: R users' histories (hist_items, hist_behavior, hist_gap (R, L), hist_stats (R, L, F, G),
+        hist_len (R,)) and N candidate states grouped by user (counts (R,) = C_r) -> logits (N,). The LSTM
+        runs once per user rather than once per candidate; the result equals ``forward`` on the batch
+        expanded to N rows."""
         histories = recent_window(histories)
         n, (r, steps) = len(candidates), histories["hist_items"].shape
-        unique, inverse = torch.unique(
-            torch.cat([candidates, histories["hist_items"].flatten()]), return_inverse=True
+        unique, inverse = distinct_states(
+            torch.cat([candidates.items, histories["hist_items"].flatten()]),
+            torch.cat([candidates.stats, histories["hist_stats"].flatten(0, 1)]),
         )
         vectors = self.embedding(unique).flatten(1)  # (U, E)
         candidate = vectors[inverse[:n]]  # (N, E)

@@ -1,13 +1,15 @@
 """Layers shared by MARN and the baselines.
 
 Notation used in every shape comment of ``marn/models``:
-B batch, L history length, U unique items in a batch, M modalities, D a model width,
-H title tokens, F item statistics, P behaviour-property width.
+B batch, L history length, U distinct item states in a batch (an item with its statistics as of the
+sample's time), M modalities, D a model width, H title tokens, F item statistics, G their granularities,
+P behaviour-property width.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +18,7 @@ from torch import nn
 from marn.config import ModelConfig
 from marn.data.item_features import ItemFeatures
 from marn.data.schema import BEHAVIORS
+from marn.data.stats import StatDiscretizer
 from marn.data.tensors import GAP_BUCKETS, ItemCatalog
 
 MODALITIES = ("ids", "image", "title", "stats")  # paper 3.1.1, in the paper's order
@@ -151,12 +154,38 @@ class TitleCNN(nn.Module):
         return torch.cat(pooled, dim=1)  # (U, filters * windows)
 
 
+def stat_code_offsets(statistics: StatDiscretizer) -> tuple[torch.Tensor, int]:
+    """Rows of one shared table for every statistic and granularity: code k of (stat j, granularity g) is
+    row offsets[j, g] + k, each granularity with its own 0 (missing). Returns offsets (F, G) and the rows
+    per statistic."""
+    per_granularity = torch.tensor([b + 1 for b in statistics.buckets], dtype=torch.long)  # (G,) codes 0..b
+    starts = torch.cumsum(per_granularity, 0) - per_granularity
+    per_stat = int(per_granularity.sum())
+    return torch.arange(statistics.n_stats)[:, None] * per_stat + starts, per_stat
+
+
+@dataclass(frozen=True)
+class ItemStates:
+    """Items as a model sees them: item codes and their statistics' bucket codes as of the sample's time.
+
+    The same item is a different state on a different day (its counts moved), so everything computed per
+    item is computed per state.
+    """
+
+    items: torch.Tensor  # (U,) item codes, PAD = 0
+    stats: torch.Tensor  # (U, F, G) bucket codes (marn.data.stats.StatDiscretizer), 0 = missing
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
 class ItemModalities(nn.Module):
-    """Paper 3.1.1: item codes -> one ``modality_dim`` vector e^m per modality.
+    """Paper 3.1.1: item states -> one ``modality_dim`` vector e^m per modality.
 
     IDs: item, category, brand, shop embeddings concatenated (Eq. 1). Image: the pre-extracted vector.
-    Title: Kim CNN over frozen word vectors. Statistics: two bucket embeddings per statistic. Each is
-    then projected linearly to the common size, as the paper does before S_m and I.
+    Title: Kim CNN over frozen word vectors. Statistics: one embedding per statistic and granularity of
+    the state's point-in-time bucket codes. Each is then projected linearly to the common size, as the
+    paper does before S_m and I.
     """
 
     def __init__(
@@ -174,11 +203,9 @@ class ItemModalities(nn.Module):
         self.register_buffer("attributes", torch.as_tensor(catalog.attributes), persistent=False)
         self.register_buffer("image", torch.as_tensor(features.image), persistent=False)
         self.register_buffer("title", torch.as_tensor(features.title), persistent=False)
-        stats = torch.as_tensor(features.stats)  # (n, F, 2) codes, 0 = missing
-        fine_offset = cfg.stats_buckets[0] + 1
-        per_stat = fine_offset + cfg.stats_buckets[1] + 1  # codes of both granularities, each with 0
-        offsets = torch.arange(stats.shape[1])[:, None] * per_stat + torch.tensor([0, fine_offset])
-        self.register_buffer("stats", stats + offsets, persistent=False)  # one shared table, offset codes
+        statistics = features.statistics
+        offsets, per_stat = stat_code_offsets(statistics)
+        self.register_buffer("stat_offsets", offsets, persistent=False)  # (F, G)
 
         d = cfg.modality_dim
         self.id_tables = nn.ModuleList(
@@ -201,17 +228,18 @@ class ItemModalities(nn.Module):
             self.title_cnn = TitleCNN(words, cfg.title_windows, cfg.title_filters)
             self.project["title"] = nn.Linear(self.title_cnn.out_dim, d)
         if "stats" in self.modalities:
-            n_stats = max(stats.shape[1], 1)
+            n_stats = max(statistics.n_stats, 1)
             self.stat_table = nn.Embedding(n_stats * per_stat, cfg.stats_dim)
-            self.project["stats"] = nn.Linear(2 * n_stats * cfg.stats_dim, d)
+            self.project["stats"] = nn.Linear(n_stats * len(statistics.buckets) * cfg.stats_dim, d)
         self.dim = d
 
     @property
     def n_modalities(self) -> int:
         return len(self.modalities)
 
-    def raw(self, items: torch.Tensor, modality: str) -> torch.Tensor:
-        """(U,) item codes -> (U, D_m) the modality's embedding before projection."""
+    def raw(self, states: ItemStates, modality: str) -> torch.Tensor:
+        """U item states -> (U, D_m) the modality's embedding before projection."""
+        items = states.items
         if modality == "ids":
             own = torch.where(
                 items < self.id_tables[0].num_embeddings, items, 0
@@ -223,18 +251,19 @@ class ItemModalities(nn.Module):
         if modality == "title":
             return self.title_cnn(self.title[items])
         if modality == "stats":
-            stats = self.stats[items]  # (U, F, 2)
-            if stats.shape[1] == 0:  # a dataset without statistics: one all-zero slot keeps shapes fixed
+            if self.stat_offsets.shape[0] == 0:  # a dataset without statistics: one all-zero slot
                 return torch.zeros(len(items), self.project["stats"].in_features, device=items.device)
-            return self.stat_table(stats).flatten(1)  # (U, F * 2 * stats_dim)
+            codes = states.stats.long() + self.stat_offsets  # (U, F, G)
+            return self.stat_table(codes).flatten(1)  # (U, F * G * stats_dim)
         raise ValueError(f"unknown modality {modality!r}")
 
     def extend(self, attributes: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
         """Add items the model never saw (serving cold start) from the features that are known for them.
 
         attributes (K, 3) category, brand and shop codes (PAD when unknown), image (K, D_img) vectors
-        (zeros when unknown); their title and statistics stay missing and their own ID embedding is PAD's.
-        Returns the K new codes, usable wherever item codes are.
+        (zeros when unknown); their title stays missing and their own ID embedding is PAD's (statistics
+        are not the item's but its state's: they come with each request). Returns the K new codes, usable
+        wherever item codes are.
         """
         if attributes.shape != (len(image), 3) or image.shape[1:] != self.image.shape[1:]:
             raise ValueError(
@@ -245,14 +274,13 @@ class ItemModalities(nn.Module):
         self.attributes = torch.cat([self.attributes, attributes.to(self.attributes)])
         self.image = torch.cat([self.image, image.to(self.image)])
         self.title = torch.cat([self.title, self.title.new_zeros((k, *self.title.shape[1:]))])
-        self.stats = torch.cat(
-            [self.stats, self.stats[:1].expand(k, *self.stats.shape[1:])]
-        )  # row 0: missing
         return torch.arange(start, start + k, device=self.attributes.device)
 
-    def forward(self, items: torch.Tensor) -> torch.Tensor:
-        """(U,) item codes -> (U, M, D) projected modality embeddings e^m."""
-        return torch.stack([self.project[m](self.raw(items, m)) for m in self.modalities], dim=1)
+    def forward(self, states: ItemStates, modalities: Sequence[str] | None = None) -> torch.Tensor:
+        """U item states -> (U, M, D) projected modality embeddings e^m (of ``modalities`` only, in their
+        order, when given)."""
+        chosen = self.modalities if modalities is None else modalities
+        return torch.stack([self.project[m](self.raw(states, m)) for m in chosen], dim=1)
 
 
 class BehaviorProperty(nn.Module):
@@ -268,7 +296,7 @@ class BehaviorProperty(nn.Module):
         return torch.cat([self.kind(behavior), self.gap(gap)], dim=-1)
 
 
-HISTORY = ("hist_items", "hist_behavior", "hist_gap")
+HISTORY = ("hist_items", "hist_stats", "hist_behavior", "hist_gap")
 
 
 def recent_window(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -285,15 +313,25 @@ def recent_window(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {name: t[:, :steps] if name in HISTORY else t for name, t in batch.items()}
 
 
-def batch_items(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The distinct item codes of a batch and where each position finds its item.
+def batch_items(batch: dict[str, torch.Tensor]) -> tuple[ItemStates, torch.Tensor]:
+    """The distinct item states of a batch and where each position finds its state.
 
-    Returns ``unique`` (U,) and ``inverse`` (B, 1 + L): column 0 the candidate, then the history. Item
-    encoders run once per distinct item (histories repeat items a lot), then results are gathered.
+    Returns ``unique`` (U states) and ``inverse`` (B, 1 + L): column 0 the candidate, then the history.
+    Item encoders run once per distinct state (histories repeat items a lot), then results are gathered.
     """
-    ids = torch.cat([batch["item"][:, None], batch["hist_items"]], dim=1)  # (B, 1 + L)
-    unique, inverse = torch.unique(ids, return_inverse=True)
-    return unique, inverse
+    return distinct_states(
+        torch.cat([batch["item"][:, None], batch["hist_items"]], dim=1),  # (B, 1 + L)
+        torch.cat([batch["item_stats"][:, None], batch["hist_stats"]], dim=1),  # (B, 1 + L, F, G)
+    )
+
+
+def distinct_states(items: torch.Tensor, stats: torch.Tensor) -> tuple[ItemStates, torch.Tensor]:
+    """Item codes (...,) with their stat codes (..., F, G) -> the distinct states and (...,) inverse."""
+    shape, (f, g) = items.shape, stats.shape[-2:]
+    keys = torch.cat([items.reshape(-1, 1), stats.reshape(-1, f * g).to(items.dtype)], dim=1)  # (N, 1 + FG)
+    unique, inverse = torch.unique(keys, dim=0, return_inverse=True)
+    states = ItemStates(unique[:, 0], unique[:, 1:].reshape(-1, f, g).to(stats.dtype))
+    return states, inverse.reshape(shape)
 
 
 def gather_items(per_item: torch.Tensor, inverse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,6 +1,6 @@
 """MARN: Multimodal Adversarial Representation Network (Li et al., WWW 2020), and its ablations.
 
-    items --ItemModalities--> e^m (U, M, D_e)                           paper 3.1, Eq. 1
+    item states --ItemModalities--> e^m (U, M, D_e)                     paper 3.1, Eq. 1
     e^m --S_m--> s^m,  e^m --I--> c^m                    (U, M, D)      paper 3.2
     s = sum_m tanh(W_m s^m + b_m) * s^m                  (U, D)         MAF, Eq. 2-3
     D0(c^m, gradient into I stopped); w^m = 1 - D0^m(c^m), detached     DDMA, 3.3.2
@@ -10,7 +10,8 @@
     logit = MLP([u_X, rep_X])                                           3.4.2
     loss = L_ctr + lambda (L_Ds + L_D0 + L_adv),  lambda = lambda0 (2 / (1 + exp(-gamma p)) - 1)
 
-Notation: B batch, L history, U distinct items in the batch, M modalities, D = rep_dim, H = sequence_dim.
+Notation: B batch, L history, U distinct item states in the batch (an item with its statistics as of the
+sample's time), M modalities, D = rep_dim, H = sequence_dim, F statistics, G their granularities.
 
 Eq. 10 is missing from the paper; DESIGN.md gives our reading, which this file implements. The choices the
 paper leaves open are fields of :class:`marn.config.ModelConfig` or of :class:`Variant` below:
@@ -41,6 +42,7 @@ from marn.models.layers import (
     MODALITIES,
     BehaviorProperty,
     ItemModalities,
+    ItemStates,
     batch_items,
     gather_items,
     grad_reverse,
@@ -200,9 +202,9 @@ class MARN(CTRModel):
 
     # -- item representations ---------------------------------------------------------------------------
 
-    def decompose(self, items: torch.Tensor) -> ItemParts:
-        """(U,) item codes -> every intermediate of paper 3.1-3.3 for these items (see ItemParts)."""
-        e = self.embedding(items)  # (U, M, D_e)
+    def decompose(self, states: ItemStates) -> ItemParts:
+        """U item states -> every intermediate of paper 3.1-3.3 for these items (see ItemParts)."""
+        e = self.embedding(states)  # (U, M, D_e)
         specific = torch.relu(self.specific(e))  # (U, M, D) s^m
         atten = None
         if self.variant.fusion == "maf":
@@ -221,11 +223,11 @@ class MARN(CTRModel):
         c = (w[..., None] * invariant).amax(dim=1)  # (U, D) elementwise max over w^m c^m
         return ItemParts(e, specific, atten, s, s + c, invariant, w, c, d0_logits)
 
-    def adversarial_losses(self, items: torch.Tensor, parts: ItemParts) -> dict[str, torch.Tensor]:
+    def adversarial_losses(self, states: ItemStates, parts: ItemParts) -> dict[str, torch.Tensor]:
         """L_adv (D1 vs I through the GRL), L_D0 and L_Ds on the non-padding items; {} without DDMA/ADV."""
         if self.variant.adversarial == "none":
             return {}
-        real = items != PAD  # padding rows carry no modality
+        real = states.items != PAD  # padding rows carry no modality
         losses = {"adv": self._d1_loss(parts.invariant[real], parts.w[real])}
         if self.variant.adversarial == "ddma":
             losses["d0"] = self._modality_ce(parts.d0_logits[real])
@@ -233,9 +235,61 @@ class MARN(CTRModel):
             losses["ds"] = self._modality_ce(self.d1(torch.relu(self.specific(e_stopped))))  # D1's weights
         return losses
 
-    def represent(self, items: torch.Tensor) -> torch.Tensor:
-        """(U,) item codes -> rep (U, D). Depends on the item alone, so serving can precompute it (4.9.2)."""
-        return self.decompose(items).rep
+    def represent(self, states: ItemStates) -> torch.Tensor:
+        """U item states -> rep (U, D)."""
+        return self.decompose(states).rep
+
+    # rep as a time-invariant part and the statistics' part (serving, paper 4.9.2). s is a sum over
+    # modalities of terms that each depend on one modality (atten^m depends on s^m alone), and c a max over
+    # w^m c^m (w^m depends on c^m alone), so rep = (s_rest + t_stats) + max(c_rest, w^stats c^stats)
+    # exactly. Registration precomputes [s_rest; c_rest] per item; a request adds its items' current
+    # statistics, so a served rep never holds a stale count.
+
+    def static_parts(self, items: torch.Tensor) -> torch.Tensor:
+        """(U,) item codes -> (U, 2D) [s_rest; c_rest] over every modality but the statistics."""
+        rest = [k for k, m in enumerate(self.embedding.modalities) if m != "stats"]
+        no_stats = ItemStates(items, torch.zeros(len(items), 0, 0, dtype=torch.int16, device=items.device))
+        e = self.embedding(no_stats, [self.embedding.modalities[k] for k in rest])  # (U, M', D_e)
+        terms, weighted = self._modality_terms(e, rest)  # (U, M', D) each
+        s = terms.sum(1)  # (U, D)
+        c = weighted.amax(1) if weighted is not None else torch.zeros_like(s)  # (U, D)
+        return torch.cat([s, c], dim=1)
+
+    def represent_from_static(self, static: torch.Tensor, states: ItemStates) -> torch.Tensor:
+        """(U, 2D) :meth:`static_parts` and the U states (their stats codes) -> rep (U, D); equals
+        :meth:`represent` up to float rounding."""
+        s, c = static.chunk(2, dim=1)  # (U, D) each
+        if "stats" in self.embedding.modalities:
+            index = self.embedding.modalities.index("stats")
+            terms, weighted = self._modality_terms(self.embedding(states, ["stats"]), [index])
+            s = s + terms[:, 0]
+            if weighted is not None:
+                c = torch.maximum(c, weighted[:, 0])
+        return s if self.variant.adversarial == "none" else s + c
+
+    def _modality_terms(self, e: torch.Tensor, index: list[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """e (U, K, D_e) of the modalities at ``index`` -> their fusion terms (U, K, D) (atten^m s^m, or s^m
+        for CONC) and w^m c^m (U, K, D) (None without an adversarial branch), as :meth:`decompose`."""
+        at = torch.tensor(index, device=e.device)
+        specific = torch.relu(
+            torch.einsum("uki,kio->uko", e, self.specific.weight[at]) + self.specific.bias[at]
+        )  # (U, K, D) s^m
+        terms = specific
+        if self.variant.fusion == "maf":
+            attention = self.fusion.attention
+            atten = torch.tanh(
+                torch.einsum("uki,kio->uko", specific, attention.weight[at]) + attention.bias[at]
+            )
+            terms = atten * specific
+        if self.variant.adversarial == "none":
+            return terms, None
+        invariant = torch.relu(self.invariant(e))  # (U, K, D) c^m
+        if self.variant.adversarial == "ddma":
+            probs = torch.softmax(self.d0(invariant), -1)  # (U, K, M)
+            w = 1.0 - probs.gather(-1, at[None, :, None].expand(len(e), -1, 1)).squeeze(-1)  # (U, K)
+        else:
+            w = torch.ones(invariant.shape[:2], device=e.device)
+        return terms, w[..., None] * invariant
 
     def _d1_loss(self, invariant: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """Eq. 7 through a gradient reversal layer: D1 learns to tell modalities apart, I to confuse it."""

@@ -46,7 +46,7 @@ from marn.config import ModelConfig
 from marn.data.item_features import ItemFeatures
 from marn.data.tensors import ItemCatalog
 from marn.models.dmf import FusionCTRModel, GRUAttentionUser
-from marn.models.layers import MODALITIES
+from marn.models.layers import MODALITIES, ItemStates
 from marn.models.marn import PerModalityLinear
 from marn.models.naml import AdditiveAttention
 
@@ -100,6 +100,6 @@ class MMSS(FusionCTRModel):
         self.fusion = ModalityAttentionImageFilter(self.embedding.modalities, cfg.modality_dim, cfg.rep_dim)
         self.user = GRUAttentionUser(cfg.rep_dim, cfg)
 
-    def represent(self, items: torch.Tensor) -> torch.Tensor:
-        rep, _, _, _ = self.fusion(self.embedding(items))  # (U, M, D_e) -> (U, D)
+    def represent(self, states: ItemStates) -> torch.Tensor:
+        rep, _, _, _ = self.fusion(self.embedding(states))  # (U, M, D_e) -> (U, D)
         return rep

@@ -43,7 +43,7 @@ from marn.config import ModelConfig
 from marn.data.item_features import ItemFeatures
 from marn.data.tensors import ItemCatalog
 from marn.models.dmf import FusionCTRModel, GRUAttentionUser
-from marn.models.layers import MLP, MODALITIES, masked_softmax, sequence_mask
+from marn.models.layers import MLP, MODALITIES, ItemStates, masked_softmax, sequence_mask
 from marn.models.marn import PerModalityLinear
 
 NAML_QUERY_DIM = 200  # NAML's attention query size (views, words and clicked news alike)
@@ -120,6 +120,6 @@ class NAML(FusionCTRModel):
         else:
             raise ValueError(f"user_encoder must be 'gru_attention' or 'naml', got {user_encoder!r}")
 
-    def represent(self, items: torch.Tensor) -> torch.Tensor:
-        rep, _ = self.fusion(self.embedding(items))  # (U, M, D_e) -> (U, D)
+    def represent(self, states: ItemStates) -> torch.Tensor:
+        rep, _ = self.fusion(self.embedding(states))  # (U, M, D_e) -> (U, D)
         return rep

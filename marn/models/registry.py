@@ -23,12 +23,15 @@ from marn.models.lr import LR
 from marn.models.marn import MARN, VARIANTS
 from marn.models.mmss import MMSS
 from marn.models.naml import NAML
+from marn.models.popularity import Popularity
 from marn.models.xdeepfm import XDeepFM
 from marn.models.youtubenet import YoutubeNet
 
 Builder = Callable[[ItemCatalog, ItemFeatures, ModelConfig], CTRModel]
 
 MODELS: dict[str, Builder] = {
+    # the reference: the candidate's point-in-time statistics alone (not in the paper)
+    "popularity": Popularity,
     # paper Table 2, group 1: shallow models on IDs
     "lr": LR,
     "fm": FM,

@@ -107,7 +107,12 @@ def test_fit_trains_and_save_run_scores(deepctr, tiny_world, tmp_path, name):
     assert ("aux" in second.aux) == (name == "deepctr_dien")
 
     inputs = RunInputs(
-        tiny_world.catalog, tiny_world.features, tiny_world.train, tiny_world.valid, tiny_world.valid
+        tiny_world.catalog,
+        tiny_world.features,
+        tiny_world.train,
+        tiny_world.valid,
+        tiny_world.valid,
+        tiny_world.item_stats,
     )
     run_cfg = load_config(None, {"train": {"model": name}})
     result = save_run(model, best_state, history, inputs, run_cfg, tmp_path, started=0.0)

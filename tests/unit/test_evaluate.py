@@ -11,6 +11,7 @@ from sklearn.metrics import roc_auc_score
 
 from marn.config import ModelConfig
 from marn.data.item_features import ItemFeatures
+from marn.data.stats import StatDiscretizer
 from marn.data.tensors import EncodedSamples, ItemCatalog, Vocab
 from marn.evaluate import (
     auc,
@@ -156,9 +157,12 @@ def _samples(users, items, labels, hist_items, hist_len) -> EncodedSamples:
     hist = torch.tensor(hist_items)
     return EncodedSamples(
         np.array(users),
+        np.arange(len(users)).astype("datetime64[D]").astype("datetime64[us]"),
         {
             "item": torch.tensor(items),
+            "item_stats": torch.zeros(len(items), 1, 2, dtype=torch.int16),
             "hist_items": hist,
+            "hist_stats": torch.zeros(*hist.shape, 1, 2, dtype=torch.int16),
             "hist_behavior": torch.ones_like(hist),
             "hist_gap": torch.ones_like(hist),
             "hist_len": torch.tensor(hist_len),
@@ -224,18 +228,25 @@ class FixedScore(CTRModel):
             np.zeros((n, 1), np.float32),
             np.zeros((n, 1), np.int64),
             np.zeros((1, 1), np.float32),
-            np.zeros((n, 0, 2), np.int64),
-            (),
+            StatDiscretizer(("n_events",), (3, 5), ((), ())),
             "embeddings",
         )
         super().__init__(catalog, features, ModelConfig())
         self.register_buffer("score", torch.tensor(ITEM_SCORE))
         self.calls: list[tuple[int, bool, bool]] = []
+        self.stats_seen: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def forward(self, batch: dict[str, torch.Tensor], progress: float = 1.0) -> ModelOutput:
         self.calls.append((len(batch["item"]), self.training, torch.is_grad_enabled()))
+        self.stats_seen.append((batch["item"], batch["item_stats"]))
         first = torch.where(batch["hist_len"] > 0, batch["hist_items"][:, 0], -1)
         return ModelOutput(self.score[batch["item"]] + 10.0 * (batch["item"] == first))
+
+
+def pool_stats(rows: torch.Tensor, pool: torch.Tensor) -> torch.Tensor:
+    """(U, C, 1, 2) codes: each pool item's own (item code mod 3, and the user row)."""
+    codes = torch.stack(torch.broadcast_tensors(pool[None, :] % 3, rows[:, None]), dim=-1)  # (U, C, 2)
+    return codes[:, :, None, :].to(torch.int16)
 
 
 def _test_split() -> EncodedSamples:
@@ -252,7 +263,7 @@ def _test_split() -> EncodedSamples:
 def test_unseen_item_recall_ranks_each_users_target_in_the_unseen_pool(batch_size):
     model = FixedScore().train()
     unseen = torch.tensor([8, 5, 0, 6, 7, 5])  # duplicates and PAD dropped: pool 5, 6, 7, 8
-    out = unseen_item_recall(model, _test_split(), unseen, ns=(1, 2, 3, 4), batch_size=batch_size)
+    out = unseen_item_recall(model, _test_split(), unseen, pool_stats, ns=(1, 2, 3, 4), batch_size=batch_size)
     # pool scores 5: 0.1, 6: 0.5, 7: 0.9, 8: 0.5
     # row 0 (target 5, history starts with 1): rank 4; row 2 (target 6 = first history item, +10): rank 1;
     # row 5 (target 8, empty history): 7 above, 6 ties above -> rank 3
@@ -261,18 +272,20 @@ def test_unseen_item_recall_ranks_each_users_target_in_the_unseen_pool(batch_siz
     assert sum(size for size, _, _ in model.calls) == 3 * 4
     assert all(size <= batch_size and not training and not grad for size, training, grad in model.calls)
     assert model.training  # the caller's mode is restored
+    for items, stats in model.stats_seen:  # each pool item is scored with its own statistics
+        assert torch.equal(stats[:, 0, 0], (items % 3).to(torch.int16))
 
 
 def test_unseen_item_recall_caps_users_evenly_and_handles_no_unseen_positive():
     capped = unseen_item_recall(
-        FixedScore(), _test_split(), torch.tensor([5, 6, 7, 8]), ns=(1, 3, 4), max_users=2
+        FixedScore(), _test_split(), torch.tensor([5, 6, 7, 8]), pool_stats, ns=(1, 3, 4), max_users=2
     )
     # eligible rows 0, 2, 5; the middles of 2 strata: 1 * 3 // 4 = 0, 3 * 3 // 4 = 2 -> rows 0, 5
     # (ranks 4 and 3)
     assert capped == {"users": 2, "eligible": 3, "pool": 4, "recall": {1: 0.0, 3: 0.5, 4: 1.0}}
-    none = unseen_item_recall(FixedScore(), _test_split(), torch.tensor([4]))
+    none = unseen_item_recall(FixedScore(), _test_split(), torch.tensor([4]), pool_stats)
     assert none == {"users": 0, "eligible": 0, "pool": 1, "recall": {}}
-    empty = unseen_item_recall(FixedScore(), _test_split(), torch.tensor([], dtype=torch.long))
+    empty = unseen_item_recall(FixedScore(), _test_split(), torch.tensor([], dtype=torch.long), pool_stats)
     assert empty == {"users": 0, "eligible": 0, "pool": 0, "recall": {}}
     with pytest.raises(ValueError, match="max_users"):
-        unseen_item_recall(FixedScore(), _test_split(), torch.tensor([5]), max_users=0)
+        unseen_item_recall(FixedScore(), _test_split(), torch.tensor([5]), pool_stats, max_users=0)

@@ -223,6 +223,12 @@ def test_sample_targets_are_build_samples_targets_in_the_same_order():
         expected = samples.split(split).select(["user_id", "item_id", "label", "ts"]).to_pandas()
         got = targets[targets["split"] == split].drop(columns="split").reset_index(drop=True)
         pd.testing.assert_frame_equal(got, expected, check_dtype=False)
-        assert samples.split(split).schema == SAMPLE_SCHEMA
+        table = samples.split(split)
+        assert table.schema.names[: len(SAMPLE_SCHEMA)] == SAMPLE_SCHEMA.names  # then the statistics
+        assert table.select(SAMPLE_SCHEMA.names).schema == SAMPLE_SCHEMA
+        assert set(table.schema.names[len(SAMPLE_SCHEMA) :]) == {"stat_n_events", "stat_n_click"} | {
+            "hist_stat_n_events",
+            "hist_stat_n_click",
+        }
     other = sample_targets(data, SamplesConfig(min_events=4, seed=6))
     assert not other["item_id"].equals(targets["item_id"])  # negatives follow the seed

@@ -5,8 +5,9 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import item_states  # tests/ is on sys.path: pytest imports conftest from there
 
-from marn.models.layers import grad_reverse
+from marn.models.layers import ItemStates, grad_reverse
 from marn.models.marn import APGRU, MARN, VARIANTS, adversarial_weight
 
 
@@ -18,7 +19,7 @@ def model(tiny_world):
 
 @pytest.fixture
 def items(tiny_world):
-    return torch.arange(1, tiny_world.features.n_items)  # every real item code
+    return item_states(tiny_world.features, torch.arange(1, tiny_world.features.n_items))  # every real item
 
 
 def _grads(module):
@@ -157,8 +158,34 @@ def test_ablations_switch_parts_off(tiny_world):
     assert ids.embedding.modalities == ("ids",) and not hasattr(ids, "d1")
     adv = MARN(tiny_world.catalog, tiny_world.features, cfg, VARIANTS["base_maf_adv"])
     assert hasattr(adv, "d1") and not hasattr(adv, "d0")
-    parts = adv.decompose(torch.arange(1, 10))
+    parts = adv.decompose(item_states(tiny_world.features, torch.arange(1, 10)))
     assert torch.equal(parts.w, torch.ones_like(parts.w))  # one plain discriminator, no importance weights
     conc = MARN(tiny_world.catalog, tiny_world.features, cfg, VARIANTS["base_conc"])
-    parts = conc.decompose(torch.arange(1, 10))
+    parts = conc.decompose(item_states(tiny_world.features, torch.arange(1, 10)))
     assert parts.atten is None and torch.allclose(parts.rep, parts.specific.sum(1))
+
+
+@pytest.mark.parametrize("name", ["marn", "base_conc", "base_maf_adv", "base_ids"])
+def test_rep_splits_exactly_into_a_static_part_and_the_statistics_part(tiny_world, name):
+    """Serving (4.9.2) precomputes every modality but the statistics and adds an item's current counts."""
+    torch.manual_seed(0)
+    model = MARN(tiny_world.catalog, tiny_world.features, tiny_world.model_cfg, VARIANTS[name]).eval()
+    states = item_states(tiny_world.features, torch.arange(0, tiny_world.features.n_items), seed=3)
+    with torch.no_grad():
+        full = model.represent(states)
+        split = model.represent_from_static(model.static_parts(states.items), states)
+        other = item_states(tiny_world.features, states.items, seed=4)  # the same items, other counts
+        moved = model.represent_from_static(model.static_parts(states.items), other)
+    assert (full - split).abs().max() < 1e-5
+    assert (model.represent(other) - moved).abs().max() < 1e-5
+    if "stats" in model.embedding.modalities:
+        assert not torch.allclose(full, moved)  # the statistics do reach rep
+
+
+def test_the_same_item_on_two_days_is_two_states(tiny_world):
+    from marn.models.layers import distinct_states
+
+    stats = torch.zeros(3, tiny_world.features.statistics.n_stats, 2, dtype=torch.int16)
+    stats[1] += 1  # the same item 5, its counts moved
+    states, inverse = distinct_states(torch.tensor([5, 5, 5]), stats)
+    assert isinstance(states, ItemStates) and len(states) == 2 and inverse.tolist() == [0, 1, 0]

@@ -19,7 +19,7 @@ def _distinct_item_rows(data, n):
 
 def test_registry_lists_the_papers_models():
     expected = {
-        "lr", "fm", "youtubenet", "xdeepfm", "dupn", "din", "dien", "dmf", "mmss", "naml",
+        "popularity", "lr", "fm", "youtubenet", "xdeepfm", "dupn", "din", "dien", "dmf", "mmss", "naml",
         "base_ids", "base_image", "base_conc", "base_maf", "base_maf_adv", "base_maf_ddma", "marn",
     }  # fmt: skip
     assert set(model_names()) == expected

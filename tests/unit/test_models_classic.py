@@ -33,15 +33,23 @@ def _empty_histories(batch):
 
 
 def _garbage_in_padding(batch, world, extra=3, seed=0):
-    """The same samples with 'extra' more columns and random item/behaviour/gap codes after hist_len."""
+    """The same samples with 'extra' more columns and random item/behaviour/gap/statistic codes after
+    hist_len."""
     g = torch.Generator().manual_seed(seed)
     out = dict(batch)
     b, length = batch["hist_items"].shape
     padded = ~(torch.arange(length + extra)[None, :] < batch["hist_len"][:, None])  # (B, L + extra)
-    for key, high in (("hist_items", world.features.n_items), ("hist_behavior", 4), ("hist_gap", 24)):
-        wide = torch.cat([batch[key], torch.zeros(b, extra, dtype=batch[key].dtype)], dim=1)
-        noise = torch.randint(1, high, wide.shape, generator=g)
-        out[key] = torch.where(padded, noise, wide)
+    for key, high in (
+        ("hist_items", world.features.n_items),
+        ("hist_behavior", 4),
+        ("hist_gap", 24),
+        ("hist_stats", min(world.features.statistics.buckets)),
+    ):
+        tail = torch.zeros(b, extra, *batch[key].shape[2:], dtype=batch[key].dtype)
+        wide = torch.cat([batch[key], tail], dim=1)
+        noise = torch.randint(1, high, wide.shape, generator=g).to(wide.dtype)
+        mask = padded.view(*padded.shape, *[1] * (wide.dim() - 2))
+        out[key] = torch.where(mask, noise, wide)
     return out
 
 

@@ -4,6 +4,7 @@ from functools import partial
 
 import pytest
 import torch
+from conftest import item_states  # tests/ is on sys.path
 
 from marn.data.schema import BEHAVIORS
 from marn.data.tensors import GAP_BUCKETS
@@ -31,7 +32,7 @@ def batch(tiny_world):
 
 @pytest.fixture(scope="module")
 def items(tiny_world):
-    return torch.arange(1, 33)  # real item codes (0 is padding)
+    return item_states(tiny_world.features, torch.arange(1, 33))  # real item codes (0 is padding)
 
 
 @pytest.mark.parametrize("name", BUILDERS)
@@ -50,7 +51,7 @@ def test_logits_and_item_reps_have_the_right_shapes(name, tiny_world, batch, ite
 def test_empty_histories_give_finite_logits_and_gradients(name, tiny_world, batch):
     model = _build(name, tiny_world).train()
     empty = dict(batch)
-    for key in ("hist_items", "hist_behavior", "hist_gap"):
+    for key in ("hist_items", "hist_stats", "hist_behavior", "hist_gap"):
         empty[key] = torch.zeros_like(batch[key])
     empty["hist_len"] = torch.zeros_like(batch["hist_len"])
     logits = model(empty).logits
@@ -74,9 +75,10 @@ def test_padded_history_positions_do_not_change_the_logits(name, tiny_world, bat
         ("hist_items", n_items),
         ("hist_behavior", len(BEHAVIORS) + 1),
         ("hist_gap", GAP_BUCKETS),
+        ("hist_stats", min(tiny_world.features.statistics.buckets)),
     ):
-        junk = torch.randint(1, high, batch[key].shape, generator=generator)
-        noisy[key] = torch.where(padded, junk, batch[key])
+        junk = torch.randint(1, high, batch[key].shape, generator=generator).to(batch[key].dtype)
+        noisy[key] = torch.where(padded.view(*padded.shape, *[1] * (junk.dim() - 2)), junk, batch[key])
     real = dict(batch)  # the same junk on the first (real) behaviour must change the logits
     real["hist_items"] = batch["hist_items"].clone()
     real["hist_items"][:, 0] = torch.randint(1, n_items, (64,), generator=generator)

@@ -40,7 +40,7 @@ def test_the_grid_is_every_registered_model_once(scripts):
     paper, _ = scripts
     models = paper.paper_models()
     assert sorted(models) == sorted(model_names())
-    assert len(models) == len(set(models)) == 17
+    assert len(models) == len(set(models)) == 18  # the paper's 17 and the popularity reference
 
 
 def test_cold_items_are_a_seeded_share_of_real_item_codes(scripts):
@@ -64,7 +64,10 @@ def test_without_items_drops_candidates_and_cuts_histories(scripts):
         "hist_gap": torch.tensor([[4, 3, 2, PAD], [2, 1, PAD, PAD], [9, 8, 7, 6]]),
         "hist_len": torch.tensor([3, 2, 4]),
     }
-    out = paper.without_items(EncodedSamples(np.array(["a", "b", "c"]), t), torch.tensor([7]))
+    t["item_stats"] = t["item"].view(3, 1, 1).expand(3, 2, 2).to(torch.int16)  # (N, F, G) = the item code
+    t["hist_stats"] = t["hist_items"].view(3, 4, 1, 1).expand(3, 4, 2, 2).to(torch.int16)  # each entry's own
+    times = np.array(["2025-01-01", "2025-01-02", "2025-01-03"], dtype="datetime64[us]")
+    out = paper.without_items(EncodedSamples(np.array(["a", "b", "c"]), times, t), torch.tensor([7]))
     assert out.users.tolist() == ["a", "c"]  # b's candidate 7 is held out
     assert out.tensors["item"].tolist() == [5, 9]
     assert out.tensors["hist_len"].tolist() == [2, 2]
@@ -72,6 +75,9 @@ def test_without_items_drops_candidates_and_cuts_histories(scripts):
     assert out.tensors["hist_behavior"].tolist() == [[1, 1, PAD, PAD], [1, 1, PAD, PAD]]
     assert out.tensors["hist_gap"].tolist() == [[4, 2, PAD, PAD], [7, 6, PAD, PAD]]
     assert out.tensors["label"].tolist() == [1.0, 1.0]
+    assert out.tensors["item_stats"][:, 0, 0].tolist() == [5, 9]  # the statistics move with their entries
+    assert out.tensors["hist_stats"][:, :, 1, 1].tolist() == [[1, 2, PAD, PAD], [8, 6, PAD, PAD]]
+    assert out.times.tolist() == times[[0, 2]].tolist()
 
 
 def test_welch_matches_a_hand_computation(scripts):

@@ -46,10 +46,11 @@ def test_gate_refuses_a_model_that_does_not_beat_the_champion(tmp_path, data_dir
     registry = tmp_path / "registry"
     first = gate({"auc": 0.70}, None, 0.0)
     register_model(registry, _run(tmp_path, "r1", 0.70), data_dir, first)
-    worse = gate({"auc": 0.69}, champion(registry, "marn"), 0.0)
-    tie = gate({"auc": 0.70}, champion(registry, "marn"), 0.0)
+    rescored = {"auc": 0.70}  # the champion scored again on the candidate's test split
+    worse = gate({"auc": 0.69}, champion(registry, "marn"), 0.0, rescored)
+    tie = gate({"auc": 0.70}, champion(registry, "marn"), 0.0, rescored)
     assert not worse.passed and not tie.passed
-    assert "does not beat champion v0001" in worse.reason
+    assert "does not beat champion v0001" in worse.reason and "same test split" in worse.reason
     with pytest.raises(ValueError, match="refused"):
         register_model(registry, _run(tmp_path, "r2", 0.69), data_dir, worse)
     assert versions(registry, "marn") == ["v0001"]
@@ -59,8 +60,8 @@ def test_gate_refuses_a_model_that_does_not_beat_the_champion(tmp_path, data_dir
 def test_min_improvement_and_version_numbers(tmp_path, data_dir):
     registry = tmp_path / "registry"
     register_model(registry, _run(tmp_path, "r1", 0.70), data_dir, gate({"auc": 0.70}, None, 0.01))
-    small = gate({"auc": 0.705}, champion(registry, "marn"), 0.01)
-    enough = gate({"auc": 0.711}, champion(registry, "marn"), 0.01)
+    small = gate({"auc": 0.705}, champion(registry, "marn"), 0.01, {"auc": 0.70})
+    enough = gate({"auc": 0.711}, champion(registry, "marn"), 0.01, {"auc": 0.70})
     assert not small.passed and enough.passed
     second = register_model(registry, _run(tmp_path, "r2", 0.711), data_dir, enough)
     assert second.version == "v0002" and champion(registry, "marn").version == "v0002"
@@ -75,3 +76,19 @@ def test_data_snapshot_changes_with_the_data(data_dir):
     after = data_snapshot(data_dir)
     assert after["version"] != before["version"]
     assert after["tables"]["items"] == before["tables"]["items"]
+
+
+def test_the_gate_compares_with_the_champion_rescored_not_with_its_stored_auc(tmp_path, data_dir):
+    registry = tmp_path / "registry"
+    register_model(registry, _run(tmp_path, "r1", 0.90), data_dir, gate({"auc": 0.90}, None, 0.0))
+    # stored 0.90 on its own (older) split; on the candidate's split the champion scores 0.60
+    decision = gate({"auc": 0.65}, champion(registry, "marn"), 0.0, {"auc": 0.60})
+    assert decision.passed and decision.champion_auc == 0.60
+
+
+def test_the_gate_refuses_when_the_champion_cannot_be_rescored(tmp_path, data_dir):
+    registry = tmp_path / "registry"
+    register_model(registry, _run(tmp_path, "r1", 0.50), data_dir, gate({"auc": 0.50}, None, 0.0))
+    decision = gate({"auc": 0.99}, champion(registry, "marn"), 0.0, None, "ValueError: an old checkpoint")
+    assert not decision.passed
+    assert "could not be scored" in decision.reason and "an old checkpoint" in decision.reason

@@ -3,12 +3,16 @@
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pytest
 import torch
 
 from marn.config import SamplesConfig
 from marn.data.samples import SAMPLE_SCHEMA, build_samples
 from marn.data.schema import Dataset
-from marn.data.tensors import PAD, ItemCatalog, Vocab, encode_samples
+from marn.data.stats import StatDiscretizer
+from marn.data.tensors import PAD, ItemCatalog, Vocab, encode_samples, fit_statistics
+
+NO_STATISTICS = StatDiscretizer((), (10, 100), ())  # hand-made rows without statistic columns
 
 ITEMS = pd.DataFrame(
     {
@@ -54,7 +58,7 @@ def test_histories_keep_the_newest_entries_left_aligned_and_padded():
         schema=SAMPLE_SCHEMA,
     )
     catalog = ItemCatalog.from_items(ITEMS)
-    enc = encode_samples(table.slice(0, 2), catalog, max_history=3)
+    enc = encode_samples(table.slice(0, 2), catalog, max_history=3, statistics=NO_STATISTICS)
     t = enc.tensors
     codes = catalog.items.encode(["b", "d", "a"]).tolist()
     assert t["hist_items"][0].tolist() == [codes[0], PAD, codes[1]]  # newest three; unknown -> PAD
@@ -74,7 +78,33 @@ def test_encoding_works_on_sliced_tables_from_the_protocol():
     events = pd.concat([events, events.assign(user_id="u2", item_id=["c", "d", "a", "b", "c"])])
     samples = build_samples(Dataset(events=events, items=ITEMS), SamplesConfig(min_events=4))
     catalog = ItemCatalog.from_items(ITEMS)
-    full = encode_samples(samples.train, catalog, max_history=2)
-    part = encode_samples(samples.train.slice(2), catalog, max_history=2)
-    assert torch.equal(part.tensors["hist_items"], full.tensors["hist_items"][2:])
+    statistics = fit_statistics(samples.train, (3, 5))
+    full = encode_samples(samples.train, catalog, max_history=2, statistics=statistics)
+    part = encode_samples(samples.train.slice(2), catalog, max_history=2, statistics=statistics)
+    for name in ("hist_items", "hist_stats", "item_stats"):
+        assert torch.equal(part.tensors[name], full.tensors[name][2:]), name
     assert np.array_equal(part.users, full.users[2:])
+
+
+def test_statistics_are_bucketed_for_the_candidate_and_each_kept_history_entry():
+    t0 = pd.Timestamp("2025-01-01", tz="UTC")
+    row = {
+        "user_id": "u",
+        "item_id": "e",
+        "label": 1,
+        "ts": t0,
+        "hist_item_ids": ["a", "b", "d"],
+        "hist_behaviors": ["click"] * 3,
+        "hist_ts": [t0] * 3,
+    }
+    table = pa.Table.from_pylist([row], schema=SAMPLE_SCHEMA)
+    table = table.append_column("stat_n_events", pa.array([7.0]))
+    table = table.append_column("hist_stat_n_events", pa.array([[0.0, 3.0, 9.0]], pa.list_(pa.float64())))
+    statistics = StatDiscretizer.fit(["n_events"], np.array([[0.0], [3.0], [6.0], [9.0]]), (2, 4))
+    catalog = ItemCatalog.from_items(ITEMS)
+    t = encode_samples(table, catalog, max_history=2, statistics=statistics).tensors
+    assert t["item_stats"].shape == (1, 1, 2) and t["item_stats"][0, 0].tolist() == [2, 4]
+    # the newest two history entries (3 and 9 events), then nothing
+    assert t["hist_stats"][0, :, 0].tolist() == [[1, 2], [2, 4]]
+    with pytest.raises(ValueError, match="lack the statistic"):
+        encode_samples(table.drop_columns(["stat_n_events"]), catalog, 2, statistics)

@@ -10,8 +10,8 @@ import torch
 from marn.config import load_config
 from marn.data.samples import build_samples
 from marn.data.schema import Dataset
-from marn.data.tensors import ItemCatalog, encode_samples
-from marn.train import load_checkpoint, predict, train_model
+from marn.data.tensors import ItemCatalog, encode_samples, fit_statistics
+from marn.train import load_checkpoint, load_trained, predict, train_model
 
 
 def _popular_items_dataset(n_users=300, n_items=200, seed=0) -> Dataset:
@@ -56,7 +56,7 @@ def test_train_writes_metrics_and_a_checkpoint_that_reproduces_predictions(tmp_p
     model, config = load_checkpoint(result.checkpoint)
     assert config["train"]["model"] == "lr"
     samples = build_samples(dataset, _cfg().samples)
-    test = encode_samples(samples.test, ItemCatalog.from_items(dataset.items), 50)
+    test = load_trained(result.checkpoint).encode(samples.test)  # the model's own statistic buckets
     from marn.evaluate import auc
 
     assert auc(test.tensors["label"].numpy(), predict(model, test)) == pytest.approx(metrics["auc"], abs=1e-6)
@@ -79,12 +79,13 @@ def test_unknown_model_is_a_clear_error(tmp_path, dataset):
 def test_lr_overfits_a_tiny_batch(dataset):
     samples = build_samples(dataset, _cfg().samples)
     catalog = ItemCatalog.from_items(dataset.items)
-    data = encode_samples(samples.train.slice(0, 16), catalog, 50)
+    statistics = fit_statistics(samples.train, (10, 100))
+    data = encode_samples(samples.train.slice(0, 16), catalog, 50, statistics)
     from marn.config import FeaturesConfig, ModelConfig
     from marn.data.item_features import build_item_features
     from marn.models import build_model
 
-    features = build_item_features(dataset, catalog, FeaturesConfig(image="pixels"))
+    features = build_item_features(dataset, catalog, FeaturesConfig(image="pixels"), statistics)
     model = build_model("lr", catalog, features, ModelConfig())
     opt = torch.optim.Adagrad(model.parameters(), lr=0.5)
     batch = data.batch(torch.arange(16))
@@ -108,8 +109,11 @@ def _fit_lr(dataset, **train):
     cfg = _cfg(epochs=1, **train)
     samples = build_samples(dataset, cfg.samples)
     catalog = ItemCatalog.from_items(dataset.items)
-    train_split, valid = (encode_samples(samples.split(s), catalog, 20) for s in ("train", "valid"))
-    features = build_item_features(dataset, catalog, FeaturesConfig(image="pixels"))
+    statistics = fit_statistics(samples.train, (10, 100))
+    train_split, valid = (
+        encode_samples(samples.split(s), catalog, 20, statistics) for s in ("train", "valid")
+    )
+    features = build_item_features(dataset, catalog, FeaturesConfig(image="pixels"), statistics)
     torch.manual_seed(0)
     model = build_model("lr", catalog, features, ModelConfig())
     before = copy.deepcopy(model)

@@ -354,3 +354,95 @@ def test_import_does_not_load_great_expectations() -> None:
     code = "import sys, marn.validate; sys.exit('great_expectations' in sys.modules)"
     root = Path(__file__).resolve().parents[2]
     assert subprocess.run([sys.executable, "-c", code], cwd=root, check=False).returncode == 0
+
+
+# --- items without first_seen: read_dataset derives it from the events ----------------------------------
+
+
+def _write_items_without_first_seen(tmp_path: Path, events: pd.DataFrame | None = None) -> Path:
+    """A dataset whose items.parquet lacks first_seen (a user's own file: write_table would refuse it)."""
+    _write(tmp_path, events)
+    items = _items().drop(columns=["first_seen"])
+    pq.write_table(pa.Table.from_pandas(items, preserve_index=False), tmp_path / "items.parquet")
+    assert "first_seen" not in pq.read_schema(tmp_path / "items.parquet").names
+    return tmp_path
+
+
+def test_items_without_first_seen_pass_with_good_events(tmp_path: Path) -> None:
+    report = validate_dataset(_write_items_without_first_seen(tmp_path), CFG, now=NOW)
+    assert report.success, report.to_text()
+    assert report.row_counts == {"events": 40, "items": 8}
+    # what every stage then reads: each item's first event
+    items = schema.read_dataset(tmp_path).items.set_index("item_id")
+    first = _events().groupby("item_id")["ts"].min()
+    assert items["first_seen"].to_dict() == first.to_dict()
+
+
+BAD_EVENTS: dict[str, tuple[Callable[[pd.DataFrame], pd.DataFrame], str, str]] = {
+    "null_ts": (lambda e: _with(e, 3, "ts", None), "events.ts", "expect_column_values_to_not_be_null"),
+    "unknown_behavior": (
+        lambda e: _with(e, 1, "behavior", "teleport"),
+        "events.behavior",
+        "expect_column_values_to_be_in_set",
+    ),
+    "future_ts": (
+        lambda e: _with(e, 7, "ts", pd.Timestamp("2030-01-01", tz="UTC")),
+        "events.ts",
+        "expect_column_values_to_be_between",
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(BAD_EVENTS))
+def test_items_without_first_seen_fail_on_bad_events(tmp_path: Path, kind: str) -> None:
+    poison, where, expectation = BAD_EVENTS[kind]
+    report = validate_dataset(_write_items_without_first_seen(tmp_path, poison(_events())), CFG, now=NOW)
+    assert not report.success
+    assert [(f.where, f.expectation, f.unexpected_count) for f in report.failures] == [
+        (where, expectation, 1)
+    ]
+    assert f"{where}: {expectation}" in report.to_text()
+    with pytest.raises(DataValidationError, match=where.replace(".", r"\.")):
+        check_dataset(tmp_path, CFG, now=NOW)
+
+
+def test_items_without_first_seen_fail_when_events_cannot_derive_it(tmp_path: Path) -> None:
+    _write_items_without_first_seen(tmp_path)
+    events = _events()
+    events["ts"] = events["ts"].astype(str)  # no usable ts: first_seen cannot be derived
+    pq.write_table(pa.Table.from_pandas(events), tmp_path / "events.parquet")
+    report = validate_dataset(tmp_path, CFG, now=NOW)
+    got = {(f.where, f.expectation) for f in report.failures}
+    assert got == {
+        ("events.ts", "expect_column_values_to_be_of_type"),
+        ("items.first_seen", "expect_column_to_exist"),
+    }, report.to_text()
+    assert "cannot be derived" in report.to_text()
+
+
+def test_items_without_first_seen_fail_without_events(tmp_path: Path) -> None:
+    _write_items_without_first_seen(tmp_path)
+    (tmp_path / "events.parquet").unlink()
+    report = validate_dataset(tmp_path, CFG, now=NOW)
+    assert {(f.table, f.column, f.expectation) for f in report.failures} == {
+        ("events", None, "expect_table_file_to_exist"),
+        ("items", "first_seen", "expect_column_to_exist"),
+    }, report.to_text()
+
+
+def test_a_sources_own_first_seen_is_still_checked(tmp_path: Path) -> None:
+    # items carry their own first_seen: it is checked even though events could have given one
+    items = _with(_items(), 2, "first_seen", pd.Timestamp("2030-01-01", tz="UTC"))
+    report = validate_dataset(_write(tmp_path, items=items), CFG, now=NOW)
+    assert [(f.where, f.expectation) for f in report.failures] == [
+        ("items.first_seen", "expect_column_values_to_be_between")
+    ]
+
+
+def test_write_dataset_output_validates(tmp_path: Path) -> None:
+    # write_dataset derives first_seen into the file; the file's own check then runs on it and passes
+    items = _items().drop(columns=["first_seen"])
+    schema.write_dataset(tmp_path, schema.Dataset(events=_events(), items=items))
+    assert "first_seen" in pq.read_schema(tmp_path / "items.parquet").names
+    report = validate_dataset(tmp_path, CFG, now=NOW)
+    assert report.success, report.to_text()
