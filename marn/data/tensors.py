@@ -111,8 +111,12 @@ class EncodedSamples:
 
 def gap_buckets(target_us: np.ndarray, behavior_us: np.ndarray) -> np.ndarray:
     """Time from each behaviour to the prediction (µs since the epoch) -> bucket codes 1..GAP_BUCKETS-1.
-    Code 0 (PAD) means padding, or a behaviour whose time is unknown."""
-    gap_s = (np.asarray(target_us, dtype=np.int64) - np.asarray(behavior_us, dtype=np.int64)) / 1e6
+    Code 0 (PAD) means padding, or a behaviour whose time is unknown.
+
+    Whole seconds on both sides: Feast's online store keeps timestamps to the second, so serving sees
+    behaviour times truncated, and the gap must be the same number offline."""
+    seconds = np.asarray(target_us, dtype=np.int64) // 10**6 - np.asarray(behavior_us, dtype=np.int64) // 10**6
+    gap_s = seconds.astype(np.float64)
     return 1 + np.clip(np.log2(np.maximum(gap_s, 1.0)).astype(np.int64), 0, GAP_BUCKETS - 2)
 
 

@@ -12,12 +12,14 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from marn.config import Config, load_config
-from marn.data.samples import SAMPLE_SCHEMA, SPLITS, Samples, build_samples
+from marn.data.samples import SPLITS, Samples, build_samples
 from marn.data.schema import Dataset, read_dataset, write_table
 from marn.data.stats import stats_as_of
 from marn.data.synth import synthesize
+from marn.data.tensors import ItemCatalog, encode_samples, fit_statistics
 from marn.features import (
     AS_OF_SHIFT,
     DUPN_SERVICE,
@@ -100,7 +102,6 @@ def test_histories_and_statistics_are_strictly_from_before_each_target(world):
     df = _all_samples(world.samples)
     for ts, hist_ts in zip(df["ts"], df["hist_ts"], strict=True):
         assert all(pd.Timestamp(h, tz="UTC") < ts for h in hist_ts)
-    assert (df["stats_ts"] < df["ts"]).all()
 
     # The target's own event opens a user_sequences row stamped exactly at the target's time (the row a
     # join as of t would take); the sample must hold the row before it instead.
@@ -114,23 +115,37 @@ def test_histories_and_statistics_are_strictly_from_before_each_target(world):
         assert list(row.hist_ts) == list(before["hist_ts"])
         assert list(row.hist_item_ids) == list(before["hist_item_ids"])
 
-    # Item statistics: the newest snapshot before the target, although later snapshots of the item exist.
+    # Item statistics: the newest snapshot before the target, although later snapshots of the item exist,
+    # for the candidate and for every history item (as of the sample's time, not the history event's).
     stats = world.dataset.item_stats
     expected = stats_as_of(stats, df[["item_id"]].assign(ts=df["ts"] - AS_OF_SHIFT))
-    pd.testing.assert_frame_equal(df[expected.columns], expected, check_dtype=False)
+    for name in expected.columns:
+        np.testing.assert_array_equal(df[f"stat_{name}"].to_numpy(), expected[name].to_numpy(), name)
     newest = stats.groupby("item_id")["ts"].max()
     assert (df["item_id"].map(newest) > df["ts"]).sum() > len(df) // 2
+    lengths = df["hist_item_ids"].map(len).to_numpy()
+    history = pd.DataFrame(
+        {"item_id": np.concatenate(df["hist_item_ids"].to_numpy()), "ts": np.repeat(df["ts"], lengths)}
+    )
+    expected = stats_as_of(stats, history.assign(ts=history["ts"] - AS_OF_SHIFT))
+    got = np.concatenate([np.asarray(v) for v in df["hist_stat_n_events"]])
+    np.testing.assert_array_equal(got, expected["n_events"].to_numpy())
 
 
 def test_feature_store_samples_equal_build_samples_on_data_without_ties(world):
     events = world.dataset.events
     assert not events.duplicated(["user_id", "ts"]).any()  # synthetic times increase strictly per user
     expected = build_samples(world.dataset, world.cfg.samples)
+    statistics = fit_statistics(expected.train, (10, 100))
+    catalog = ItemCatalog.from_items(world.dataset.items)
     for split in SPLITS:
         got = world.samples.split(split)
-        assert got.select(SAMPLE_SCHEMA.names).equals(expected.split(split)), split
-        assert got.schema.names[: len(SAMPLE_SCHEMA)] == SAMPLE_SCHEMA.names
-        assert {"stats_ts", "n_events", "n_click", "price"} <= set(got.schema.names)
+        assert got.equals(expected.split(split)), split  # histories and every statistic column alike
+        assert {"stat_n_events", "stat_n_click", "stat_price", "hist_stat_price"} <= set(got.schema.names)
+        # the same tensors from Feast's point-in-time join as from the local path
+        local, feast = (encode_samples(t, catalog, 5, statistics) for t in (expected.split(split), got))
+        for name, tensor in local.tensors.items():
+            assert torch.equal(tensor, feast.tensors[name]), (split, name)
 
 
 TIED_AT = pd.Timestamp("2025-03-01 02:00", tz="UTC")

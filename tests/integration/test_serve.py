@@ -14,21 +14,24 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 import requests
 import torch
 import yaml
 
 from marn.config import load_config
-from marn.data.samples import SAMPLE_SCHEMA
+from marn.data.samples import SAMPLE_SCHEMA, build_samples, candidate_stat_columns, history_stat_columns
 from marn.data.schema import read_dataset
+from marn.data.stats import earliest_time, item_stat_table, stat_names, stats_before
 from marn.data.synth import synthesize
 from marn.data.tensors import encode_samples
 from marn.features import materialize_features
 from marn.registry import GateDecision, champion, register_model
 from marn.stages import publish_item_representations, registry_dir, work_path
-from marn.train import train_model
+from marn.train import load_trained, predict, train_model
 
 pytestmark = pytest.mark.slow
 
@@ -72,6 +75,24 @@ def _scorer(world, arm):
     return ArmScorer(champion(registry_dir(cfg), arm).checkpoint, fetcher, cfg.samples.max_history)
 
 
+def _with_statistics(table: pa.Table, dataset) -> pa.Table:
+    """Sample rows plus their point-in-time statistics, computed on the local path (build_samples')."""
+    stats = item_stat_table(dataset, earliest_time(dataset))
+    names = stat_names(stats)
+    ts = table.column("ts").to_numpy()
+    history = table.column("hist_item_ids").combine_chunks()
+    lengths = pc.list_value_length(history).to_numpy(zero_copy_only=False)
+    candidates = stats_before(stats, table.column("item_id").to_numpy(zero_copy_only=False), ts)
+    histories = stats_before(stats, history.flatten().to_numpy(zero_copy_only=False), np.repeat(ts, lengths))
+    columns = {
+        **candidate_stat_columns(names, candidates),
+        **history_stat_columns(names, histories, np.r_[0, np.cumsum(lengths)]),
+    }
+    for name, column in columns.items():
+        table = table.append_column(name, column)
+    return table
+
+
 @pytest.mark.parametrize("arm", ["marn", "dupn"])
 def test_served_scores_equal_the_offline_model_on_the_same_inputs(world, arm):
     from serve.scoring import ScoreRequest
@@ -101,8 +122,8 @@ def test_served_scores_equal_the_offline_model_on_the_same_inputs(world, arm):
         for r, h in zip(requests_, histories, strict=True)
         for item in r.candidates
     ]
-    table = pa.Table.from_pylist(rows, schema=SAMPLE_SCHEMA)
-    batch = encode_samples(table, scorer.catalog, world["cfg"].samples.max_history).tensors
+    table = _with_statistics(pa.Table.from_pylist(rows, schema=SAMPLE_SCHEMA), read_dataset(world["data"]))
+    batch = encode_samples(table, scorer.catalog, world["cfg"].samples.max_history, scorer.statistics).tensors
     with torch.no_grad():
         offline = torch.sigmoid(scorer.model(batch).logits).numpy()
     assert np.abs(np.concatenate(served) - offline).max() < 1e-5
@@ -133,6 +154,48 @@ def test_a_stale_representation_table_is_refused(world, tmp_path):
     assert load_trained(other).name == "marn"
     with pytest.raises(RuntimeError, match="another version"):
         ArmScorer(other, FeatureFetcher(work_path(cfg, cfg.feast.repo_dir, "feast")), cfg.samples.max_history)
+
+
+@pytest.mark.parametrize("arm", ["marn", "dupn"])
+def test_test_samples_replayed_through_the_served_model_get_the_offline_scores(world, arm):
+    """Test samples sent as requests at their own time, the online store materialized as of the day's
+    snapshot before them: histories and point-in-time statistics come from Feast online, and the served
+    scores equal the offline model's on the same samples (the training path, encode_samples)."""
+    from serve.scoring import ScoreRequest
+
+    cfg, data = world["cfg"], world["data"]
+    dataset = read_dataset(data)
+    test = build_samples(dataset, cfg.samples).test
+    rows = test.to_pandas()
+    last_history = pd.to_datetime(rows["hist_ts"].map(max)).dt.tz_localize("UTC")  # naive from arrow lists
+    moments = pd.to_datetime(item_stat_table(dataset, earliest_time(dataset))["ts"].unique(), utc=True)
+    # the snapshot moment T with the most test samples in (T, T + 1 day] whose history ends by T
+    eligible = {
+        moment: (
+            (rows["ts"] > moment) & (rows["ts"] <= moment + pd.Timedelta(days=1)) & (last_history <= moment)
+        )
+        for moment in moments
+    }
+    moment, chosen = max(eligible.items(), key=lambda kv: int(kv[1].sum()))
+    assert chosen.sum() >= 6, "the tiny world has too few test samples on one day"
+    try:
+        materialize_features(data, cfg, as_of=moment.to_pydatetime())
+        scorer = _scorer(world, arm)
+        served = []
+        for start in range(0, len(rows), 2):  # a positive and its negative: one request
+            if not chosen.iloc[start]:
+                continue
+            pair = rows.iloc[start : start + 2]
+            now_us = int(pair["ts"].iloc[0].value // 1000)
+            [scores] = scorer.score([ScoreRequest(pair["user_id"].iloc[0], pair["item_id"].tolist())], now_us)
+            served += scores
+        trained = load_trained(champion(registry_dir(cfg), arm).checkpoint)
+        replayed = trained.encode(test.filter(pa.array(chosen.to_numpy())))
+        offline = predict(trained.model, replayed)
+        assert len(served) == len(offline) == chosen.sum()
+        assert np.abs(np.asarray(served) - offline).max() < 1e-5
+    finally:
+        materialize_features(data, cfg)  # the whole range again, for the tests after this one
 
 
 # -- the running service -------------------------------------------------------------------------------
