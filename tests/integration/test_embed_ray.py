@@ -21,6 +21,7 @@ import marn.embed as embed
 from marn.config import EmbedConfig, FeaturesConfig, RayConfig, SynthConfig
 from marn.data.item_features import build_item_features
 from marn.data.schema import read_dataset, write_table
+from marn.data.stats import StatDiscretizer
 from marn.data.synth import synthesize
 from marn.data.tensors import ItemCatalog
 from marn.embed import embed_items
@@ -93,7 +94,8 @@ def test_embed_caches_by_content_and_feeds_item_features(tmp_path, ray_running, 
     dataset = read_dataset(data)
     catalog = ItemCatalog.from_items(dataset.items)
     features_cfg = FeaturesConfig(image="embeddings", word_vectors=str(glove), title_len=8)
-    features = build_item_features(dataset, catalog, features_cfg)
+    no_statistics = StatDiscretizer((), (10, 100), ())  # this test is about the image vectors
+    features = build_item_features(dataset, catalog, features_cfg, no_statistics)
     assert features.image_source == "embeddings"
     assert features.image.shape == (len(catalog.items), DIM)
     codes = catalog.items.encode([ids[5]])
