@@ -72,9 +72,8 @@ def test_events_after_every_real_event_change_no_tensor_of_any_real_sample(world
 
 def test_seeded_training_gives_identical_test_metrics_with_events_after_every_real_event(world, tmp_path):
     last = pd.to_datetime(world.events["ts"], utc=True).max()
-    future = with_events(
-        world, outside_clicks(world, last + pd.Timedelta(days=1), list(world.items["item_id"]))
-    )
+    half = sorted(world.items["item_id"].astype(str))[::2]  # half the catalogue, each clicked 3 times
+    future = with_events(world, outside_clicks(world, last + pd.Timedelta(days=1), half * 3))
     settings = {
         "samples": {"max_history": 8},
         "train": {"model": "din", "epochs": 1, "batch_size": 128, "seed": 2},
