@@ -153,3 +153,61 @@ def test_auc_standard_error_matches_hanley_mcneil(scripts):
     # Chance AUC with 50 + 50 samples: variance (0.25 + 2 * 49 * (1/3 - 1/4)) / 2500, SE about 0.0580.
     assert report.auc_standard_error(0.5, 50, 50) == pytest.approx(0.0580, abs=1e-4)
     assert report.auc_standard_error(0.85, 943, 943) < report.auc_standard_error(0.85, 100, 100)
+
+
+def test_held_out_items_are_held_out_of_the_statistics_too(scripts, tmp_path):
+    """Table 5's items: dropped from train and valid, and their counts come from test clicks alone, so a
+    held-out item's test candidate reads the count of earlier test clicks, never of its removed events."""
+    from marn.config import load_config
+    from marn.data.schema import read_dataset
+    from marn.data.stats import stats_before
+    from marn.data.synth import synthesize
+    from marn.train import prepare_inputs
+
+    paper, _ = scripts
+    cfg = load_config(
+        None,
+        {
+            "synth": {"users": 80, "items": 30, "events_per_user": 10, "seed": 2},
+            "samples": {"max_history": 6},
+            "features": {"image": "pixels", "image_pixels": 4, "title_len": 4},
+        },
+    )
+    synthesize(tmp_path, cfg.synth)
+    dataset = read_dataset(tmp_path)
+    inputs = prepare_inputs(dataset, cfg)
+    held, held_out = paper.cold_inputs(dataset, inputs, share=0.2, seed=1)
+    ids = np.asarray(inputs.catalog.items.values, dtype=object)[held_out.numpy() - 1]
+    # the statistic table: held-out items count only test clicks (each user's last event)
+    events = dataset.events.sort_values(["user_id", "ts"])
+    last = events.groupby("user_id").tail(1)
+    for item in ids:
+        rows = held.item_stats[held.item_stats["item_id"] == item]
+        assert rows["n_events"].max() == (last["item_id"] == item).sum()
+    others = inputs.item_stats[~inputs.item_stats["item_id"].isin(ids)]
+    assert others.reset_index(drop=True).equals(
+        held.item_stats[~held.item_stats["item_id"].isin(ids)].reset_index(drop=True)
+    )
+    # the test candidates that are held out read those counts, bucketed as the model buckets them
+    test = held.test
+    on_held = torch.isin(test.tensors["item"], held_out)
+    assert on_held.any()
+    rows = torch.nonzero(on_held).flatten()
+    codes = paper.stat_codes(
+        held.item_stats,
+        np.asarray(("", *inputs.catalog.items.values), dtype=object)[test.tensors["item"][rows].numpy()],
+        test.times[rows.numpy()],
+        inputs.features.statistics,
+    )
+    assert np.array_equal(test.tensors["item_stats"][rows].numpy(), codes)
+    assert not torch.equal(test.tensors["item_stats"], inputs.test.tensors["item_stats"])  # they moved
+    counts = stats_before(held.item_stats, ids, np.repeat(test.times.max(), len(ids)))[:, 0]
+    full = stats_before(inputs.item_stats, ids, np.repeat(test.times.max(), len(ids)))[:, 0]
+    assert (counts <= full).all() and (counts < full).any()
+    # train and valid never mention them
+    for split in (held.train, held.valid):
+        assert not torch.isin(split.tensors["item"], held_out).any()
+        real = (
+            torch.arange(split.tensors["hist_items"].shape[1])[None, :] < split.tensors["hist_len"][:, None]
+        )
+        assert not (torch.isin(split.tensors["hist_items"], held_out) & real).any()
