@@ -115,7 +115,9 @@ def gap_buckets(target_us: np.ndarray, behavior_us: np.ndarray) -> np.ndarray:
 
     Whole seconds on both sides: Feast's online store keeps timestamps to the second, so serving sees
     behaviour times truncated, and the gap must be the same number offline."""
-    seconds = np.asarray(target_us, dtype=np.int64) // 10**6 - np.asarray(behavior_us, dtype=np.int64) // 10**6
+    seconds = (
+        np.asarray(target_us, dtype=np.int64) // 10**6 - np.asarray(behavior_us, dtype=np.int64) // 10**6
+    )
     gap_s = seconds.astype(np.float64)
     return 1 + np.clip(np.log2(np.maximum(gap_s, 1.0)).astype(np.int64), 0, GAP_BUCKETS - 2)
 

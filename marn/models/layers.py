@@ -280,7 +280,19 @@ class ItemModalities(nn.Module):
         """U item states -> (U, M, D) projected modality embeddings e^m (of ``modalities`` only, in their
         order, when given)."""
         chosen = self.modalities if modalities is None else modalities
-        return torch.stack([self.project[m](self.raw(states, m)) for m in chosen], dim=1)
+        # A batch holds many states of few items (the same item on many days): the item's own modalities
+        # (IDs, image, title CNN) run once per distinct item, only the statistics once per state.
+        items, inverse = torch.unique(states.items, return_inverse=True)
+        per_item = ItemStates(items, states.stats[:0])
+        return torch.stack(
+            [
+                self.project[m](self.raw(states, m))
+                if m == "stats"
+                else self.project[m](self.raw(per_item, m))[inverse]
+                for m in chosen
+            ],
+            dim=1,
+        )
 
 
 class BehaviorProperty(nn.Module):
