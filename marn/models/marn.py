@@ -136,7 +136,10 @@ class APGRU(nn.Module):
         self.hidden = hidden
 
     def states(self, reps: torch.Tensor, props: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """(B, L, D), (B, L, P), (B, L) -> hidden states (B, L, H) and update gates (B, L, H)."""
+        """(B, L, D), (B, L, P), (B, L) -> hidden states (B, L, H) and update gates (B, L, H).
+
+        The reference: the paper's equations step by step (tests and figures read the gates). Training and
+        serving run :meth:`fused_states`, tested equal to it."""
         x_r, x_u, x_h = self.input(reps).chunk(3, dim=-1)  # each (B, L, H), all steps at once
         x_u = x_u + self.property(props)
         h = reps.new_zeros(reps.shape[0], self.hidden)  # (B, H)
@@ -151,11 +154,35 @@ class APGRU(nn.Module):
             gates.append(u)
         return torch.stack(states, 1), torch.stack(gates, 1)
 
+    def fused_states(self, reps: torch.Tensor, props: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The hidden states of :meth:`states` (0 on padding) from one ATen GRU call instead of a Python loop.
+
+        The property enters the update gate only, so APGRU is a standard GRU over x_t = [rep_t; p_t] whose
+        reset and candidate weights are 0 on p_t. PyTorch's GRU keeps z = 1 - u (h' = (1 - z) n + z h), so
+        the update gate's weights and bias enter negated: sigmoid(-a) = 1 - sigmoid(a). Histories are
+        left-aligned, so no padding precedes a real step and the real steps' states equal the loop's.
+        """
+        h = self.hidden
+        w_r, w_u, w_h = self.input.weight.chunk(3, dim=0)  # each (H, D)
+        b_r, b_u, b_h = self.input.bias.chunk(3, dim=0)  # each (H,)
+        u_r, u_u, u_h = self.recurrent.weight.chunk(3, dim=0)  # each (H, H)
+        none = w_r.new_zeros(h, props.shape[-1])  # (H, P): the property stays out of r and h~
+        weight_ih = torch.cat(
+            [torch.cat([w_r, none], 1), -torch.cat([w_u, self.property.weight], 1), torch.cat([w_h, none], 1)]
+        )  # (3H, D + P)
+        weight_hh = torch.cat([u_r, -u_u, u_h])  # (3H, H)
+        bias_ih, bias_hh = torch.cat([b_r, -b_u, b_h]), w_r.new_zeros(3 * h)
+        x = torch.cat([reps, props], dim=-1)  # (B, L, D + P)
+        h0 = reps.new_zeros(1, reps.shape[0], h)
+        states, _ = torch.gru(
+            x, h0, [weight_ih, weight_hh, bias_ih, bias_hh], True, 1, 0.0, self.training, False, True
+        )
+        return states * mask[..., None].to(states.dtype)  # (B, L, H)
+
     def forward(
         self, reps: torch.Tensor, props: torch.Tensor, mask: torch.Tensor, candidate: torch.Tensor
     ) -> torch.Tensor:
-        states, _ = self.states(reps, props, mask)  # (B, L, H)
-        return self.attend(states, mask, candidate)
+        return self.attend(self.fused_states(reps, props, mask), mask, candidate)  # (B, H)
 
     def attend(self, states: torch.Tensor, mask: torch.Tensor, candidate: torch.Tensor) -> torch.Tensor:
         """Candidate attention: states (B, L, H), mask (B, L), candidate rep (B, D) -> user vector (B, H)."""
@@ -352,7 +379,7 @@ class MARN(CTRModel):
         steps = max(int(hist_len.max()), 1) if len(hist_len) else 1  # as recent_window: skip padding columns
         history, behavior, gap = history[:, :steps], behavior[:, :steps], gap[:, :steps]
         mask = sequence_mask(hist_len, steps)  # (R, L')
-        states, _ = self.sequence.states(history, self.behavior(behavior, gap), mask)  # (R, L', H)
+        states = self.sequence.fused_states(history, self.behavior(behavior, gap), mask)  # (R, L', H)
         rows = torch.repeat_interleave(torch.arange(len(counts)), counts)  # (N,) each candidate's user
         user = self.sequence.attend(states[rows], mask[rows], candidates)  # (N, H)
         return self.predict(torch.cat([user, candidates], dim=1)).squeeze(-1)  # (N,)
