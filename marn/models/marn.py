@@ -186,8 +186,13 @@ class APGRU(nn.Module):
 
     def attend(self, states: torch.Tensor, mask: torch.Tensor, candidate: torch.Tensor) -> torch.Tensor:
         """Candidate attention: states (B, L, H), mask (B, L), candidate rep (B, D) -> user vector (B, H)."""
-        query = candidate[:, None, :].expand(-1, states.shape[1], -1)  # (B, L, D)
-        scores = self.attention(torch.cat([states, query], dim=-1)).squeeze(-1)  # (B, L)
+        # MLP([h_t, rep_X]): its first layer splits into a per-step part and one per sample
+        first = self.attention[0]
+        w_state, w_candidate = first.weight.split([states.shape[-1], candidate.shape[-1]], dim=1)
+        hidden = (
+            F.linear(states, w_state) + F.linear(candidate, w_candidate, first.bias)[:, None, :]
+        )  # (B, L, A)
+        scores = self.attention.after_first(hidden).squeeze(-1)  # (B, L)
         return torch.einsum("bl,blh->bh", masked_softmax(scores, mask), states)  # (B, H)
 
 

@@ -222,3 +222,23 @@ def test_fused_apgru_equals_the_reference_loop_forward_and_gradients(seed):
     assert (reference[1] - fused[1]).abs().max() < 1e-6
     for a, b in zip(reference[2], fused[2], strict=True):
         assert (a - b).abs().max() < 1e-6
+
+
+def test_split_attention_layers_equal_the_concatenated_inputs():
+    """DIN's activation unit and APGRU's candidate attention split their first layer; the scores equal the
+    published concatenations [k, q, k - q, k * q] and [h_t, rep_X] within 1e-10 (float64)."""
+    from marn.models.layers import CandidateAttention, masked_softmax
+
+    torch.manual_seed(0)
+    unit = CandidateAttention(dim=6, hidden=(5, 3), normalize=False).double()
+    keys, query = torch.randn(4, 7, 6, dtype=torch.float64), torch.randn(4, 6, dtype=torch.float64)
+    mask = torch.ones(4, 7, dtype=torch.bool)
+    assert (unit.weights(keys, query, mask) - unit.scores_reference(keys, query)).abs().max() < 1e-10
+
+    cell = APGRU(input_dim=6, property_dim=4, hidden=5, attention_hidden=(3,)).double()
+    states, candidate = torch.randn(4, 7, 5, dtype=torch.float64), torch.randn(4, 6, dtype=torch.float64)
+    mask = torch.arange(7)[None, :] < torch.tensor([[7], [3], [1], [5]])
+    query = candidate[:, None, :].expand(-1, 7, -1)
+    scores = cell.attention(torch.cat([states, query], dim=-1)).squeeze(-1)
+    expected = torch.einsum("bl,blh->bh", masked_softmax(scores, mask), states)
+    assert (cell.attend(states, mask, candidate) - expected).abs().max() < 1e-10
