@@ -139,8 +139,10 @@ def model_floor(cfg, bodies: list[dict], repeats: int = 30) -> dict[str, dict[st
         now = time.time_ns() // 1000
         histories = scorer.histories(work, now)
         codes = [scorer.item_codes([*w.candidates, *h.items]) for w, h in zip(work, histories, strict=True)]
+        stats = [scorer.item_stats(list(c)) for c in codes]  # each item's current statistics, from Feast
         batches = [
-            scorer.expanded_batch([w], [h], c, now) for w, h, c in zip(work, histories, codes, strict=True)
+            scorer.expanded_batch([w], [h], c, st, now)
+            for w, h, c, st in zip(work, histories, codes, stats, strict=True)
         ]
         with torch.no_grad():
             scorer.model(batches[0])  # warm-up

@@ -198,6 +198,24 @@ def test_test_samples_replayed_through_the_served_model_get_the_offline_scores(w
         materialize_features(data, cfg)  # the whole range again, for the tests after this one
 
 
+def test_the_load_benchmarks_serving_floor_runs_on_the_registered_arms(world):
+    """benchmarks/serve_load.py's in-process floor: each arm's bare forward and whole scorer path."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "serve_load.py"
+    spec = importlib.util.spec_from_file_location("serve_load_under_test", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses resolve their module through sys.modules
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.modules.pop(spec.name, None)
+    bodies = [{"user_id": u, "candidates": world["items"][:20]} for u in world["users"][:3]]
+    floors = module.model_floor(world["cfg"], bodies, repeats=3)
+    assert set(floors) == {"marn", "dupn"}
+    assert all(f["forward_ms"] > 0 and f["scorer_ms"] > 0 for f in floors.values())
+
+
 # -- the running service -------------------------------------------------------------------------------
 
 
