@@ -360,12 +360,30 @@ def batch_items(batch: dict[str, torch.Tensor]) -> tuple[ItemStates, torch.Tenso
 
 
 def distinct_states(items: torch.Tensor, stats: torch.Tensor) -> tuple[ItemStates, torch.Tensor]:
-    """Item codes (...,) with their stat codes (..., F, G) -> the distinct states and (...,) inverse."""
+    """Item codes (...,) with their stat codes (..., F, G) -> the distinct states and (...,) inverse.
+
+    Exact, with 1-D sorts only (``torch.unique(dim=0)`` costs a few tensor ops per row on CPU): the codes
+    are packed into 63-bit columns, each column ranked, and the ranks folded column by column.
+    """
     shape, (f, g) = items.shape, stats.shape[-2:]
-    keys = torch.cat([items.reshape(-1, 1), stats.reshape(-1, f * g).to(items.dtype)], dim=1)  # (N, 1 + FG)
-    unique, inverse = torch.unique(keys, dim=0, return_inverse=True)
-    states = ItemStates(unique[:, 0], unique[:, 1:].reshape(-1, f, g).to(stats.dtype))
-    return states, inverse.reshape(shape)
+    flat_items, flat_stats = items.reshape(-1), stats.reshape(-1, f, g)
+    codes = flat_stats.reshape(len(flat_items), f * g).long()  # (N, FG), each >= 0
+    columns = [flat_items]
+    if codes.shape[1]:
+        bits = max(int(codes.max()).bit_length(), 1)
+        per_column = 63 // bits
+        for start in range(0, codes.shape[1], per_column):
+            chunk = codes[:, start : start + per_column]
+            shifts = torch.arange(chunk.shape[1], device=codes.device) * bits
+            columns.append((chunk << shifts).sum(dim=1))  # (N,) exact: the codes do not overlap
+    key = torch.zeros_like(flat_items)
+    for column in columns:
+        values, rank = torch.unique(column, return_inverse=True)
+        _, key = torch.unique(key * len(values) + rank, return_inverse=True)  # ranks stay below N
+    n_states = int(key.max()) + 1 if len(key) else 0
+    positions = torch.arange(len(key), device=key.device)
+    first = torch.full((n_states,), len(key), device=key.device).scatter_reduce_(0, key, positions, "amin")
+    return ItemStates(flat_items[first], flat_stats[first]), key.reshape(shape)
 
 
 def gather_items(per_item: torch.Tensor, inverse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -86,6 +86,7 @@ class ItemParts:
     w: torch.Tensor | None = None  # (U, M) importance weights w^m (ones for ADV)
     c: torch.Tensor | None = None  # (U, D) max_m w^m c^m
     d0_logits: torch.Tensor | None = None  # (U, M, M) D0 on each c^m
+    ds_logits: torch.Tensor | None = None  # (U, M, M) Ds (D1's weights) on S_m(e^m), e^m detached; training
 
 
 def adversarial_weight(progress: float, lambda0: float, gamma: float) -> float:
@@ -235,25 +236,64 @@ class MARN(CTRModel):
     # -- item representations ---------------------------------------------------------------------------
 
     def decompose(self, states: ItemStates) -> ItemParts:
-        """U item states -> every intermediate of paper 3.1-3.3 for these items (see ItemParts)."""
-        e = self.embedding(states)  # (U, M, D_e)
-        specific = torch.relu(self.specific(e))  # (U, M, D) s^m
-        atten = None
-        if self.variant.fusion == "maf":
-            s, atten = self.fusion(specific)  # (U, D), (U, M, D)
-        else:
-            s = specific.sum(1)  # CONC: the projected modalities summed; "single": M = 1
+        """U item states -> every intermediate of paper 3.1-3.3 for these states (see ItemParts).
+
+        A batch holds many states of few items (the same item on many days), and only the statistics differ
+        between them: every per-modality quantity (e^m, s^m, atten^m, c^m, D0's w^m) of the other
+        modalities is computed once per distinct item and gathered, the statistics' once per state. s and c
+        then combine them per state, exactly as if all were computed per state.
+        """
+        items, inverse = torch.unique(states.items, return_inverse=True)  # (U_i,), (U,)
+        per_modality: list[dict[str, torch.Tensor | None]] = []
+        rest = [k for k, m in enumerate(self.embedding.modalities) if m != "stats"]
+        if rest:
+            no_stats = ItemStates(items, states.stats[:0])
+            e = self.embedding(no_stats, [self.embedding.modalities[k] for k in rest])  # (U_i, M', D_e)
+            per_item = self._parts(e, rest)
+            per_modality.append({k: None if v is None else v[inverse] for k, v in per_item.items()})
+        if "stats" in self.embedding.modalities:  # always the last modality (MODALITIES order)
+            index = [self.embedding.modalities.index("stats")]
+            per_modality.append(self._parts(self.embedding(states, ["stats"]), index))
+        p = {
+            key: None if per_modality[0][key] is None else torch.cat([part[key] for part in per_modality], 1)
+            for key in per_modality[0]
+        }  # each (U, M, ...)
+        specific, atten = p["specific"], p["atten"]
+        s = (atten * specific).sum(1) if atten is not None else specific.sum(1)  # (U, D) MAF or CONC
         if self.variant.adversarial == "none":
-            return ItemParts(e, specific, atten, s, rep=s)
-        invariant = torch.relu(self.invariant(e))  # (U, M, D) c^m
-        d0_logits = None
-        if self.variant.adversarial == "ddma":
-            d0_logits = self.d0(invariant.detach())  # (U, M, M): no gradient of L_D0 reaches I
-            w = 1.0 - torch.softmax(d0_logits, -1).diagonal(dim1=1, dim2=2).detach()  # (U, M) w^m in [0, 1]
-        else:
-            w = torch.ones(invariant.shape[:2], device=invariant.device)  # ADV: no importance weights
-        c = (w[..., None] * invariant).amax(dim=1)  # (U, D) elementwise max over w^m c^m
-        return ItemParts(e, specific, atten, s, s + c, invariant, w, c, d0_logits)
+            return ItemParts(p["e"], specific, atten, s, rep=s)
+        c = (p["w"][..., None] * p["invariant"]).amax(dim=1)  # (U, D) elementwise max over w^m c^m
+        return ItemParts(
+            p["e"], specific, atten, s, s + c, p["invariant"], p["w"], c, p["d0_logits"], p["ds_logits"]
+        )
+
+    def _parts(self, e: torch.Tensor, index: list[int]) -> dict[str, torch.Tensor | None]:
+        """e (U, K, D_e) of the modalities at ``index`` -> their per-modality intermediates, each (U, K, ...):
+        e, s^m, atten^m (MAF), c^m, D0's logits (U, K, M), w^m (U, K) and Ds' logits (training, DDMA)."""
+        at = torch.tensor(index, device=e.device)
+        weight, bias = self.specific.weight[at], self.specific.bias[at]  # S_m of these modalities
+        specific = torch.relu(torch.einsum("uki,kio->uko", e, weight) + bias)  # (U, K, D) s^m
+        out: dict[str, torch.Tensor | None] = {"e": e, "specific": specific, "atten": None}
+        out |= {"invariant": None, "w": None, "d0_logits": None, "ds_logits": None}
+        if self.variant.fusion == "maf":
+            attention = self.fusion.attention
+            out["atten"] = torch.tanh(
+                torch.einsum("uki,kio->uko", specific, attention.weight[at]) + attention.bias[at]
+            )  # (U, K, D): one weight per modality and dimension
+        if self.variant.adversarial == "none":
+            return out
+        invariant = torch.relu(self.invariant(e))  # (U, K, D) c^m
+        out["invariant"] = invariant
+        if self.variant.adversarial == "adv":
+            out["w"] = torch.ones(invariant.shape[:2], device=e.device)  # ADV: no importance weights
+            return out
+        logits = self.d0(invariant.detach())  # (U, K, M): no gradient of L_D0 reaches I
+        own = torch.softmax(logits, -1).gather(-1, at[None, :, None].expand(len(e), -1, 1)).squeeze(-1)
+        out["d0_logits"], out["w"] = logits, (1.0 - own).detach()  # w^m in [0, 1], a constant
+        if self.training:  # Ds: D1's weights on S_m(e^m), the gradient stopped before the embedding layer
+            ds_specific = torch.relu(torch.einsum("uki,kio->uko", e.detach(), weight) + bias)
+            out["ds_logits"] = self.d1(ds_specific)  # (U, K, M)
+        return out
 
     def adversarial_losses(self, states: ItemStates, parts: ItemParts) -> dict[str, torch.Tensor]:
         """L_adv (D1 vs I through the GRL), L_D0 and L_Ds on the non-padding items; {} without DDMA/ADV."""
@@ -263,8 +303,7 @@ class MARN(CTRModel):
         losses = {"adv": self._d1_loss(parts.invariant[real], parts.w[real])}
         if self.variant.adversarial == "ddma":
             losses["d0"] = self._modality_ce(parts.d0_logits[real])
-            e_stopped = parts.e[real].detach()  # Ds: gradient stops before the embedding layer
-            losses["ds"] = self._modality_ce(self.d1(torch.relu(self.specific(e_stopped))))  # D1's weights
+            losses["ds"] = self._modality_ce(parts.ds_logits[real])  # D1 on S_m(e^m), e^m detached
         return losses
 
     def represent(self, states: ItemStates) -> torch.Tensor:
@@ -302,26 +341,11 @@ class MARN(CTRModel):
     def _modality_terms(self, e: torch.Tensor, index: list[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """e (U, K, D_e) of the modalities at ``index`` -> their fusion terms (U, K, D) (atten^m s^m, or s^m
         for CONC) and w^m c^m (U, K, D) (None without an adversarial branch), as :meth:`decompose`."""
-        at = torch.tensor(index, device=e.device)
-        specific = torch.relu(
-            torch.einsum("uki,kio->uko", e, self.specific.weight[at]) + self.specific.bias[at]
-        )  # (U, K, D) s^m
-        terms = specific
-        if self.variant.fusion == "maf":
-            attention = self.fusion.attention
-            atten = torch.tanh(
-                torch.einsum("uki,kio->uko", specific, attention.weight[at]) + attention.bias[at]
-            )
-            terms = atten * specific
-        if self.variant.adversarial == "none":
+        parts = self._parts(e, index)
+        terms = parts["specific"] if parts["atten"] is None else parts["atten"] * parts["specific"]
+        if parts["invariant"] is None:
             return terms, None
-        invariant = torch.relu(self.invariant(e))  # (U, K, D) c^m
-        if self.variant.adversarial == "ddma":
-            probs = torch.softmax(self.d0(invariant), -1)  # (U, K, M)
-            w = 1.0 - probs.gather(-1, at[None, :, None].expand(len(e), -1, 1)).squeeze(-1)  # (U, K)
-        else:
-            w = torch.ones(invariant.shape[:2], device=e.device)
-        return terms, w[..., None] * invariant
+        return terms, parts["w"][..., None] * parts["invariant"]
 
     def _d1_loss(self, invariant: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """Eq. 7 through a gradient reversal layer: D1 learns to tell modalities apart, I to confuse it."""

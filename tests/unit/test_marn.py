@@ -56,11 +56,10 @@ def test_no_gradient_of_l_ds_reaches_the_embedding_layer(model, items):
 
 
 def test_ds_shares_d1s_parameters(model, items):
-    parts = model.decompose(items)
-    before = model.adversarial_losses(items, parts)["ds"].item()
+    before = model.adversarial_losses(items, model.decompose(items))["ds"].item()
     with torch.no_grad():
         model.d1.weight.add_(torch.randn_like(model.d1.weight))
-    assert model.adversarial_losses(items, parts)["ds"].item() != pytest.approx(before)
+    assert model.adversarial_losses(items, model.decompose(items))["ds"].item() != pytest.approx(before)
     names = [name for name, _ in model.named_parameters() if name.startswith(("d0.", "d1.", "ds"))]
     assert sorted(names) == ["d0.bias", "d0.weight", "d1.bias", "d1.weight"]  # no third discriminator
 
@@ -242,3 +241,23 @@ def test_split_attention_layers_equal_the_concatenated_inputs():
     scores = cell.attention(torch.cat([states, query], dim=-1)).squeeze(-1)
     expected = torch.einsum("bl,blh->bh", masked_softmax(scores, mask), states)
     assert (cell.attend(states, mask, candidate) - expected).abs().max() < 1e-10
+
+
+@pytest.mark.parametrize("name", ["marn", "base_conc", "base_maf_adv", "base_ids"])
+def test_per_item_decomposition_equals_computing_every_state_in_full(tiny_world, name):
+    """decompose computes every modality but the statistics once per item; the same numbers (and the same
+    losses) as running the whole network on each state."""
+    torch.manual_seed(0)
+    model = MARN(tiny_world.catalog, tiny_world.features, tiny_world.model_cfg, VARIANTS[name]).train()
+    base = item_states(tiny_world.features, torch.arange(1, 12), seed=5)
+    again = item_states(tiny_world.features, torch.arange(1, 12), seed=6)  # the same items, other counts
+    states = ItemStates(torch.cat([base.items, again.items]), torch.cat([base.stats, again.stats]))
+    parts = model.decompose(states)
+    for k in range(len(states)):  # one state at a time: nothing shared between states
+        one = model.decompose(ItemStates(states.items[k : k + 1], states.stats[k : k + 1]))
+        assert torch.allclose(one.rep, parts.rep[k : k + 1], atol=1e-6)
+        assert torch.allclose(one.specific, parts.specific[k : k + 1], atol=1e-6)
+        if one.w is not None:
+            assert torch.allclose(one.w, parts.w[k : k + 1], atol=1e-6)
+    if "stats" in model.embedding.modalities:
+        assert not torch.allclose(parts.rep[:11], parts.rep[11:])  # the counts reach rep
