@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 # column: handing GX the whole catalogue as a value_set took 11 s for 1M events and 100k items (~150x the
 # lookup) and grows with the catalogue.
 _KNOWN_ITEM = "__item_id_in_items"
+_PAST_ONLY = "__counts_only_earlier_events"
 
 # Columns shown with every bad row so the row can be found again (besides the failing column).
 _KEY_COLUMNS = {
@@ -461,9 +462,68 @@ def _build_suites(
     if stats is not None:
         checks = [not_null(c) for c in ("item_id", "ts") if c in ok]
         checks += [non_negative(c) for c in stats.columns if c.startswith(STAT_PREFIX) and c in ok]
+        events, events_ok = frames.get(schema.EVENTS), usable.get(schema.EVENTS, set())
+        counts = [c for c in stats.columns if c.startswith(STAT_PREFIX) and c in ok]
+        if (
+            {"item_id", "ts"} <= ok
+            and counts
+            and events is not None
+            and {"item_id", "behavior", "ts"} <= events_ok
+        ):
+            # in place, as _KNOWN_ITEM: a snapshot may count only events strictly before its own time
+            stats[_PAST_ONLY] = _counts_only_earlier_events(stats, events, counts)
+            checks.append(
+                _Check(
+                    gxe.ExpectColumnValuesToBeInSet(column=_PAST_ONLY, value_set=[True]),
+                    ",".join(counts),
+                    "expect_column_values_to_be_in_set",
+                    "counts more events than happened before the snapshot's ts (a point-in-time leak: "
+                    "the row stamped day D may count only events before D)",
+                )
+            )
         if checks:
             suites.append(_Suite(schema.ITEM_STATS, stats, checks))
     return suites
+
+
+def _counts_only_earlier_events(stats: pd.DataFrame, events: pd.DataFrame, counts: list[str]) -> np.ndarray:
+    """True where every count of a snapshot row (``n_events``, ``n_<behaviour>``) is at most the number of
+    the item's events (of that behaviour) strictly before the row's ts; rows with a null key pass (the
+    not-null expectations report them). Counts of a behaviour the events never show are not bounded."""
+    ok = np.ones(len(stats), dtype=bool)
+    keyed = stats["item_id"].notna().to_numpy() & stats["ts"].notna().to_numpy()
+    queries = pd.DataFrame(
+        {
+            "item_id": stats["item_id"].astype(str).to_numpy()[keyed],
+            "ts": pd.to_datetime(stats["ts"][keyed], utc=True).dt.as_unit("us").reset_index(drop=True),
+            "_row": np.flatnonzero(keyed),
+        }
+    ).sort_values("ts", kind="stable")
+    valid = events["item_id"].notna() & events["ts"].notna()
+    log = pd.DataFrame(
+        {
+            "item_id": events["item_id"][valid].astype(str).to_numpy(),
+            "behavior": events["behavior"][valid].astype(str).to_numpy(),
+            "ts": pd.to_datetime(events["ts"][valid], utc=True).dt.as_unit("us").reset_index(drop=True),
+        }
+    )
+    for column in counts:
+        behavior = column[len(STAT_PREFIX) :]
+        if behavior == "events":
+            mine = log
+        elif behavior in set(log["behavior"]):
+            mine = log[log["behavior"] == behavior]
+        else:
+            continue
+        mine = mine.sort_values(["item_id", "ts"], kind="stable")
+        mine = mine.assign(_before=mine.groupby("item_id").cumcount() + 1).sort_values("ts", kind="stable")
+        found = pd.merge_asof(
+            queries, mine[["item_id", "ts", "_before"]], on="ts", by="item_id", allow_exact_matches=False
+        )  # the item's last event strictly before the snapshot, and how many came up to it
+        allowed = found["_before"].fillna(0).to_numpy()
+        values = pd.to_numeric(stats[column], errors="coerce").to_numpy()[found["_row"].to_numpy()]
+        ok[found["_row"].to_numpy()] &= ~(values > allowed)  # NaN compares False: the not-null check's
+    return ok
 
 
 def _known(ids: pd.Series, catalogue: pd.Series) -> np.ndarray:

@@ -446,3 +446,21 @@ def test_write_dataset_output_validates(tmp_path: Path) -> None:
     assert "first_seen" in pq.read_schema(tmp_path / "items.parquet").names
     report = validate_dataset(tmp_path, CFG, now=NOW)
     assert report.success, report.to_text()
+
+
+def test_item_stats_that_count_events_at_or_after_their_stamp_are_a_leak(tmp_path: Path) -> None:
+    """The contract: the snapshot stamped D counts only events before D. Counts stamped a day early (they
+    include the day's own events) would hand every sample of that day its own click."""
+    from marn.data.stats import daily_item_stats
+
+    _write(tmp_path)
+    honest = daily_item_stats(_events())
+    schema.write_table(tmp_path, schema.ITEM_STATS, honest)
+    report = validate_dataset(tmp_path, CFG, now=NOW)
+    assert report.success, report.to_text()
+    leaky = honest.assign(ts=honest["ts"] - pd.Timedelta(days=1))
+    schema.write_table(tmp_path, schema.ITEM_STATS, leaky)
+    report = validate_dataset(tmp_path, CFG, now=NOW)
+    failures = [f for f in report.failures if f.where.startswith("item_stats")]
+    assert failures and all(f.expectation == "expect_column_values_to_be_in_set" for f in failures)
+    assert "point-in-time leak" in report.to_text()
