@@ -269,6 +269,7 @@ def run_benchmark(
     models: Sequence[str] | None = None,
     references: bool = True,
     log: Callable[[str], None] = print,
+    profile: int = 0,
 ) -> Result:
     """Time each model in ``models`` (default: the whole registry) and, with ``references``, din[ids] and
     DeepCTR's DIN. A model that fails to build or run gets a row with ``skipped`` set; the rest go on."""
@@ -316,6 +317,9 @@ def run_benchmark(
             gc.collect()
         row.note = note
         rows.append(row)
+        if profile:
+            log(f"{prefix}: top operators over {profile} training steps (torch.profiler, self CPU time)")
+            log(profile_steps(build, stream, profile))
         log(
             f"{prefix}: {row.train_samples_per_s:,.0f} train samples/s, "
             f"infer p50 {row.infer_p50_ms:.2f} ms, cpu share {row.train_cpu_share:.2f} "
@@ -324,6 +328,22 @@ def run_benchmark(
     result = Result(settings, rows)
     result.ratios = ratios(rows)
     return result
+
+
+def profile_steps(build: Callable[[], Runner], stream: Stream, steps: int, top: int = 15) -> str:
+    """torch.profiler's table of the operators with the most self CPU time over ``steps`` training steps
+    of a fresh model (after one untimed step)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.manual_seed(0)
+    runner = build()
+    batches = [runner.prepare(b) for b in stream.timed[: steps + 1]]
+    runner.model.train()
+    runner.train_step(batches[0], 0.0)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for x in batches[1:]:
+            runner.train_step(x, 0.5)
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top)
 
 
 class _Skip(Exception):
@@ -353,6 +373,12 @@ def ratios(rows: Sequence[Row]) -> dict[str, float | None]:
         for row in by_name.values():
             row.cost_vs_din = reference.train_samples_per_s / row.train_samples_per_s
     out["marn_cost_vs_din"] = by_name["marn"].cost_vs_din if "marn" in by_name else None
+    # the throughput goals: our full-feature models against DeepCTR's ID-only DIN, same batch and history
+    for name in ("marn", REFERENCE):
+        mine = by_name.get(name)
+        out[f"{name}_vs_deepctr_train"] = (
+            mine.train_samples_per_s / theirs.train_samples_per_s if mine and theirs else None
+        )
     return out
 
 
@@ -452,6 +478,12 @@ def render(result: Result, console: Console) -> None:
             f"[yellow]CPU contended while training {escape(', '.join(busy))} (process CPU time under "
             f"{BUSY_SHARE:.0%} of wall time): other work shared the cores; rerun to compare[/yellow]"
         )
+    for name in ("marn", REFERENCE):
+        value = ratio.get(f"{name}_vs_deepctr_train")
+        console.print(
+            f"{name} (every modality) vs {DEEPCTR_DIN} (IDs only): train samples/s x{_fmt(value, '.2f')} "
+            f"(goal >= {DEEPCTR_SPEED_GOAL:.1f}) {_verdict(value, True)}"
+        )
     cost = ratio.get("marn_cost_vs_din")
     console.print(
         f"marn training cost per sample vs {REFERENCE}: x{_fmt(cost, '.2f')} "
@@ -499,6 +531,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1: repeatable numbers)")
     p.add_argument("--seed", type=int, default=7, help="data, batch order and initialisation seed (7)")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
+    p.add_argument(
+        "--profile", type=int, default=0, help="also print torch.profiler's top operators over N train steps"
+    )
     return p.parse_args(argv)
 
 
@@ -544,6 +579,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         models=models,
         references=not args.no_references,
         log=log,
+        profile=args.profile,
     )
     render(result, console)
     if args.json is not None:
@@ -556,6 +592,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "ratios": result.ratios,
             "goals": {
                 "din_ids_vs_deepctr_train": f">= {DEEPCTR_SPEED_GOAL}",
+                "marn_vs_deepctr_train": f">= {DEEPCTR_SPEED_GOAL}",
+                "din_vs_deepctr_train": f">= {DEEPCTR_SPEED_GOAL}",
                 "marn_cost_vs_din": f"<= {MARN_COST_GOAL}",
             },
         }
