@@ -297,10 +297,12 @@ def _split_table(
     table = pa.Table.from_arrays(columns, schema=SAMPLE_SCHEMA)
     names = stat_names(stats)
     target_ts = seq.ts[rows]
-    history = stats_before(stats, seq.items[hist_idx], np.repeat(target_ts, hist_len))  # per target
-    columns = candidate_stat_columns(names, stats_before(stats, candidate, target_ts[pair]))  # per sample
-    for column, values in history_stat_columns(names, history, offsets).items():
-        columns[column] = values.take(take)  # a positive and its negative share the history
-    for column, values in columns.items():
+    per_target = stats_before(stats, seq.items[hist_idx], np.repeat(target_ts, hist_len))  # (sum L, F)
+    stat_columns = candidate_stat_columns(
+        names, stats_before(stats, candidate, target_ts[pair])
+    )  # per sample
+    for column, values in history_stat_columns(names, per_target, offsets).items():
+        stat_columns[column] = values.take(take)  # a positive and its negative share the history
+    for column, values in stat_columns.items():
         table = table.append_column(column, values)
     return table
