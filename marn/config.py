@@ -125,7 +125,7 @@ class FeastConfig(Strict):
     repo_dir: Path | None = None  # generated repo (yaml, registry, feature tables); None: <work_dir>/feast
     online_store: Literal["sqlite", "redis"] = "sqlite"  # sqlite locally, redis in the cluster
     redis_connection: str = "localhost:6379"  # host:port[,password=...] when online_store is redis
-    ttl_days: int = Field(3650, ge=1)  # how far back a point-in-time join may look
+    ttl_days: int = Field(3650, ge=1)  # how far back a user_sequences join may look (item_stats: no ttl)
 
 
 class DistributedConfig(Strict):
