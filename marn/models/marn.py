@@ -161,7 +161,7 @@ class APGRU(nn.Module):
         The property enters the update gate only, so APGRU is a standard GRU over x_t = [rep_t; p_t] whose
         reset and candidate weights are 0 on p_t. PyTorch's GRU keeps z = 1 - u (h' = (1 - z) n + z h), so
         the update gate's weights and bias enter negated: sigmoid(-a) = 1 - sigmoid(a). Histories are
-        left-aligned, so no padding precedes a real step and the real steps' states equal the loop's.
+        left-aligned (``mask`` is a prefix), so the real steps' states equal the loop's.
         """
         h = self.hidden
         w_r, w_u, w_h = self.input.weight.chunk(3, dim=0)  # each (H, D)
@@ -174,9 +174,15 @@ class APGRU(nn.Module):
         weight_hh = torch.cat([u_r, -u_u, u_h])  # (3H, H)
         bias_ih, bias_hh = torch.cat([b_r, -b_u, b_h]), w_r.new_zeros(3 * h)
         x = torch.cat([reps, props], dim=-1)  # (B, L, D + P)
-        h0 = reps.new_zeros(1, reps.shape[0], h)
-        states, _ = torch.gru(
-            x, h0, [weight_ih, weight_hh, bias_ih, bias_hh], True, 1, 0.0, self.training, False, True
+        # Packed: the input projection and each step run on real behaviours only (histories are mostly
+        # much shorter than the batch's longest); an empty history runs one padding step, masked below.
+        lengths = mask.sum(1).clamp(min=1).cpu()
+        packed = nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+        h0 = reps.new_zeros(1, reps.shape[0], h)[:, packed.sorted_indices]
+        weights = [weight_ih, weight_hh, bias_ih, bias_hh]
+        data, _ = torch.gru(packed.data, packed.batch_sizes, h0, weights, True, 1, 0.0, self.training, False)
+        states, _ = nn.utils.rnn.pad_packed_sequence(
+            packed._replace(data=data), batch_first=True, total_length=reps.shape[1]
         )
         return states * mask[..., None].to(states.dtype)  # (B, L, H)
 
