@@ -75,7 +75,41 @@ class PropertyGatedLSTM(nn.Module):
             self.input.bias[hidden : 2 * hidden].fill_(forget_bias)
         self.hidden = hidden
 
-    def forward(self, items: torch.Tensor, props: torch.Tensor) -> torch.Tensor:
+    def forward(self, items: torch.Tensor, props: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """(B, L, E), (B, L, P), (B,) real lengths of left-aligned histories -> (B, L, H), 0 past each length.
+
+        One packed ATen LSTM call over real behaviours only: the property enters i, f and o, so this is a
+        standard LSTM over [x_t; p_t] whose g rows are 0 on p_t (PyTorch orders the gates i, f, g, o).
+        Equal to :meth:`reference` on every real step."""
+        h_dim = self.hidden
+        weight = torch.cat([self.input.weight, F.pad(self.property.weight, (0, 0, 0, h_dim))], dim=1)
+
+        def torch_order(rows: torch.Tensor) -> torch.Tensor:  # ours i, f, o, g -> PyTorch's i, f, g, o
+            i_f, o, g = rows[: 2 * h_dim], rows[2 * h_dim : 3 * h_dim], rows[3 * h_dim :]
+            return torch.cat([i_f, g, o])
+
+        params = [
+            torch_order(weight),
+            torch_order(self.recurrent.weight),
+            torch_order(self.input.bias),
+            self.input.bias.new_zeros(4 * h_dim),
+        ]
+        x = torch.cat([items, props], dim=-1)  # (B, L, E + P)
+        packed = nn.utils.rnn.pack_padded_sequence(
+            x, lengths.clamp(min=1).cpu(), batch_first=True, enforce_sorted=False
+        )
+        zeros = x.new_zeros(1, x.shape[0], h_dim)[:, packed.sorted_indices]
+        data, _, _ = torch.lstm(
+            packed.data, packed.batch_sizes, [zeros, zeros], params, True, 1, 0.0, self.training, False
+        )
+        states, _ = nn.utils.rnn.pad_packed_sequence(
+            packed._replace(data=data), batch_first=True, total_length=x.shape[1]
+        )
+        real = torch.arange(x.shape[1], device=x.device)[None, :] < lengths[:, None]  # (B, L)
+        return states * real[..., None].to(states.dtype)  # (B, L, H)
+
+    def reference(self, items: torch.Tensor, props: torch.Tensor) -> torch.Tensor:
+        """The paper's equations step by step, over every column (the tests hold ``forward`` to it)."""
         h_dim = self.hidden
         # W x_t + V p_t + b for every step in one matmul: [W | V] with V zero-padded on the g rows.
         weight = torch.cat([self.input.weight, F.pad(self.property.weight, (0, 0, 0, h_dim))], dim=1)
@@ -146,7 +180,7 @@ class DUPN(CTRModel):
         mask = sequence_mask(batch["hist_len"], history.shape[1])  # (B, L')
         props = self.behavior(batch["hist_behavior"], batch["hist_gap"])  # (B, L', P)
         # Histories are left-aligned, so real steps never see padding; the mask only cleans the tail.
-        states = self.lstm(history, props) * mask[..., None].float()  # (B, L', H)
+        states = self.lstm(history, props, batch["hist_len"])  # (B, L', H), 0 on padding
         weights = self.attention(states, props, candidate, mask)  # (B, L')
         return candidate, states, weights
 
@@ -174,7 +208,7 @@ class DUPN(CTRModel):
         history = vectors[inverse[n:]].view(r, steps, -1)  # (R, L', E)
         mask = sequence_mask(histories["hist_len"], steps)  # (R, L')
         props = self.behavior(histories["hist_behavior"], histories["hist_gap"])  # (R, L', P)
-        states = self.lstm(history, props) * mask[..., None].float()  # (R, L', H)
+        states = self.lstm(history, props, histories["hist_len"])  # (R, L', H), 0 on padding
         rows = torch.repeat_interleave(torch.arange(r), counts)  # (N,) each candidate's user
         weights = self.attention(states[rows], props[rows], candidate, mask[rows])  # (N, L')
         user = torch.einsum("nl,nlh->nh", weights, states[rows])  # (N, H)

@@ -138,7 +138,29 @@ def test_property_gated_lstm_without_property_is_a_standard_lstm():
         pg.recurrent.weight.copy_(ref.weight_hh_l0[order])
         pg.property.weight.zero_()
         x, props = torch.randn(2, 6, 5), torch.randn(2, 6, 3)
-        assert torch.allclose(pg(x, props), ref(x)[0], atol=1e-6)
+        assert torch.allclose(pg.reference(x, props), ref(x)[0], atol=1e-6)
+        assert torch.allclose(pg(x, props, torch.tensor([6, 6])), ref(x)[0], atol=1e-6)
+
+
+def test_packed_property_gated_lstm_equals_the_step_loop_forward_and_gradients():
+    torch.manual_seed(0)
+    lstm = PropertyGatedLSTM(input_dim=5, property_dim=3, hidden=4).double()
+    with torch.no_grad():
+        for p in lstm.parameters():
+            p.normal_(0.0, 0.7)
+    lengths = torch.tensor([6, 3, 1, 0])
+    real = (torch.arange(6)[None, :] < lengths[:, None])[..., None]
+    inputs = [torch.randn(4, 6, 5, dtype=torch.float64), torch.randn(4, 6, 3, dtype=torch.float64)]
+    runs = []
+    for packed in (False, True):
+        lstm.zero_grad()
+        x, props = (t.clone().requires_grad_(True) for t in inputs)
+        out = lstm(x, props, lengths) if packed else lstm.reference(x, props) * real
+        out.sin().sum().backward()
+        runs.append((out.detach(), [p.grad for p in lstm.parameters()] + [x.grad, props.grad]))
+    (a, ga), (b, gb) = runs
+    assert (a - b).abs().max() < 1e-10
+    assert all((x - y).abs().max() < 1e-10 for x, y in zip(ga, gb, strict=True))
 
 
 def test_dupn_attention_is_zero_on_padding_and_sums_to_one(tiny_world, batch):
