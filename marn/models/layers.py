@@ -132,15 +132,19 @@ class CandidateAttention(nn.Module):
 
         The first layer is linear in [k, q, k - q, k * q], so it splits exactly into a key part, a query
         part computed once per sample rather than once per step, and the product part: about a quarter of
-        the per-step work of the concatenated input (``scores_reference``)."""
+        the per-step work of the concatenated input (``scores_reference``). Only real positions are
+        scored: histories are mostly far shorter than the batch's longest."""
         first = self.score[0]  # Linear(4D, H1)
         w_k, w_q, w_d, w_p = first.weight.split(keys.shape[-1], dim=1)  # each (H1, D)
+        rows, cols = torch.nonzero(mask, as_tuple=True)  # (R,) each: the real positions
+        k, q = keys[rows, cols], query[rows]  # (R, D) each
         hidden = (
-            F.linear(keys, w_k + w_d)  # (B, L, H1)
-            + F.linear(query, w_q - w_d, first.bias)[:, None, :]  # (B, 1, H1): once per sample
-            + F.linear(keys * query[:, None, :], w_p)  # (B, L, H1)
+            F.linear(k, w_k + w_d)  # (R, H1)
+            + F.linear(query, w_q - w_d, first.bias)[rows]  # once per sample, then spread
+            + F.linear(k * q, w_p)  # (R, H1)
         )
-        scores = self.score.after_first(hidden).squeeze(-1)  # (B, L)
+        real = self.score.after_first(hidden).squeeze(-1)  # (R,)
+        scores = keys.new_zeros(mask.shape).index_put((rows, cols), real)  # (B, L), 0 on padding
         if self.normalize:
             return masked_softmax(scores, mask)
         return scores * mask.float()
