@@ -77,7 +77,7 @@ from marn.data.samples import (
     sample_targets,
 )
 from marn.data.schema import TS, Dataset, read_dataset
-from marn.data.stats import STAT_PREFIX, earliest_time, item_stat_table, stat_names
+from marn.data.stats import STAT_PREFIX, earliest_time, item_stat_table, snapshot_slots, stat_names
 from marn.data.text import tokenize_titles
 from marn.embed import IMAGE_EMBEDDINGS, TITLE_EMBEDDINGS
 
@@ -260,10 +260,8 @@ def _item_stats(dataset: Dataset, static_ts: pd.Timestamp) -> pa.Table:
     for name in stat_names(rows):
         if name.startswith(STAT_PREFIX):
             columns[name] = pa.array(rows[name].astype(np.int64), pa.int64())
-        else:
-            columns[name] = pa.array(
-                rows[name].astype(np.float64), pa.float64()
-            )  # nullable, one type for all
+        else:  # static columns: nullable, one type for all
+            columns[name] = pa.array(rows[name].astype(np.float64), pa.float64())
     return pa.table(columns)
 
 
@@ -577,7 +575,7 @@ def _stats_before(
     Counts with no snapshot in reach are 0, statics NaN (as :func:`marn.data.stats.stats_before`)."""
     names = [ref.split(":", 1)[1] for ref in refs]
     counts = [n.startswith(STAT_PREFIX) for n in names]
-    slot = np.searchsorted(moments, times.astype(moments.dtype), side="left") - 1
+    slot = snapshot_slots(moments, times.astype(moments.dtype))
     keys = pd.DataFrame({"item_id": items.astype(str), "_slot": slot})
     distinct = keys[keys["_slot"] >= 0].drop_duplicates(ignore_index=True)
     out = np.full((len(keys), len(names)), np.nan)

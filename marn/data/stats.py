@@ -95,6 +95,13 @@ def stat_names(table: pd.DataFrame) -> list[str]:
     return [c for c in table.columns if c not in ("item_id", "ts")]
 
 
+def snapshot_slots(moments: np.ndarray, times: np.ndarray) -> np.ndarray:
+    """Index into the sorted snapshot ``moments`` of the newest one strictly before each time; -1 when
+    none is. No snapshot of any item lies between that moment and t, so as of it (inclusive) every item's
+    newest row is its newest before t: the key both the local path and the Feast join look up."""
+    return np.searchsorted(moments, times, side="left") - 1
+
+
 def stats_before(table: pd.DataFrame, item_ids: Any, times: Any) -> np.ndarray:
     """Each (item, t)'s statistics from the newest row of ``table`` stamped strictly before t.
 
@@ -111,10 +118,9 @@ def stats_before(table: pd.DataFrame, item_ids: Any, times: Any) -> np.ndarray:
     if len(items) == 0 or table.empty:
         return out
     snap_ts = pd.to_datetime(table["ts"], utc=True).dt.as_unit("us").to_numpy()
-    # No row of any item lies in (g, t) for g = the newest snapshot time before t: as of g (inclusive)
-    # each item's newest row is its newest before t. Keys (item, g) repeat far more than (item, t).
+    # Keys (item, newest snapshot moment before t) repeat far more than (item, t).
     moments = np.unique(snap_ts)
-    slot = np.searchsorted(moments, t, side="left") - 1  # -1: before every snapshot
+    slot = snapshot_slots(moments, t)
     keys = pd.DataFrame({"item_id": items, "slot": slot})
     distinct = keys[keys["slot"] >= 0].drop_duplicates(ignore_index=True)
     if distinct.empty:
