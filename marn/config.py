@@ -92,6 +92,20 @@ class ModelConfig(Strict):
     discriminator_hidden: int = Field(0, ge=0)  # 0: the paper's linear M-way discriminators
     lambda0: float = Field(0.05, ge=0)  # adversarial weight, the paper's best (tuned 0.01..1.8)
     gamma: float = Field(10.0, gt=0)  # lambda schedule steepness, the paper's untuned value
+    # The adversary's open choices (DESIGN.md's reading of Eq. 7-10); the faithful one is each default, the
+    # other value an ablation row of benchmarks/paper.py.
+    # Eq. 7's w^m in D1's loss: divided by their mean over the batch's items and modalities, as in the
+    # importance-weighted adversarial nets DDMA builds on (Eq. 8's optimum is unchanged by a common factor;
+    # raw weights collapse with D0's confidence and switch the adversary off), or "raw".
+    d1_weights: Literal["batch_mean", "raw"] = "batch_mean"
+    # c = max_m(w^m c^m) with the paper's raw weights, or "per_item": M w^m / sum_k w^k (c at the scale of s)
+    pool_weights: Literal["raw", "per_item"] = "raw"
+    # The minimax plays "for updating I": D1 (and ADV's discriminator) see I(e^m) with e^m detached, so the
+    # reversed gradient stops at I; "embedding": it flows on through I into e^m (S_m's inputs too).
+    reversal_reaches: Literal["invariant", "embedding"] = "invariant"
+    # "loss_weight": loss = L_ctr + lambda (L_Ds + L_D0 + L_adv); "reversal": DANN's use of the schedule,
+    # lambda scales only what I and S_m get from the discriminators, which learn at full rate.
+    lambda_role: Literal["loss_weight", "reversal"] = "loss_weight"
     dropout: float = Field(0.0, ge=0, lt=1)
 
 

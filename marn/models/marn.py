@@ -4,7 +4,7 @@
     e^m --S_m--> s^m,  e^m --I--> c^m                    (U, M, D)      paper 3.2
     s = sum_m tanh(W_m s^m + b_m) * s^m                  (U, D)         MAF, Eq. 2-3
     D0(c^m, gradient into I stopped); w^m = 1 - D0^m(c^m), detached     DDMA, 3.3.2
-    D1(GRL(c^m)) weighted by w^m; c = max_m w^m c^m      (U, D)         Eq. 7
+    D1(GRL(I(e^m detached))) weighted by w^m / mean(w); c = max_m w^m c^m   (U, D)   Eq. 7
     Ds = D1's weights on S_m(e^m) with e^m detached                     3.3.3
     rep = s + c;  APGRU over (rep_t, p_t) + candidate attention -> u_X  3.4.1
     logit = MLP([u_X, rep_X])                                           3.4.2
@@ -17,7 +17,8 @@ Eq. 10 is missing from the paper; DESIGN.md gives our reading, which this file i
 paper leaves open are fields of :class:`marn.config.ModelConfig` or of :class:`Variant` below:
 discriminators are linear M-way classifiers (``discriminator_hidden`` = 0); S_m and I are Linear + ReLU;
 discriminator losses are averaged over the distinct, non-padding items of a batch; Eq. 7's weights w^m
-scale each item's log-likelihood (``d1_weighting="loss"``) rather than its input.
+scale each item's log-likelihood (``d1_weighting="loss"``) rather than its input. The adversary's switches
+(``d1_weights``, ``pool_weights``, ``reversal_reaches``, ``lambda_role``) are documented on ModelConfig.
 
 Ablations (paper Table 3) are the same network with parts switched off, see ``VARIANTS``:
 BaseModel = one modality or a fusion of them, a plain GRU whose last state is the user vector.
@@ -86,7 +87,15 @@ class ItemParts:
     w: torch.Tensor | None = None  # (U, M) importance weights w^m (ones for ADV)
     c: torch.Tensor | None = None  # (U, D) max_m w^m c^m
     d0_logits: torch.Tensor | None = None  # (U, M, M) D0 on each c^m
-    ds_logits: torch.Tensor | None = None  # (U, M, M) Ds (D1's weights) on S_m(e^m), e^m detached; training
+    ds_input: torch.Tensor | None = None  # (U, M, D) Ds' input S_m(e^m), e^m detached; training
+    adv_input: torch.Tensor | None = None  # (U, M, D) D1's input: c^m, I's own input detached; training
+
+
+def _over_batch_mean(w: torch.Tensor) -> torch.Tensor:
+    """w / mean(w) over every entry (IWAN's normalisation); an empty w stays empty."""
+    if w.numel() == 0:
+        return w
+    return w / w.mean().clamp_min(torch.finfo(w.dtype).tiny)
 
 
 def adversarial_weight(progress: float, lambda0: float, gamma: float) -> float:
@@ -269,18 +278,45 @@ class MARN(CTRModel):
         if self.variant.adversarial == "none":
             return ItemParts(p["e"], specific, atten, s, rep=s)
         c = (p["w"][..., None] * p["invariant"]).amax(dim=1)  # (U, D) elementwise max over w^m c^m
+        if self.cfg.pool_weights == "per_item":
+            c = c * self._per_item_scale(p["w"].sum(1, keepdim=True))  # max_m of (M w^m / sum_k w^k) c^m
         return ItemParts(
-            p["e"], specific, atten, s, s + c, p["invariant"], p["w"], c, p["d0_logits"], p["ds_logits"]
+            p["e"],
+            specific,
+            atten,
+            s,
+            rep=s + c,
+            invariant=p["invariant"],
+            w=p["w"],
+            c=c,
+            d0_logits=p["d0_logits"],
+            ds_input=p["ds_input"],
+            adv_input=p["adv_input"],
         )
+
+    def _per_item_scale(self, w_sum: torch.Tensor) -> torch.Tensor:
+        """M / sum_m w^m (U, 1): a positive factor per item, so it commutes with the max over modalities."""
+        return self.embedding.n_modalities / w_sum.clamp_min(torch.finfo(w_sum.dtype).tiny)
+
+    def pool_weights(self, w: torch.Tensor) -> torch.Tensor:
+        """(U, M) w^m -> the weights c = max_m(weight^m c^m) uses: raw, or M w^m / sum_k w^k per item."""
+        if self.cfg.pool_weights == "raw":
+            return w
+        return w * self._per_item_scale(w.sum(1, keepdim=True))
+
+    def d1_weights(self, w: torch.Tensor) -> torch.Tensor:
+        """(U', M) w^m of a batch's real items -> the weights of D1's loss: w / mean(w) (IWAN) or raw."""
+        return w if self.cfg.d1_weights == "raw" else _over_batch_mean(w)
 
     def _parts(self, e: torch.Tensor, index: list[int]) -> dict[str, torch.Tensor | None]:
         """e (U, K, D_e) of the modalities at ``index`` -> their per-modality intermediates, each (U, K, ...):
-        e, s^m, atten^m (MAF), c^m, D0's logits (U, K, M), w^m (U, K) and Ds' logits (training, DDMA)."""
+        e, s^m, atten^m (MAF), c^m, D0's logits (U, K, M), w^m (U, K), and in training D1's input (adversarial
+        variants) and Ds' input (DDMA)."""
         at = torch.tensor(index, device=e.device)
         weight, bias = self.specific.weight[at], self.specific.bias[at]  # S_m of these modalities
         specific = torch.relu(torch.einsum("uki,kio->uko", e, weight) + bias)  # (U, K, D) s^m
         out: dict[str, torch.Tensor | None] = {"e": e, "specific": specific, "atten": None}
-        out |= {"invariant": None, "w": None, "d0_logits": None, "ds_logits": None}
+        out |= {"invariant": None, "w": None, "d0_logits": None, "ds_input": None, "adv_input": None}
         if self.variant.fusion == "maf":
             attention = self.fusion.attention
             out["atten"] = torch.tanh(
@@ -290,6 +326,9 @@ class MARN(CTRModel):
             return out
         invariant = torch.relu(self.invariant(e))  # (U, K, D) c^m
         out["invariant"] = invariant
+        if self.training:  # D1 plays "for updating I": I(e^m) again, its input detached, stops the reversal
+            reach_e = self.cfg.reversal_reaches == "embedding"
+            out["adv_input"] = invariant if reach_e else torch.relu(self.invariant(e.detach()))
         if self.variant.adversarial == "adv":
             out["w"] = torch.ones(invariant.shape[:2], device=e.device)  # ADV: no importance weights
             return out
@@ -297,20 +336,52 @@ class MARN(CTRModel):
         own = torch.softmax(logits, -1).gather(-1, at[None, :, None].expand(len(e), -1, 1)).squeeze(-1)
         out["d0_logits"], out["w"] = logits, (1.0 - own).detach()  # w^m in [0, 1], a constant
         if self.training:  # Ds: D1's weights on S_m(e^m), the gradient stopped before the embedding layer
-            ds_specific = torch.relu(torch.einsum("uki,kio->uko", e.detach(), weight) + bias)
-            out["ds_logits"] = self.d1(ds_specific)  # (U, K, M)
+            out["ds_input"] = torch.relu(torch.einsum("uki,kio->uko", e.detach(), weight) + bias)  # (U, K, D)
         return out
 
-    def adversarial_losses(self, states: ItemStates, parts: ItemParts) -> dict[str, torch.Tensor]:
-        """L_adv (D1 vs I through the GRL), L_D0 and L_Ds on the non-padding items; {} without DDMA/ADV."""
+    def adversarial_losses(
+        self, states: ItemStates, parts: ItemParts, extractor_scale: float = 1.0
+    ) -> dict[str, torch.Tensor]:
+        """L_adv (D1 vs I through the GRL), L_D0 and L_Ds on the non-padding items; {} without DDMA/ADV.
+
+        ``extractor_scale``: the share of its discriminator's gradient that I (reversed) and S_m get; the
+        discriminators always get all of theirs (``lambda_role="reversal"`` passes lambda here)."""
         if self.variant.adversarial == "none":
             return {}
+        if parts.adv_input is None:
+            raise ValueError("the adversarial losses need the parts of a model in training mode")
         real = states.items != PAD  # padding rows carry no modality
-        losses = {"adv": self._d1_loss(parts.invariant[real], parts.w[real])}
+        losses = {"adv": self._d1_loss(parts.adv_input[real], parts.w[real], extractor_scale)}
         if self.variant.adversarial == "ddma":
             losses["d0"] = self._modality_ce(parts.d0_logits[real])
-            losses["ds"] = self._modality_ce(parts.ds_logits[real])  # D1 on S_m(e^m), e^m detached
+            ds_input = parts.ds_input[real]  # S_m(e^m), e^m detached
+            if extractor_scale != 1.0:
+                ds_input = grad_reverse(ds_input, -extractor_scale)  # S_m's gradient scaled, not reversed
+            losses["ds"] = self._modality_ce(self.d1(ds_input))
         return losses
+
+    @torch.no_grad()
+    def adversarial_diagnostics(self, states: ItemStates, parts: ItemParts) -> dict[str, torch.Tensor]:
+        """What the weighted losses hide (Figure 6a): D1's unweighted cross-entropy and accuracy on its input
+        c^m, D0's and Ds' accuracy, and per modality the mean w^m raw (``w_raw_*``), over the batch mean
+        (``w_norm_*``, as D1's loss uses them by default) and as the max-pool uses them (``w_pool_*``,
+        per-item weights only). Scalars over the non-padding items; {} without DDMA/ADV."""
+        if self.variant.adversarial == "none" or parts.adv_input is None:
+            return {}
+        real = states.items != PAD
+        logits = self.d1(parts.adv_input[real])
+        out = {"d1_ce": self._modality_ce(logits), "d1_acc": self._modality_accuracy(logits)}
+        if self.variant.adversarial == "adv":
+            return out  # w = 1
+        out["d0_acc"] = self._modality_accuracy(parts.d0_logits[real])
+        out["ds_acc"] = self._modality_accuracy(self.d1(parts.ds_input[real]))
+        w = parts.w[real]  # (U', M)
+        kinds = {"w_raw": w, "w_norm": _over_batch_mean(w)}
+        if self.cfg.pool_weights != "raw":
+            kinds["w_pool"] = self.pool_weights(w)
+        for kind, weights in kinds.items():
+            out |= {f"{kind}_{m}": weights[:, k].mean() for k, m in enumerate(self.embedding.modalities)}
+        return out
 
     def represent(self, states: ItemStates) -> torch.Tensor:
         """U item states -> rep (U, D)."""
@@ -319,46 +390,67 @@ class MARN(CTRModel):
     # rep as a time-invariant part and the statistics' part (serving, paper 4.9.2). s is a sum over
     # modalities of terms that each depend on one modality (atten^m depends on s^m alone), and c a max over
     # w^m c^m (w^m depends on c^m alone), so rep = (s_rest + t_stats) + max(c_rest, w^stats c^stats)
-    # exactly. Registration precomputes [s_rest; c_rest] per item; a request adds its items' current
-    # statistics, so a served rep never holds a stale count.
+    # exactly. Per-item pool weights only rescale that max by M / sum_m w^m, a positive factor per item, so
+    # the static part then also carries sum_rest w^m. Registration precomputes the static part per item; a
+    # request adds its items' current statistics, so a served rep never holds a stale count.
 
     def static_parts(self, items: torch.Tensor) -> torch.Tensor:
-        """(U,) item codes -> (U, 2D) [s_rest; c_rest] over every modality but the statistics."""
+        """(U,) item codes -> (U, 2D) [s_rest; c_rest] over every modality but the statistics, with
+        ``pool_weights="per_item"`` (U, 2D + 1) [s_rest; c_rest; sum_rest w^m] (c_rest of the raw w^m)."""
         rest = [k for k, m in enumerate(self.embedding.modalities) if m != "stats"]
         no_stats = ItemStates(items, torch.zeros(len(items), 0, 0, dtype=torch.int16, device=items.device))
         e = self.embedding(no_stats, [self.embedding.modalities[k] for k in rest])  # (U, M', D_e)
-        terms, weighted = self._modality_terms(e, rest)  # (U, M', D) each
+        terms, weighted, w = self._modality_terms(e, rest)  # (U, M', D), (U, M', D), (U, M')
         s = terms.sum(1)  # (U, D)
         c = weighted.amax(1) if weighted is not None else torch.zeros_like(s)  # (U, D)
+        if w is not None and self.cfg.pool_weights == "per_item":
+            return torch.cat([s, c, w.sum(1, keepdim=True)], dim=1)
         return torch.cat([s, c], dim=1)
 
     def represent_from_static(self, static: torch.Tensor, states: ItemStates) -> torch.Tensor:
-        """(U, 2D) :meth:`static_parts` and the U states (their stats codes) -> rep (U, D); equals
+        """:meth:`static_parts` (U, 2D or 2D + 1) and the U states (their stats codes) -> rep (U, D); equals
         :meth:`represent` up to float rounding."""
-        s, c = static.chunk(2, dim=1)  # (U, D) each
+        d = self.cfg.rep_dim
+        per_item = self.variant.adversarial != "none" and self.cfg.pool_weights == "per_item"
+        width = 2 * d + int(per_item)
+        if static.shape[1] != width:
+            raise ValueError(f"static parts of width {static.shape[1]}; this model's are {width}")
+        s, c, w_sum = static[:, :d], static[:, d : 2 * d], static[:, 2 * d :]  # (U, D), (U, D), (U, 0 or 1)
         if "stats" in self.embedding.modalities:
             index = self.embedding.modalities.index("stats")
-            terms, weighted = self._modality_terms(self.embedding(states, ["stats"]), [index])
+            terms, weighted, w = self._modality_terms(self.embedding(states, ["stats"]), [index])
             s = s + terms[:, 0]
             if weighted is not None:
                 c = torch.maximum(c, weighted[:, 0])
-        return s if self.variant.adversarial == "none" else s + c
+                w_sum = w_sum + w
+        if self.variant.adversarial == "none":
+            return s
+        return s + (c * self._per_item_scale(w_sum) if per_item else c)
 
-    def _modality_terms(self, e: torch.Tensor, index: list[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _modality_terms(
+        self, e: torch.Tensor, index: list[int]
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """e (U, K, D_e) of the modalities at ``index`` -> their fusion terms (U, K, D) (atten^m s^m, or s^m
-        for CONC) and w^m c^m (U, K, D) (None without an adversarial branch), as :meth:`decompose`."""
+        for CONC), w^m c^m (U, K, D) and w^m (U, K) (both None without an adversarial branch), as
+        :meth:`decompose`."""
         parts = self._parts(e, index)
         terms = parts["specific"] if parts["atten"] is None else parts["atten"] * parts["specific"]
         if parts["invariant"] is None:
-            return terms, None
-        return terms, parts["w"][..., None] * parts["invariant"]
+            return terms, None, None
+        return terms, parts["w"][..., None] * parts["invariant"], parts["w"]
 
-    def _d1_loss(self, invariant: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    def _d1_loss(self, adv_input: torch.Tensor, w: torch.Tensor, extractor_scale: float) -> torch.Tensor:
         """Eq. 7 through a gradient reversal layer: D1 learns to tell modalities apart, I to confuse it."""
+        weights = self.d1_weights(w)  # (U', M)
         if self.d1_weighting == "input":
-            return self._modality_ce(self.d1(grad_reverse(w[..., None] * invariant)))
-        logits = self.d1(grad_reverse(invariant))  # (U', M, M)
-        return self._modality_ce(logits, weights=w)
+            return self._modality_ce(self.d1(grad_reverse(weights[..., None] * adv_input, extractor_scale)))
+        logits = self.d1(grad_reverse(adv_input, extractor_scale))  # (U', M, M)
+        return self._modality_ce(logits, weights=weights)
+
+    def _modality_accuracy(self, logits: torch.Tensor) -> torch.Tensor:
+        """Share of the M-way modality logits (U', M, M) whose argmax is the slot's own modality."""
+        hits = logits.argmax(-1) == self.modality_labels  # (U', M)
+        return hits.float().mean()
 
     def _modality_ce(self, logits: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
         """Cross-entropy of M-way modality logits (U', M, M) against each slot's own modality."""
@@ -376,7 +468,11 @@ class MARN(CTRModel):
         batch = recent_window(batch)  # the recurrent loop costs per step: skip all-padding columns
         unique, inverse = batch_items(batch)
         parts = self.decompose(unique)
-        losses = self.adversarial_losses(unique, parts) if self.training else {}
+        weight = adversarial_weight(progress, self.cfg.lambda0, self.cfg.gamma)
+        as_reversal = self.cfg.lambda_role == "reversal"  # lambda scales the extractors' share only
+        losses = {}
+        if self.training:
+            losses = self.adversarial_losses(unique, parts, weight if as_reversal else 1.0)
         candidate, history = gather_items(parts.rep, inverse)  # (B, D), (B, L, D)
         mask = sequence_mask(batch["hist_len"], history.shape[1])  # (B, L)
         if self.variant.sequence == "apgru":
@@ -387,9 +483,10 @@ class MARN(CTRModel):
         logits = self.predict(torch.cat([user, candidate], dim=1)).squeeze(-1)  # (B,)
         if not losses:
             return ModelOutput(logits)
-        weight = adversarial_weight(progress, self.cfg.lambda0, self.cfg.gamma)
         aux = {name: loss.detach() for name, loss in losses.items()}
-        return ModelOutput(logits, aux_loss=weight * sum(losses.values()), aux=aux)
+        aux |= self.adversarial_diagnostics(unique, parts)
+        total = sum(losses.values())
+        return ModelOutput(logits, aux_loss=total if as_reversal else weight * total, aux=aux)
 
     # -- serving (paper 4.9.2) -----------------------------------------------------------------------------
 

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from conftest import item_states  # tests/ is on sys.path: pytest imports conftest from there
 
+from marn.config import ModelConfig
 from marn.models.layers import ItemStates, grad_reverse
 from marn.models.marn import APGRU, MARN, VARIANTS, adversarial_weight
 
@@ -20,6 +21,11 @@ def model(tiny_world):
 @pytest.fixture
 def items(tiny_world):
     return item_states(tiny_world.features, torch.arange(1, tiny_world.features.n_items))  # every real item
+
+
+def _with(world, **switches) -> ModelConfig:
+    """The tiny model config with some fields changed, validated like a config file."""
+    return ModelConfig.model_validate({**world.model_cfg.model_dump(), **switches})
 
 
 def _grads(module):
@@ -72,10 +78,11 @@ def test_invariant_projection_gets_the_reversed_gradient_of_d1(model, items):
     model.zero_grad()
     # The same Eq. 7 loss without the GRL: I's gradient flips sign, D1's does not.
     parts = model.decompose(items)
-    logits = model.d1(parts.invariant)  # (U, M, M)
+    logits = model.d1(parts.adv_input)  # (U, M, M)
     labels = torch.arange(logits.shape[1]).expand(logits.shape[0], -1)
     ce = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none").view_as(labels)
-    (ce * parts.w).mean().backward()
+    (ce * parts.w / parts.w.mean()).mean().backward()  # the default: w over its batch mean (IWAN)
+    assert torch.count_nonzero(reversed_grad) > 0
     assert torch.allclose(reversed_grad, -model.invariant.weight.grad, atol=1e-7)
     assert torch.allclose(d1_grad, model.d1.weight.grad, atol=1e-7)
 
@@ -119,9 +126,10 @@ def test_aux_loss_is_lambda_times_the_sum_of_the_three_losses(model, tiny_world)
     batch = tiny_world.train.batch(torch.arange(64))
     torch.manual_seed(1)
     out = model(batch, progress=0.5)
-    assert set(out.aux) == {"adv", "d0", "ds"}
+    assert {"adv", "d0", "ds"} <= set(out.aux)
     weight = adversarial_weight(0.5, model.cfg.lambda0, model.cfg.gamma)
-    assert out.aux_loss.item() == pytest.approx(weight * sum(v.item() for v in out.aux.values()), rel=1e-5)
+    losses = sum(out.aux[name].item() for name in ("adv", "d0", "ds"))
+    assert out.aux_loss.item() == pytest.approx(weight * losses, rel=1e-5)
     assert model.eval()(batch).aux_loss is None  # inference computes no adversarial terms
 
 
@@ -164,11 +172,23 @@ def test_ablations_switch_parts_off(tiny_world):
     assert parts.atten is None and torch.allclose(parts.rep, parts.specific.sum(1))
 
 
-@pytest.mark.parametrize("name", ["marn", "base_conc", "base_maf_adv", "base_ids"])
-def test_rep_splits_exactly_into_a_static_part_and_the_statistics_part(tiny_world, name):
+@pytest.mark.parametrize(
+    ("name", "switches"),
+    [
+        ("marn", {}),
+        ("marn", {"pool_weights": "per_item"}),
+        ("base_conc", {}),
+        ("base_maf_adv", {}),
+        ("base_maf_adv", {"pool_weights": "per_item"}),
+        ("base_ids", {}),
+    ],
+)
+def test_rep_splits_exactly_into_a_static_part_and_the_statistics_part(tiny_world, name, switches):
     """Serving (4.9.2) precomputes every modality but the statistics and adds an item's current counts."""
     torch.manual_seed(0)
-    model = MARN(tiny_world.catalog, tiny_world.features, tiny_world.model_cfg, VARIANTS[name]).eval()
+    model = MARN(
+        tiny_world.catalog, tiny_world.features, _with(tiny_world, **switches), VARIANTS[name]
+    ).eval()
     states = item_states(tiny_world.features, torch.arange(0, tiny_world.features.n_items), seed=3)
     with torch.no_grad():
         full = model.represent(states)
@@ -282,3 +302,116 @@ def test_title_cnn_by_word_lookups_equals_conv1d_forward_and_gradients():
     (a, ga), (b, gb) = grads
     assert (a - b).abs().max() < 1e-10
     assert all((x - y).abs().max() < 1e-10 for x, y in zip(ga, gb, strict=True))
+
+
+# -- the adversary's switches (issue 16) ----------------------------------------------------------------
+
+
+def _build(world, name="marn", seed=0, **switches):
+    torch.manual_seed(seed)
+    return MARN(world.catalog, world.features, _with(world, **switches), VARIANTS[name]).train()
+
+
+def test_adversarial_switches_are_validated():
+    for field, bad in (("d1_weights", "mean"), ("pool_weights", "item"), ("reversal_reaches", "e"),
+                       ("lambda_role", "grl")):  # fmt: skip
+        with pytest.raises(ValueError, match=field):
+            ModelConfig.model_validate({field: bad})
+    defaults = ModelConfig()
+    assert (defaults.d1_weights, defaults.pool_weights) == ("batch_mean", "raw")
+    assert (defaults.reversal_reaches, defaults.lambda_role) == ("invariant", "loss_weight")
+
+
+@pytest.mark.parametrize("name", ["marn", "base_maf_adv"])
+def test_the_reversed_gradient_updates_i_only(tiny_world, items, name):
+    """D1 plays "for updating I": L_adv moves D1 and I, never the embedding layer or S_m (which also feed
+    rep); with ``reversal_reaches="embedding"`` the reversed gradient flows on into e^m."""
+    model = _build(tiny_world, name)
+    model.adversarial_losses(items, model.decompose(items))["adv"].backward()
+    assert _zero_or_none(_grads(model.embedding)) and _zero_or_none(_grads(model.specific))
+    assert not _zero_or_none(_grads(model.invariant)) and not _zero_or_none(_grads(model.d1))
+    through = _build(tiny_world, name, reversal_reaches="embedding")
+    through.adversarial_losses(items, through.decompose(items))["adv"].backward()
+    assert not _zero_or_none(_grads(through.embedding))
+    assert torch.allclose(model.invariant.weight.grad, through.invariant.weight.grad, atol=1e-7)  # I: same
+
+
+def test_the_ctr_gradient_still_reaches_the_embedding_through_c(tiny_world, items):
+    model = _build(tiny_world)
+    model.decompose(items).c.sum().backward()
+    assert not _zero_or_none(_grads(model.embedding)) and not _zero_or_none(_grads(model.invariant))
+
+
+@pytest.mark.parametrize("d1_weights", ["batch_mean", "raw"])
+def test_d1_loss_scale_is_invariant_to_a_common_factor_of_w_only_when_normalised(
+    tiny_world, items, d1_weights
+):
+    """IWAN: w / mean(w) leaves Eq. 8's optimum and now also L_adv's scale unchanged by w -> k w; raw weights
+    scale it by k (D0's growing confidence then switches the adversary off)."""
+    from dataclasses import replace
+
+    model = _build(tiny_world, d1_weights=d1_weights)
+    parts = model.decompose(items)
+    base = model.adversarial_losses(items, parts)["adv"]
+    scaled = model.adversarial_losses(items, replace(parts, w=parts.w * 0.01))["adv"]
+    if d1_weights == "batch_mean":
+        assert scaled.item() == pytest.approx(base.item(), rel=1e-5)
+        assert model.d1_weights(parts.w).mean().item() == pytest.approx(1.0, rel=1e-6)
+    else:
+        assert scaled.item() == pytest.approx(0.01 * base.item(), rel=1e-5)
+
+
+def test_per_item_pool_weights_sum_to_m_and_rescale_c(tiny_world, items):
+    raw = _build(tiny_world)
+    per_item = _build(tiny_world, pool_weights="per_item")  # the same weights (same seed)
+    parts, normed = raw.decompose(items), per_item.decompose(items)
+    m = parts.w.shape[1]
+    assert torch.allclose(raw.pool_weights(parts.w), parts.w)  # the paper's raw weights by default
+    weights = per_item.pool_weights(normed.w)
+    assert torch.allclose(weights.sum(1), torch.full((len(items),), float(m)), atol=1e-5)
+    expected = (weights[..., None] * normed.invariant).amax(1)
+    assert torch.allclose(normed.c, expected, atol=1e-6) and not torch.allclose(normed.c, parts.c)
+    assert torch.allclose(normed.rep, normed.s + normed.c)
+
+
+def test_lambda_as_the_reversal_coefficient_leaves_the_discriminators_at_full_rate(tiny_world):
+    """``lambda_role="reversal"``: I and S_m get the same lambda-scaled gradients as with lambda as a loss
+    weight, but D0 and D1 learn at full rate (their gradients 1 / lambda times larger)."""
+    batch = tiny_world.train.batch(torch.arange(64))
+    grads = {}
+    for role in ("loss_weight", "reversal"):
+        model = _build(tiny_world, lambda_role=role)
+        out = model(batch, progress=0.3)
+        out.aux_loss.backward()
+        grads[role] = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    weight = adversarial_weight(0.3, tiny_world.model_cfg.lambda0, tiny_world.model_cfg.gamma)
+    as_weight, as_reversal = grads["loss_weight"], grads["reversal"]
+    for name in ("invariant.weight", "specific.weight"):
+        assert torch.count_nonzero(as_weight[name]) > 0
+        assert torch.allclose(as_reversal[name], as_weight[name], rtol=1e-4, atol=1e-9)
+    for name in ("d0.weight", "d1.weight"):
+        assert torch.allclose(as_reversal[name] * weight, as_weight[name], rtol=1e-4, atol=1e-9)
+
+
+def test_training_output_carries_the_adversarial_instrumentation(model, tiny_world):
+    batch = tiny_world.train.batch(torch.arange(64))
+    out = model(batch, progress=0.5)
+    modalities = model.embedding.modalities
+    expected = {"d1_ce", "d1_acc", "d0_acc", "ds_acc"}
+    expected |= {f"{kind}_{m}" for kind in ("w_raw", "w_norm") for m in modalities}
+    assert expected <= set(out.aux)
+    assert all(0 <= out.aux[k].item() <= 1 for k in ("d1_acc", "d0_acc", "ds_acc"))
+    norm = torch.stack([out.aux[f"w_norm_{m}"] for m in modalities])
+    raw = torch.stack([out.aux[f"w_raw_{m}"] for m in modalities])
+    assert norm.mean().item() == pytest.approx(1.0, rel=1e-5)  # over the batch mean: 1 on average
+    assert torch.allclose(norm / raw, (norm / raw)[0].expand(len(modalities)))  # one common factor
+    # d1_ce is the unweighted cross-entropy: with every w equal it is L_adv itself.
+    states = item_states(tiny_world.features, torch.arange(1, 20))
+    parts = model.decompose(states)
+    from dataclasses import replace
+
+    flat = replace(parts, w=torch.full_like(parts.w, 0.3))
+    diagnostics = model.adversarial_diagnostics(states, flat)
+    assert diagnostics["d1_ce"].item() == pytest.approx(model.adversarial_losses(states, flat)["adv"].item())
+    per_item = _build(tiny_world, pool_weights="per_item")
+    assert {f"w_pool_{m}" for m in modalities} <= set(per_item(batch).aux)
