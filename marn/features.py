@@ -51,7 +51,9 @@ materialization writes user_sequences' newest row per user with ``write_to_onlin
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -389,13 +391,40 @@ def _services(views: dict[str, FeatureView]) -> list[FeatureService]:
     ]
 
 
-def _open_store(repo_dir: str | Path) -> FeatureStore:
+REDIS_PASSWORD_ENV = "MARN_REDIS_PASSWORD"  # the cluster sets it from the Secret marn-redis (key password)
+
+
+def redis_connection_with_password(connection: str, password: str) -> str:
+    """``host:port[,...]`` plus the password, as Feast's Redis store parses it (comma-separated, each value
+    JSON-decoded when it can be): a password that parsing would change is refused, not silently mangled."""
+    if not password or any(c in password for c in ",\n\r") or password != password.strip():
+        raise ValueError(f"{REDIS_PASSWORD_ENV}: empty, or with a comma, newline or outer spaces")
+    try:
+        decoded = json.loads(password)
+    except json.JSONDecodeError:
+        decoded = password
+    if decoded != password:  # 1234 or 1e10 would reach Redis as a number's text, true as a bool
+        raise ValueError(f"{REDIS_PASSWORD_ENV}: Feast would read it as JSON ({type(decoded).__name__})")
+    if "password=" in connection:
+        raise ValueError("feast.redis_connection carries a password: keep it in the environment only")
+    return f"{connection},password={password}"
+
+
+def open_store(repo_dir: str | Path) -> FeatureStore:
+    """The repo's store; a Redis password comes from the environment at run time, so it is never in
+    feature_store.yaml, the config, a KFP parameter or a checkpoint."""
     repo_dir = Path(repo_dir)
     if not (repo_dir / "feature_store.yaml").exists():
         raise FileNotFoundError(f"{repo_dir}: no feature_store.yaml; run materialize_features first")
     from feast import FeatureStore
+    from feast.repo_config import load_repo_config
 
-    return FeatureStore(repo_path=str(repo_dir))
+    config = load_repo_config(repo_dir, repo_dir / "feature_store.yaml")
+    password = os.environ.get(REDIS_PASSWORD_ENV)
+    online = config.online_config
+    if password is not None and isinstance(online, dict) and online.get("type") == "redis":
+        online["connection_string"] = redis_connection_with_password(online["connection_string"], password)
+    return FeatureStore(repo_path=str(repo_dir), config=config)
 
 
 # -- apply + materialize -----------------------------------------------------------------------------------
@@ -429,7 +458,7 @@ def materialize_features(
     tables_dir = repo_dir / TABLES_DIR
     paths = build_feature_tables(read_dataset(data_dir), cfg, tables_dir)
     write_feature_store_yaml(repo_dir, cfg)
-    store = _open_store(repo_dir)
+    store = open_store(repo_dir)
     objects = feature_definitions(tables_dir, cfg)
 
     applied = time.perf_counter()
@@ -507,7 +536,7 @@ def samples_from_feature_store(dataset: Dataset, cfg: Config, repo_dir: str | Pa
     every sample: the model reads them once per item from its catalogue.
     """
     repo_dir = Path(repo_dir) if repo_dir is not None else default_repo_dir(cfg)
-    store = _open_store(repo_dir)
+    store = open_store(repo_dir)
     refs = _service_refs(store.get_feature_service(MARN_SERVICE), (USER_SEQUENCES, ITEM_STATS))
     if f"{USER_SEQUENCES}:{SEQUENCE_TIME}" not in refs[USER_SEQUENCES]:
         raise ValueError(
@@ -671,7 +700,7 @@ class OnlineFeatures:
 def online_features(repo_dir: str | Path, user_ids: Sequence[str], item_ids: Sequence[str]) -> OnlineFeatures:
     """Serving lookups from the online store: the users' latest sequences and the items' features, in
     request order. Unknown ids come back with null features (cold start), not as errors."""
-    store = _open_store(repo_dir)
+    store = open_store(repo_dir)
     views = {v.name: v for v in store.list_feature_views()}
     item_refs = [
         f"{name}:{f.name}" for name, view in views.items() if "item" in view.entities for f in view.features
@@ -711,7 +740,7 @@ def write_item_representations(
         raise ValueError(f"ts must be timezone-aware (UTC), got {ts!r}")
     stamp = stamp.tz_convert("UTC").as_unit("us")
 
-    store = _open_store(repo_dir)
+    store = open_store(repo_dir)
     # Beside the other tables, wherever they are (feature_repo/definitions.py may point elsewhere).
     tables_dir = Path(store.get_feature_view(ITEM_ATTRIBUTES).batch_source.path).parent
     path = table_path(tables_dir, ITEM_REPRESENTATIONS)

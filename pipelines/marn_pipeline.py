@@ -16,7 +16,7 @@ from components import deploy, embed, evaluate, features, register, train, tune,
 PIPELINE_NAME = "marn-ctr"
 DATA_PVC = "marn-data"  # the cluster's shared volume for datasets, Feast tables, runs and the registry
 DATA_MOUNT = "/data"
-REDIS_SECRET = "marn-redis"  # kustomize/base: the Feast online store's connection string
+REDIS_SECRET = "marn-redis"  # kustomize/base: the Redis password, read by marn.features at run time
 
 
 def _on_cluster(task: dsl.PipelineTask, cpu: str, memory: str) -> dsl.PipelineTask:
@@ -28,7 +28,7 @@ def _on_cluster(task: dsl.PipelineTask, cpu: str, memory: str) -> dsl.PipelineTa
 
 def _with_feast_secret(task: dsl.PipelineTask) -> dsl.PipelineTask:
     kubernetes.use_secret_as_env(
-        task, secret_name=REDIS_SECRET, secret_key_to_env={"connection": "MARN_FEAST_REDIS"}, optional=True
+        task, secret_name=REDIS_SECRET, secret_key_to_env={"password": "MARN_REDIS_PASSWORD"}, optional=True
     )
     return task
 

@@ -25,6 +25,7 @@ from marn.features import (
     ITEM_STATS,
     REP_COLUMN,
     USER_SEQUENCES,
+    open_store,
 )
 
 ITEM_FEATURES = (  # what a scorer needs of an item; views that are absent (no embed stage) are skipped
@@ -49,11 +50,9 @@ class FeatureFetcher:
     """Reads the Feast online store of the repo at ``repo_dir`` (sqlite locally, Redis on a cluster)."""
 
     def __init__(self, repo_dir: str | Path, item_cache_s: float = 60.0, max_cached_items: int = 200_000):
-        from feast import FeatureStore
-
         if not (Path(repo_dir) / "feature_store.yaml").exists():
             raise FileNotFoundError(f"{repo_dir}: no feature_store.yaml; run the pipeline's features stage")
-        self.store = FeatureStore(repo_path=str(repo_dir))
+        self.store = open_store(repo_dir)  # with the Redis password from the environment, if any
         views = {view.name: view for view in self.store.list_feature_views()}
         self.item_refs = [
             f"{view}:{feature.name}"
