@@ -544,10 +544,10 @@ def _print_ab(summary: dict) -> None:
         )
     console.print(table)
     test = summary["ctr_test"]
-    if test["z"] is not None:
+    if test["difference"] is not None:
         console.print(
-            f"CTR test {test['candidate']} vs {test['baseline']}: "
-            f"z {test['z']:.2f}, p {test['p_two_sided']:.3g}"
+            f"CTR {test['candidate']} - {test['baseline']}: "
+            f"{test['difference']:+.4f} (user-clustered se {test['se']:.4f})"
         )
     if "canary" in summary:
         nxt = summary["canary"]["next"]

@@ -180,7 +180,12 @@ class CanaryConfig(Strict):
 
     steps: tuple[float, ...] = (0.05, 0.25, 0.5, 1.0)  # the candidate's share at each step
     min_feedback: int = Field(200, ge=1)  # feedback events per arm before a step may be judged
-    alpha: float = Field(0.05, gt=0, lt=1)  # one-sided test: roll back when the candidate's CTR is lower
+    # The whole ramp's error rate (false rollback, or advancing a candidate worse by margin or more) under
+    # any number of looks: the always-valid test of serve/sequential.py, alpha / len(steps) per step.
+    alpha: float = Field(0.05, gt=0, lt=1)
+    # Advance only when the candidate's CTR is shown to be at most this much lower (absolute, 0.01 = one
+    # percentage point); also the scale of the test's mixture over effect sizes.
+    margin: float = Field(0.01, gt=0, lt=1)
 
     @field_validator("steps")
     @classmethod

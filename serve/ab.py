@@ -17,6 +17,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from marn.config import CanaryConfig
+from serve.sequential import ArmSample, ClusterSums, ctr_difference, sequential_ctr_test, stage_alpha
 
 LATENCY_WINDOW = 20_000  # latest latencies kept per arm for the percentiles
 REMEMBERED_USERS = 200_000  # user -> last arm served, to credit feedback to the arm that was shown
@@ -58,7 +59,10 @@ def assign_arm(user_id: str, weights: dict[str, float]) -> str:
 
 
 def ctr_test(clicks_a: int, shown_a: int, clicks_b: int, shown_b: int) -> dict[str, float | None]:
-    """Two-proportion z-test of CTR a against CTR b: z, two-sided p and one-sided p that a < b."""
+    """Two-proportion z-test of CTR a against CTR b: z, two-sided p and one-sided p that a < b.
+
+    Valid for one look at a fixed sample of independent events (the offline replay) only: the canary,
+    which looks again and again at clustered feedback, uses :func:`canary_decision`."""
     if min(shown_a, shown_b) == 0:
         return {"z": None, "p_two_sided": None, "p_a_lower": None}
     pooled = (clicks_a + clicks_b) / (shown_a + shown_b)
@@ -80,6 +84,7 @@ class ArmCounters:
     shown: int = 0  # feedback events
     clicks: int = 0
     latencies_ms: deque = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW))
+    clusters: ClusterSums = field(default_factory=ClusterSums)  # per-user sums: the canary's variance
 
     def summary(self) -> dict[str, Any]:
         lat = np.asarray(self.latencies_ms, dtype=np.float64)
@@ -95,6 +100,7 @@ class ArmCounters:
             "feedback": self.shown,
             "clicks": self.clicks,
             "ctr": self.clicks / self.shown if self.shown else None,
+            "clusters": self.clusters.summary(),
         }
 
 
@@ -130,6 +136,7 @@ class ABLedger:
         for c in (self.total[arm], self.step[arm]):
             c.shown += 1
             c.clicks += bool(clicked)
+            c.clusters.add(user_id, clicked)
         return arm
 
     def weights_changed(self, weights: dict[str, float]) -> None:
@@ -154,7 +161,7 @@ class ABLedger:
             "ctr_test": {
                 "candidate": candidate,
                 "baseline": baseline,
-                **ctr_test(t[candidate].clicks, t[candidate].shown, t[baseline].clicks, t[baseline].shown),
+                **ctr_difference(t[candidate].summary(), t[baseline].summary()),
             },
         }
 
@@ -163,15 +170,17 @@ class ABLedger:
 class CanaryDecision:
     action: Literal["advance", "hold", "rollback", "done"]
     weights: dict[str, float]  # the weights to apply (unchanged for hold and done)
-    reason: str
+    reason: str  # why, with the numbers
 
 
 def canary_decision(
     summary: dict[str, Any], candidate: str, baseline: str, canary: CanaryConfig
 ) -> CanaryDecision:
-    """The ramp's next move from ``GET /ab``: roll back when the candidate's CTR since the last change is
-    significantly lower (one-sided, ``alpha``); advance one step when both arms have ``min_feedback``
-    events since the change and it is not; otherwise hold."""
+    """The ramp's next move from ``GET /ab``, judged on the feedback since the last weight change with the
+    always-valid, user-clustered test of serve/sequential.py (valid however often ``promote --auto``
+    looks): hold until both arms have ``min_feedback`` events; then roll back when the candidate's CTR is
+    lower, advance one step when it is at most ``margin`` lower (both at ``alpha / len(steps)`` per step),
+    and hold otherwise."""
     weights = dict(summary["weights"])
     share = weights.get(candidate, 0.0)
     if share == 0:
@@ -180,19 +189,6 @@ def canary_decision(
     if not later:  # the last step: the baseline gets no traffic left to compare with
         return CanaryDecision("done", weights, f"{candidate} already has {share:.0%} of traffic")
     step = {arm: summary["arms"][arm]["since_weight_change"] for arm in (candidate, baseline)}
-    test = ctr_test(
-        step[candidate]["clicks"],
-        step[candidate]["feedback"],
-        step[baseline]["clicks"],
-        step[baseline]["feedback"],
-    )
-    if test["p_a_lower"] is not None and test["p_a_lower"] < canary.alpha:
-        return CanaryDecision(
-            "rollback",
-            {candidate: 0.0, baseline: 1.0},
-            f"{candidate} CTR lower than {baseline}'s "
-            f"(z {test['z']:.2f}, one-sided p {test['p_a_lower']:.3g} < {canary.alpha})",
-        )
     short = {
         arm: canary.min_feedback - step[arm]["feedback"]
         for arm in step
@@ -201,13 +197,25 @@ def canary_decision(
     if short:
         need = ", ".join(f"{arm} {n}" for arm, n in short.items())
         return CanaryDecision("hold", weights, f"waiting for feedback since the last change: {need} more")
-    nxt = later[0]
-    p = "n/a" if test["p_a_lower"] is None else f"{test['p_a_lower']:.3g}"
-    return CanaryDecision(
-        "advance",
-        {candidate: nxt, baseline: round(1 - nxt, 10)},
-        f"{candidate} not worse (one-sided p {p}): {share:.0%} -> {nxt:.0%}",
+    test = sequential_ctr_test(
+        ArmSample.from_summary(step[candidate]),
+        ArmSample.from_summary(step[baseline]),
+        canary.margin,
+        stage_alpha(canary.alpha, len(canary.steps)),
     )
+    if test is None:
+        return CanaryDecision("hold", weights, "no variance yet (under 2 users in an arm, or no clicks)")
+    numbers = test.describe(canary.margin)
+    if test.worse:
+        return CanaryDecision("rollback", {candidate: 0.0, baseline: 1.0}, f"{candidate} worse: {numbers}")
+    if test.noninferior:
+        nxt = later[0]
+        return CanaryDecision(
+            "advance",
+            {candidate: nxt, baseline: round(1 - nxt, 10)},
+            f"{candidate} non-inferior, {share:.0%} -> {nxt:.0%}: {numbers}",
+        )
+    return CanaryDecision("hold", weights, f"not decided yet: {numbers}")
 
 
 def starting_weights(arms: list[str], configured: dict[str, float] | None) -> dict[str, float]:

@@ -52,9 +52,10 @@ def test_ctr_test_matches_a_hand_computed_z():
 
 
 def _summary(weights, candidate_counts, baseline_counts):
-    def arm(counts):
+    def arm(counts):  # one feedback event per user: the per-user sums of independent events
         shown, clicks = counts
-        return {"since_weight_change": {"feedback": shown, "clicks": clicks}}
+        clusters = {"users": shown, "clicks_sq": clicks, "feedback_sq": shown, "clicks_x_feedback": clicks}
+        return {"since_weight_change": {"feedback": shown, "clicks": clicks, "clusters": clusters}}
 
     return {"weights": weights, "arms": {"marn": arm(candidate_counts), "dupn": arm(baseline_counts)}}
 
@@ -70,9 +71,13 @@ def test_canary_holds_until_both_arms_have_feedback():
     assert decision.weights == {"marn": 0.05, "dupn": 0.95}
 
 
-def test_canary_advances_one_step_when_not_worse_and_finishes_at_full_traffic():
-    decision = canary_decision(
+def test_canary_advances_one_step_when_non_inferior_and_finishes_at_full_traffic():
+    undecided = canary_decision(
         _summary({"marn": 0.05, "dupn": 0.95}, (300, 33), (3000, 300)), "marn", "dupn", CANARY
+    )
+    assert undecided.action == "hold"  # not worse, but not yet shown to be within the margin either
+    decision = canary_decision(
+        _summary({"marn": 0.05, "dupn": 0.95}, (20000, 2050), (60000, 6000)), "marn", "dupn", CANARY
     )
     assert decision.action == "advance"
     assert decision.weights == {"marn": 0.25, "dupn": 0.75}
@@ -82,7 +87,7 @@ def test_canary_advances_one_step_when_not_worse_and_finishes_at_full_traffic():
 
 def test_canary_rolls_back_a_significantly_worse_candidate():
     decision = canary_decision(
-        _summary({"marn": 0.25, "dupn": 0.75}, (1000, 60), (3000, 300)), "marn", "dupn", CANARY
+        _summary({"marn": 0.25, "dupn": 0.75}, (4000, 240), (12000, 1200)), "marn", "dupn", CANARY
     )
     assert decision.action == "rollback"
     assert decision.weights == {"marn": 0.0, "dupn": 1.0}
