@@ -236,7 +236,10 @@ def _wait_for_weights(state: ServeState, weights: dict[str, float], timeout_s: f
 
 
 def promote(cfg: Config, state: ServeState) -> CanaryDecision:
-    """One canary step from the live numbers: advance, hold, roll back or done; applies the new weights."""
+    """One canary step from the live numbers: advance, hold, roll back or done; applies the new weights.
+
+    Safe to call at any interval (``--auto``): the decision's test is always valid under repeated looks
+    (serve/sequential.py), and each weight change restarts the counts it judges."""
     candidate, baseline = arms(cfg)
     decision = canary_decision(ab_summary(state), candidate, baseline, cfg.serve.canary)
     if decision.action in ("advance", "rollback"):
