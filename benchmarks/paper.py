@@ -7,12 +7,16 @@
     python benchmarks/paper.py report --data DATA --work WORK    # tables, figures, results JSON
 
 Stages of ``run``, each skipped when its outputs exist (stop it any time and run it again):
-1. **tune**: Ray Tune searches MARN's lambda0 on the validation split (``WORK/tune/tune.json``); the
-   best value is used by every adversarial model. The learning rate is the paper's 0.1 for every model.
-2. **grid**: every model of Tables 2 and 3 (the 17 registered models) x ``--seeds``, as Ray tasks of one
-   CPU each (``WORK/runs/MODEL/seed-K``). Each run trains with early stopping on validation AUC and is
-   scored once on test (``metrics.json``), and keeps its per-step losses (``curves.json``) and weights
-   (``model.pt``). DeepCTR-Torch's DIN and DIEN run last, the same way, as outside references.
+1. **tune**: Ray Tune searches lambda0 on the validation split separately for each adversarial variant
+   (ADV, DDMA, MARN, and a switch row that changes what lambda means; ``WORK/tune/ROW/tune.json``); each
+   adversarial row trains with its own variant's best (the other switch rows with MARN's). The learning
+   rate is the paper's 0.1 for every model.
+2. **grid**: every model of Tables 2 and 3 (the 17 registered models) and the switch rows of MARN's
+   adversary (``SWITCH_ROWS``: MARN with one ModelConfig switch flipped) x ``--seeds``, as Ray tasks of one
+   CPU each (``WORK/runs/ROW/seed-K``). Each run trains with early stopping on validation AUC and is
+   scored once on test (``metrics.json``, with the adversary's per-epoch instrumentation), and keeps its
+   per-step losses (``curves.json``) and weights (``model.pt``). DeepCTR-Torch's DIN and DIEN run last, the
+   same way, as outside references.
 3. **cold**: Table 5 needs items unseen in training, which MovieLens' time split hardly has (3 test
    items). A share of the items is held out: their samples are dropped from train and valid, they are
    cut out of train and valid histories, and they are held out of the statistics too (their counts come
@@ -40,13 +44,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from paper_report import REFERENCES, TABLE2, TABLE3, write_report
+from paper_report import REFERENCES, SWITCH_ROWS, TABLE2, TABLE3, write_report
 
 from marn.config import Config, load_config
 from marn.data.schema import Dataset, read_dataset
 from marn.data.stats import earliest_time, item_stat_table
 from marn.data.tensors import PAD, EncodedSamples, stat_codes
 from marn.models import build_model, model_names
+from marn.models.marn import VARIANTS
 from marn.train import METRICS, RunInputs, fit, prepare_inputs, save_run, seed_everything
 from marn.tune import TUNE_FILE, tune_hyperparameters
 
@@ -69,21 +74,56 @@ def paper_models() -> tuple[str, ...]:
     return names
 
 
+def grid_rows(selected: list[str] | None = None) -> tuple[str, ...]:
+    """The paper's models, then the switch rows; ``selected`` keeps those named (an unknown name fails)."""
+    rows = paper_models() + tuple(SWITCH_ROWS)
+    unknown = sorted(set(selected or ()) - set(rows))
+    if unknown:
+        raise ValueError(f"unknown models {unknown}; the grid's rows: {', '.join(rows)}")
+    return tuple(r for r in rows if not selected or r in selected)
+
+
 def run_dir(work: Path, experiment: str, model: str, seed: int) -> Path:
     return work / experiment / model / f"seed-{seed}"
 
 
+def row_config(cfg: Config, row: str) -> Config:
+    """``cfg`` training ``row``: a registered model (or a reference), or a switch row's model and switches."""
+    model, switches = SWITCH_ROWS.get(row, (row, {}))
+    raw = cfg.model_dump()
+    raw["train"]["model"] = model
+    raw["model"].update(switches)
+    return Config.model_validate(raw)
+
+
+def is_adversarial(cfg: Config) -> bool:
+    """Whether the row's model has a discriminator, so that lambda0 means something to it."""
+    variant = VARIANTS.get(cfg.train.model)
+    return variant is not None and variant.adversarial != "none"
+
+
+def lambda0_source(row: str) -> str:
+    """The row whose lambda0 search ``row`` trains with: ADV, DDMA and MARN each their own; a switch row
+    MARN's, unless it changes what lambda means (``lambda_role``), which is searched for itself."""
+    model, switches = SWITCH_ROWS.get(row, (row, {}))
+    return row if "lambda_role" in switches else model
+
+
 # --------------------------------------------------------------------------------------------------------
-# Stage 1: lambda0 by Ray Tune on validation
+# Stage 1: lambda0 by Ray Tune on validation, per adversarial variant
 # --------------------------------------------------------------------------------------------------------
 
 
-def tuned_lambda0(dataset: Dataset, cfg: Config, work: Path) -> float:
-    """The best lambda0 of ``WORK/tune/tune.json``, searching first when it does not exist yet."""
-    path = work / "tune" / TUNE_FILE
+def tuned_lambda0(dataset: Dataset, cfg: Config, work: Path, row: str) -> float:
+    """The best lambda0 of ``WORK/tune/ROW/tune.json`` for ``cfg`` (``row_config``'s), searching first when
+    it does not exist yet. A search of another model config or learning rate is refused, not reused."""
+    path = work / "tune" / row / TUNE_FILE
+    cfg = Config.model_validate(
+        {**cfg.model_dump(), "tune": {**cfg.tune.model_dump(), "model": cfg.train.model}}
+    )
     if not path.exists():
         print(
-            f"[tune] Ray Tune: {cfg.tune.trials} trials of {cfg.tune.model} over lambda0 "
+            f"[tune] Ray Tune: {cfg.tune.trials} trials of {row} over lambda0 "
             f"{cfg.tune.lambda0_range}, validation AUC only",
             flush=True,
         )
@@ -96,12 +136,37 @@ def tuned_lambda0(dataset: Dataset, cfg: Config, work: Path) -> float:
         raise ValueError(
             f"{path} searched lr {report['search']['lr_range']}; the grid trains at {cfg.train.lr}"
         )
+    searched = {k: v for k, v in report.get("model_config", {}).items() if k != "lambda0"}
+    wanted = {k: v for k, v in cfg.model.model_dump(mode="json").items() if k != "lambda0"}
+    if report["model"] != cfg.train.model or searched != wanted:
+        changed = sorted(k for k in wanted if searched.get(k) != wanted[k])
+        raise ValueError(
+            f"{path} searched {report['model']} with other model settings ({', '.join(changed)}) than "
+            f"{row} trains with now; delete it to search again"
+        )
     print(
-        f"[tune] lambda0 = {report['best']['lambda0']:.4g} (validation AUC {report['best_valid_auc']:.4f}, "
-        f"{len(report['trials'])} trials)",
+        f"[tune] {row}: lambda0 = {report['best']['lambda0']:.4g} (validation AUC "
+        f"{report['best_valid_auc']:.4f}, {len(report['trials'])} trials)",
         flush=True,
     )
     return float(report["best"]["lambda0"])
+
+
+def tuned_configs(dataset: Dataset, cfg: Config, rows: list[str], work: Path) -> dict[str, Config]:
+    """Each row's config with its variant's tuned lambda0 (searched first where missing)."""
+    configs = {row: row_config(cfg, row) for row in rows}
+    sources = dict.fromkeys(lambda0_source(r) for r in rows if is_adversarial(configs[r]))
+    lambda0 = {source: tuned_lambda0(dataset, row_config(cfg, source), work, source) for source in sources}
+    return {
+        row: with_lambda0(c, lambda0[lambda0_source(row)]) if is_adversarial(c) else c
+        for row, c in configs.items()
+    }
+
+
+def with_lambda0(cfg: Config, lambda0: float) -> Config:
+    return Config.model_validate(
+        {**cfg.model_dump(), "model": {**cfg.model.model_dump(), "lambda0": lambda0}}
+    )
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -197,13 +262,13 @@ def cold_inputs(
 # --------------------------------------------------------------------------------------------------------
 
 
-def train_one(inputs: RunInputs, cfg: Config, model_name: str, seed: int, out_dir: str) -> dict[str, Any]:
-    """Train ``model_name`` with ``seed``; write metrics.json, curves.json and model.pt into ``out_dir``."""
+def train_one(inputs: RunInputs, cfg: Config, row: str, seed: int, out_dir: str) -> dict[str, Any]:
+    """Train ``row`` (``cfg`` is its ``row_config``) with ``seed``; write metrics.json, curves.json and
+    model.pt into ``out_dir``."""
     torch.set_num_threads(1)  # one core per task
     started = time.perf_counter()
-    run_cfg = Config.model_validate(
-        {**cfg.model_dump(), "train": {**cfg.train.model_dump(), "model": model_name, "seed": seed}}
-    )
+    run_cfg = Config.model_validate({**cfg.model_dump(), "train": {**cfg.train.model_dump(), "seed": seed}})
+    model_name = run_cfg.train.model
     seed_everything(seed)
     if model_name in REFERENCES:
         from deepctr_models import build_deepctr
@@ -232,7 +297,12 @@ def train_one(inputs: RunInputs, cfg: Config, model_name: str, seed: int, out_di
         run_cfg,
         out,
         started,
-        extra={"lambda0": run_cfg.model.lambda0, "threads": torch.get_num_threads()},
+        extra={
+            "row": row,
+            "switches": SWITCH_ROWS.get(row, (model_name, {}))[1],
+            "lambda0": run_cfg.model.lambda0 if is_adversarial(run_cfg) else None,
+            "threads": torch.get_num_threads(),
+        },
     )
     (out / CURVES).write_text(
         json.dumps({"steps_per_epoch": -(-len(inputs.train) // run_cfg.train.batch_size), "steps": curve})
@@ -243,13 +313,15 @@ def train_one(inputs: RunInputs, cfg: Config, model_name: str, seed: int, out_di
 
 
 def run_experiment(
-    experiment: str, inputs: RunInputs, cfg: Config, models: list[str], seeds: list[int], work: Path
+    experiment: str, inputs: RunInputs, configs: dict[str, Config], seeds: list[int], work: Path
 ) -> list[str]:
-    """Train every (model, seed) not yet done, two at a time on Ray; return the failures' descriptions."""
+    """Train every (row, seed) not yet done, two at a time on Ray (``configs``: each row's config, all with
+    the same ``ray`` section); return the failures' descriptions."""
     import ray
 
     from marn.ray_runtime import ray_session
 
+    models = list(configs)
     todo = [(m, s) for m in models for s in seeds if not (run_dir(work, experiment, m, s) / METRICS).exists()]
     done = len(models) * len(seeds) - len(todo)
     print(
@@ -261,11 +333,12 @@ def run_experiment(
     todo.sort(key=lambda job: -EPOCH_COST.get(job[0], 60))  # longest first: fewer idle cores at the end
     failures: list[str] = []
     started = time.perf_counter()
-    with _timed(work, experiment), ray_session(cfg.ray):
+    with _timed(work, experiment), ray_session(configs[models[0]].ray):
         remote = ray.remote(num_cpus=1, max_retries=0)(_guarded_train_one)
         shared = ray.put(inputs)  # the features and encoded splits go to the object store once
         pending = {
-            remote.remote(shared, cfg, m, s, str(run_dir(work, experiment, m, s))): (m, s) for m, s in todo
+            remote.remote(shared, configs[m], m, s, str(run_dir(work, experiment, m, s))): (m, s)
+            for m, s in todo
         }
         finished = 0
         while pending:
@@ -314,21 +387,22 @@ def run(args: argparse.Namespace) -> int:
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
     _record_invocation(work, args)
-    lambda0 = tuned_lambda0(dataset, cfg, work)
-    cfg = Config.model_validate({**cfg.model_dump(), "model": {**cfg.model.model_dump(), "lambda0": lambda0}})
+    rows = list(grid_rows(args.models))
+    cold_rows = [] if args.no_cold else list(COLD_MODELS)
+    configs = tuned_configs(dataset, cfg, list(dict.fromkeys(rows + cold_rows)), work)
     inputs = prepare_inputs(dataset, cfg)
     seeds = list(range(1, args.seeds + 1))
-    models = [m for m in paper_models() if not args.models or m in args.models]
-    failures = run_experiment("runs", inputs, cfg, models, seeds, work)
-    if not args.no_cold:
+    failures = run_experiment("runs", inputs, {r: configs[r] for r in rows}, seeds, work)
+    if cold_rows:
         held_inputs, held_out = cold_inputs(dataset, inputs, args.cold_share, args.cold_seed)
         _write_json(
             work / "cold" / "held_out.json",
             {"share": args.cold_share, "seed": args.cold_seed, "items": held_out.tolist()},
         )
-        failures += run_experiment("cold", held_inputs, cfg, list(COLD_MODELS), seeds, work)
+        failures += run_experiment("cold", held_inputs, {r: configs[r] for r in cold_rows}, seeds, work)
     if not args.no_references:  # last: the paper's own grid comes first when time is short
-        failures += run_experiment("runs", inputs, cfg, list(REFERENCES), seeds, work)
+        references = {r: row_config(cfg, r) for r in REFERENCES}
+        failures += run_experiment("runs", inputs, references, seeds, work)
     for failure in failures:
         print(f"FAILED {failure}", file=sys.stderr)
     return 1 if failures else 0
@@ -404,14 +478,19 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    run_p = sub.add_parser("run", help="tune lambda0, train the grid and the held-out-items runs (resumable)")
+    run_p = sub.add_parser(
+        "run",
+        help="tune lambda0 per adversarial variant, train the grid and the held-out-items runs (resumable)",
+    )
     report_p = sub.add_parser("report", help="tables, figures and the results JSON from finished runs")
     for p in (run_p, report_p):
         p.add_argument("--data", type=Path, required=True, help="imported and embedded MovieLens directory")
         p.add_argument("--work", type=Path, required=True, help="runs, tune results and timings live here")
         p.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
         p.add_argument("--seeds", type=int, default=5, help="training seeds 1..N per model")
-    run_p.add_argument("--models", type=lambda s: s.split(","), default=None, help="a subset (default: all)")
+    run_p.add_argument(
+        "--models", type=lambda s: s.split(","), default=None, help="a subset of the rows (default: all)"
+    )
     run_p.add_argument("--no-references", action="store_true", help="skip DeepCTR-Torch's DIN and DIEN")
     run_p.add_argument("--no-cold", action="store_true", help="skip the held-out-items runs (Table 5)")
     run_p.add_argument("--cold-share", type=float, default=0.1, help="share of items held out of training")

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +45,15 @@ TABLE2 = (
 )
 TABLE3 = ("base_ids", "base_image", "base_conc", "base_maf", "base_maf_adv", "base_maf_ddma", "marn")
 REFERENCES = ("deepctr_din", "deepctr_dien")  # DeepCTR-Torch's, beside ours (deepctr_models.py)
+# MARN with one of its adversary's ModelConfig switches flipped from the faithful default (issue 16): row ->
+# (the registered model it trains, the fields it changes). benchmarks/paper.py trains them beside the tables.
+SWITCH_ROWS: dict[str, tuple[str, dict[str, str]]] = {
+    "marn_w_raw": ("marn", {"d1_weights": "raw"}),
+    "marn_reversal_into_e": ("marn", {"reversal_reaches": "embedding"}),
+    "marn_before_issue16": ("marn", {"d1_weights": "raw", "reversal_reaches": "embedding"}),
+    "marn_pool_per_item": ("marn", {"pool_weights": "per_item"}),
+    "marn_lambda_grl": ("marn", {"lambda_role": "reversal"}),
+}
 LABELS = {
     "popularity": "Popularity (statistics only)",
     "lr": "LR",
@@ -66,7 +75,16 @@ LABELS = {
     "base_maf_ddma": "BaseModel+MAF+DDMA",
     "deepctr_din": "DeepCTR-Torch DIN",
     "deepctr_dien": "DeepCTR-Torch DIEN",
+    "marn_w_raw": "MARN, raw w in D1's loss",
+    "marn_reversal_into_e": "MARN, reversal on into e^m",
+    "marn_before_issue16": "MARN, raw w and reversal into e^m (before issue 16)",
+    "marn_pool_per_item": "MARN, max-pool w per item (M w / sum w)",
+    "marn_lambda_grl": "MARN, lambda as the GRL coefficient",
 }
+# The adversary's per-epoch instrumentation in metrics.json (marn.models.marn.MARN.adversarial_diagnostics);
+# the w columns are per modality (w_raw_ids, ...). Runs from before it have none of them.
+INSTRUMENTS = ("d1_ce", "d1_acc", "d0_acc", "ds_acc")
+WEIGHT_KINDS = ("w_raw", "w_norm", "w_pool")
 # The paper's numbers (Amazon Electro., Clothe., Taobao AUC), for the side-by-side columns.
 PAPER_AUC = {
     "lr": (0.7272, 0.7143, 0.7011),
@@ -101,6 +119,7 @@ class Summary:
     wall_s: list[float]
     best_epochs: list[int]  # the validation-chosen epoch of each seed
     valid_curves: list[list[float]]  # validation AUC after each epoch, per seed
+    best_rows: list[dict[str, Any]] = field(default_factory=list)  # each seed's history row of its best epoch
 
     @property
     def mean(self) -> float:
@@ -129,8 +148,41 @@ def read_runs(root: Path, names: Sequence[str], seeds: int) -> dict[str, Summary
                 [m["wall_s"] for m in metrics],
                 [m["best_epoch"] for m in metrics],
                 [[h["valid_auc"] for h in m["history"]] for m in metrics],
+                [next(h for h in m["history"] if h["epoch"] == m["best_epoch"]) for m in metrics],
             )
     return out
+
+
+def stopped_early(s: Summary, patience: int) -> list[bool]:
+    """Per seed: whether early stopping ended the run (``patience`` epochs without a gain after the best),
+    not the epoch cap."""
+    return [run - best >= patience for run, best in zip(s.epochs, s.best_epochs, strict=True)]
+
+
+def instrumentation(s: Summary) -> dict[str, list[float]]:
+    """The adversary's instrumentation at each seed's best epoch: {column: [one value per seed]}; {} for a
+    model without it (no adversary, or a run from before it was logged)."""
+    columns = (
+        [k for k in s.best_rows[0] if k in INSTRUMENTS or k.startswith(WEIGHT_KINDS)] if s.best_rows else []
+    )
+    return {k: [row[k] for row in s.best_rows] for k in columns if all(k in row for row in s.best_rows)}
+
+
+def instrumentation_table(runs: dict[str, Summary], names: Sequence[str]) -> str:
+    """D1's unweighted cross-entropy and accuracy, D0's and Ds' accuracy and the normalised mean w per
+    modality at the best epoch (mean over seeds), for the rows that logged them; "" when none did."""
+    logged = {n: instrumentation(runs[n]) for n in names if n in runs}
+    logged = {n: cols for n, cols in logged.items() if cols}
+    if not logged:
+        return ""
+    weights = list(dict.fromkeys(k for cols in logged.values() for k in cols if k.startswith("w_norm_")))
+    header = ["model", "D1 CE (unweighted)", "D1 acc", "D0 acc", "Ds acc"]
+    header += [f"mean w/batch mean, {k.removeprefix('w_norm_')}" for k in weights]
+    rows = [
+        [LABELS[n], *[f"{np.mean(cols[k]):.3f}" if k in cols else "" for k in (*INSTRUMENTS, *weights)]]
+        for n, cols in logged.items()
+    ]
+    return _table(header, rows)
 
 
 def welch(a: Sequence[float], b: Sequence[float]) -> dict[str, float]:
@@ -474,50 +526,89 @@ def _smooth(values: np.ndarray, window: int) -> np.ndarray:
 
 
 def figure_losses(path: Path, curves: dict[str, Any]) -> dict[str, float]:
-    """Per-step CTR and adversarial losses of MARN (Figure 6a); returns the adversarial loss's trend."""
+    """Per-step CTR and adversarial losses of MARN (Figure 6a), with the discriminators' accuracies and the
+    normalised mean w per modality when the run logged them; returns the adversarial loss's trend.
+
+    The paper's adversarial loss is D1's cross-entropy on c^m: ``d1_ce``, unweighted. Runs from before it
+    was logged have only ``adv``, L_adv as trained (w-weighted), which is plotted and trended instead.
+    """
     steps = curves["steps"]
     per_epoch = curves["steps_per_epoch"]
     names = [k for k in steps[0] if k != "step"]
+    adversarial = "d1_ce" if "d1_ce" in names else "adv"
+    panels = {
+        "CTR loss": ["ctr"],
+        "discriminator losses": [n for n in ("d1_ce", "adv", "d0", "ds") if n in names],
+        "discriminator accuracy": [n for n in ("d1_acc", "d0_acc", "ds_acc") if n in names],
+        "mean w per modality / batch mean": [n for n in names if n.startswith("w_norm_")],
+    }
+    panels = {title: keys for title, keys in panels.items() if keys}
     x = np.array([s["step"] for s in steps]) / per_epoch
     window = max(1, per_epoch // 10)
     plt = _pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    labels = {"ctr": "CTR log loss", "adv": "L_adv (D1 through the GRL)", "d0": "L_D0", "ds": "L_Ds"}
-    for name in names:
-        y = np.array([s[name] for s in steps])
-        ax = axes[0] if name == "ctr" else axes[1]
-        ax.plot(x[window - 1 :], _smooth(y, window), label=labels.get(name, name))
-    for ax, title in zip(axes, ("CTR loss", "discriminator losses"), strict=True):
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
+    labels = {
+        "ctr": "CTR log loss",
+        "d1_ce": "D1's cross-entropy on c^m, unweighted (Figure 6a)",
+        "adv": "L_adv as trained (weighted, through the GRL)",
+        "d0": "L_D0",
+        "ds": "L_Ds",
+        "d1_acc": "D1 on c^m",
+        "d0_acc": "D0 on c^m",
+        "ds_acc": "Ds on s^m",
+    }
+    for ax, (title, keys) in zip(axes[0], panels.items(), strict=True):
+        for name in keys:
+            y = np.array([s[name] for s in steps])
+            label = labels.get(name, name.removeprefix("w_norm_"))
+            ax.plot(x[window - 1 :], _smooth(y, window), label=label, lw=2.5 if name == adversarial else 1.2)
         ax.set_xlabel("epoch")
         ax.set_title(title)
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
-    fig.suptitle("MARN training losses (seed 1; moving average over a tenth of an epoch)")
+    fig.suptitle("MARN training (seed 1; moving average over a tenth of an epoch)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-    adv = np.array([s["adv"] for s in steps]) if "adv" in names else np.array([])
+    adv = np.array([s[adversarial] for s in steps]) if adversarial in names else np.array([])
     if len(adv) < 10:
         return {}
     tenth = len(adv) // 10
-    return {"adv_first_tenth": float(adv[:tenth].mean()), "adv_last_tenth": float(adv[-tenth:].mean())}
+    return {
+        "loss": adversarial,
+        "adv_first_tenth": float(adv[:tenth].mean()),
+        "adv_last_tenth": float(adv[-tenth:].mean()),
+    }
 
 
-def figure_lambda(path: Path, tune_report: dict[str, Any]) -> None:
-    trials = [t for t in tune_report["trials"] if t["valid_auc"] is not None]
-    lam = np.array([t["lambda0"] for t in trials])
-    auc = np.array([t["valid_auc"] for t in trials])
-    order = np.argsort(lam)
+def read_tune_reports(work: Path) -> dict[str, dict[str, Any]]:
+    """Each searched row's ``tune.json`` (``WORK/tune/ROW/``); a work dir from before the per-variant
+    searches has one MARN search at ``WORK/tune/tune.json``."""
+    reports = {p.parent.name: json.loads(p.read_text()) for p in sorted((work / "tune").glob("*/tune.json"))}
+    legacy = work / "tune" / "tune.json"
+    if not reports and legacy.exists():
+        reports["marn"] = json.loads(legacy.read_text())
+    return reports
+
+
+def figure_lambda(path: Path, tune_reports: dict[str, dict[str, Any]]) -> None:
+    """Figure 6b: best validation AUC against lambda0, one line per searched variant."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(lam[order], auc[order], "o-")
-    best = tune_report["best"]["lambda0"]
-    ax.axvline(best, color="tab:red", ls="--", label=f"chosen lambda0 = {best:.3g}")
-    ax.axvline(0.05, color="gray", ls=":", label="paper's best, 0.05")
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for row, report in tune_reports.items():
+        trials = [t for t in report["trials"] if t["valid_auc"] is not None]
+        lam = np.array([t["lambda0"] for t in trials])
+        auc = np.array([t["valid_auc"] for t in trials])
+        order = np.argsort(lam)
+        best = report["best"]["lambda0"]
+        (line,) = ax.plot(lam[order], auc[order], "o-", label=f"{LABELS.get(row, row)}: best {best:.3g}")
+        ax.axvline(best, color=line.get_color(), ls="--", lw=0.8)
+    ax.axvline(0.05, color="gray", ls=":", label="paper's best for MARN, 0.05")
     ax.set_xscale("log")
     ax.set_xlabel("lambda0")
     ax.set_ylabel("best validation AUC")
-    ax.set_title(f"MARN validation AUC against lambda0 ({len(trials)} Ray Tune trials)")
+    trials = sum(len(r["trials"]) for r in tune_reports.values())
+    ax.set_title(f"Validation AUC against lambda0 ({trials} Ray Tune trials)")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -576,10 +667,9 @@ def write_report(
     dataset = read_dataset(data)
     fig_dir = out / RESULTS
     fig_dir.mkdir(parents=True, exist_ok=True)
-    runs = read_runs(work / "runs", list(dict.fromkeys(TABLE2 + TABLE3)), seeds)
+    runs = read_runs(work / "runs", list(dict.fromkeys(TABLE2 + TABLE3 + tuple(SWITCH_ROWS))), seeds)
     references = read_runs(work / "runs", REFERENCES, seeds)
-    tune_path = work / "tune" / "tune.json"
-    tune_report = json.loads(tune_path.read_text()) if tune_path.exists() else None
+    tune_reports = read_tune_reports(work)
     timing = json.loads((work / "timing.json").read_text()) if (work / "timing.json").exists() else {}
     path = work / "command.json"
     invocations = json.loads(path.read_text()).get("invocations", []) if path.exists() else []
@@ -624,10 +714,15 @@ def write_report(
             mixing = figure_tsne(fig_dir / "fig5-tsne.png", parts, modalities)
             figures["fig5"] = f"{RESULTS}/fig5-tsne.png"
             extras["tsne_image_title_mixing"] = mixing
-            # DDMA's importance weights w^m = 1 - D0's probability of the true modality: near 0 means D0
-            # tells every c^m's modality apart, which also scales L_adv (and its reversed gradient) to ~0.
-            w_mean = parts.w.mean(0).tolist()  # (M,)
-            extras["ddma_w_mean"] = {m: round(w, 4) for m, w in zip(modalities, w_mean, strict=True)}
+            # DDMA's importance weights w^m = 1 - D0's probability of the true modality: raw ones near 0
+            # mean D0 tells every c^m's modality apart. Over their mean (as D1's loss uses them), a modality
+            # near 0 is one the adversary has given up on; about 1 each, all take part alike.
+            w_raw = parts.w.mean(0)  # (M,)
+            w_norm = (parts.w / parts.w.mean()).mean(0)  # (M,)
+            extras["ddma_w_mean"] = {m: round(float(w), 4) for m, w in zip(modalities, w_norm, strict=True)}
+            extras["ddma_w_mean_raw"] = {
+                m: round(float(w), 4) for m, w in zip(modalities, w_raw, strict=True)
+            }
             claims.append(
                 Claim(
                     "Modality-invariant features of image and title overlap; modality-specific ones do not "
@@ -644,16 +739,17 @@ def write_report(
         figures["fig6a"] = f"{RESULTS}/fig6a-losses.png"
         extras["adversarial_loss_trend"] = trend
         if trend:
+            what = "D1's unweighted cross-entropy" if trend["loss"] == "d1_ce" else "L_adv (w-weighted)"
             claims.append(
                 Claim(
                     "The adversarial loss grows during training (Figure 6a)",
-                    f"L_adv mean {trend['adv_first_tenth']:.4f} over the first tenth of the steps, "
+                    f"{what} mean {trend['adv_first_tenth']:.4f} over the first tenth of the steps, "
                     f"{trend['adv_last_tenth']:.4f} over the last",
                     trend["adv_last_tenth"] > trend["adv_first_tenth"],
                 )
             )
-    if tune_report:
-        figure_lambda(fig_dir / "fig6b-auc-vs-lambda0.png", tune_report)
+    if tune_reports:
+        figure_lambda(fig_dir / "fig6b-auc-vs-lambda0.png", tune_reports)
         figures["fig6b"] = f"{RESULTS}/fig6b-auc-vs-lambda0.png"
     if runs:
         figure_auc(fig_dir / "auc-by-model.png", runs, references)
@@ -664,7 +760,17 @@ def write_report(
     complete = [n for n in runs if len(runs[n].auc) == seeds]
     wall_s = float(sum(timing.values()))
     results = {
-        "models": {n: {"auc": runs[n].auc, "user_auc": runs[n].user_auc} for n in runs},
+        "models": {
+            n: {
+                "auc": s.auc,
+                "user_auc": s.user_auc,
+                "epochs_run": s.epochs,
+                "best_epoch": s.best_epochs,
+                "stopped_early": stopped_early(s, cfg.train.patience),
+                **({"adversary": adversary} if (adversary := instrumentation(s)) else {}),
+            }
+            for n, s in runs.items()
+        },
         "references": {n: {"auc": s.auc, "user_auc": s.user_auc} for n, s in references.items()},
         "command": command,
         "commit": commit,  # the code of the first `run`; `invocations` lists every one
@@ -675,7 +781,8 @@ def write_report(
         "wall_s_by_stage": timing,
         "seeds": seeds,
         "complete_models": len(complete),
-        "lambda0": tune_report["best"]["lambda0"] if tune_report else None,
+        "lambda0": tune_reports["marn"]["best"]["lambda0"] if "marn" in tune_reports else None,
+        "lambda0_by_model": {row: r["best"]["lambda0"] for row, r in tune_reports.items()},
         "t_test": {c.text: c.here for c in claims[:1]},
         "claims": [{"claim": c.text, "here": c.here, "holds": c.holds} for c in claims],
         "popularity": pop,
@@ -698,7 +805,7 @@ def write_report(
         marn_metrics = json.loads((marn_dir / METRICS).read_text())
         test_users, typical = marn_metrics["samples"]["test"] // 2, marn_metrics["auc"]
     sections.append(
-        _setup_text(cfg, dataset, tune_report, seeds, len(complete), len(runs), test_users, typical)
+        _setup_text(cfg, dataset, tune_reports, seeds, len(complete), len(runs), test_users, typical)
     )
     sections.append(
         "## The paper's claims on this data\n\n"
@@ -716,6 +823,23 @@ def write_report(
         + (f"\n\n![test AUC by model]({figures['auc']})" if "auc" in figures else "")
     )
     sections.append("## Table 3 analogue: ablations\n\n" + model_table(runs, TABLE3))
+    switches = ["marn", *SWITCH_ROWS]
+    if any(n in runs for n in SWITCH_ROWS):
+        sections.append(
+            "## MARN's adversary, one switch at a time\n\nMARN as configured (the faithful reading: w over "
+            "its batch mean in D1's loss, the reversed gradient stopped at I, the raw w in the max-pool, "
+            "lambda weighting the discriminator losses) against MARN with one of those choices flipped.\n\n"
+            + model_table(runs, switches, paper=False)
+        )
+    adversary = instrumentation_table(runs, [*TABLE3, *SWITCH_ROWS])
+    if adversary:
+        sections.append(
+            "## The adversary at the best epoch\n\nTraining-batch means over the best epoch, mean over "
+            "seeds: D1's cross-entropy on c^m without the w weights (the paper's adversarial loss; ln M "
+            "= chance), the share of c^m (D1, D0) and s^m (Ds) whose modality the discriminator names, and "
+            "each modality's mean w^m over the batch's mean w (1 each: all modalities weigh alike in D1's "
+            f"loss; near 0: that modality has left the game).\n\n{adversary}"
+        )
     if "curves" in figures:
         sections.append(
             "## Training budget: validation AUC per epoch\n\nEvery model gets the same epoch cap; a curve "
@@ -763,7 +887,7 @@ def write_report(
 def _setup_text(
     cfg,
     dataset,
-    tune_report: dict[str, Any] | None,
+    tune_reports: dict[str, dict[str, Any]],
     seeds: int,
     complete: int,
     total: int,
@@ -773,7 +897,11 @@ def _setup_text(
     from marn.data.schema import item_stat_columns
 
     m, t = cfg.model, cfg.train
-    lam = f"{tune_report['best']['lambda0']:.3g}" if tune_report else "not tuned yet"
+    lam = (
+        ", ".join(f"{LABELS.get(row, row)} {r['best']['lambda0']:.3g}" for row, r in tune_reports.items())
+        if tune_reports
+        else "not tuned yet"
+    )
     items = dataset.items
     with_image = int(items["image_uri"].notna().sum())
     stats = ", ".join(item_stat_columns(items)) or "none"
@@ -788,10 +916,11 @@ def _setup_text(
         f"- Training: AdaGrad lr {t.lr} for every model, batch {t.batch_size}, at most {t.epochs} epochs, "
         f"early stopping on validation AUC (patience {t.patience}); the test split is scored once, with the "
         "best validation epoch's weights.\n"
-        f"- Widths (narrower than the paper's, to fit 2 cores): modality {m.modality_dim}, representation "
-        f"{m.rep_dim}, GRU {m.sequence_dim}, {m.title_filters} title filters per window, MLP "
-        f"{list(m.hidden)}.\n"
-        f"- lambda0 = {lam}, chosen by Ray Tune on validation AUC (MARN; every adversarial model uses it).\n"
+        f"- Widths (the paper's: 96, 256, not given, 100; narrower ones fit 2 cores): modality "
+        f"{m.modality_dim}, representation s^m, c^m {m.rep_dim}, GRU {m.sequence_dim}, {m.title_filters} "
+        f"title filters per window, MLP {list(m.hidden)}.\n"
+        f"- lambda0 chosen by Ray Tune on validation AUC for each adversarial variant: {lam} (a switch "
+        "row trains with MARN's unless it searched its own).\n"
         f"- {seeds} seeds per model (initialisation and batch order; the split and negatives are fixed); "
         f"{complete} of {total} models have all {seeds}. t-tests are Welch's over seeds: they say whether a "
         "model is reliably ahead on this split, not on another sample of users.\n"

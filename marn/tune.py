@@ -2,8 +2,10 @@
 
 Each trial is one process running the plain ``fit`` loop (no TorchTrainer inside: the trials already
 fill the cores), reporting validation metrics every epoch so ASHA can stop the weak ones early. The test
-split never reaches a trial. Item features and encoded samples go to the object store once
-(``tune.with_parameters``) and are shared by every trial.
+split never reaches a trial. One search is for one model and one model config (``tune.json`` records it):
+what lambda0 does differs between ADV, DDMA and MARN and with the adversary's switches, so a comparison of
+them searches each (``benchmarks/paper.py`` does) rather than reusing one model's best. Item features and
+encoded samples go to the object store once (``tune.with_parameters``) and are shared by every trial.
 """
 
 from __future__ import annotations
@@ -115,6 +117,8 @@ def tune_hyperparameters(
         "best_valid_auc": best_trial["valid_auc"],
         "best_trial": best_trial["trial_id"],
         "search": search.model_dump(mode="json"),
+        # the model section every trial started from (its switches); lambda0 is the searched one
+        "model_config": cfg.model.model_dump(mode="json"),
         "trials": trials,
         "wall_s": time.perf_counter() - started,
         "ray_run": str(storage / run_name),

@@ -1,0 +1,131 @@
+"""benchmarks/paper.py's switch rows of MARN's adversary and per-variant lambda0, and the report's reading of
+the adversary's instrumentation (with runs from before it was logged)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from test_paper_tables import _summary, scripts  # noqa: F401  (the fixture loading both scripts)
+
+from marn.config import load_config
+from marn.models.marn import VARIANTS
+
+CONFIG = load_config(None, {"train": {"lr": 0.1}})
+
+
+def test_every_switch_row_is_marn_with_only_its_switches_flipped(scripts):  # noqa: F811
+    paper, report = scripts
+    rows = paper.grid_rows()
+    assert rows[: len(paper.paper_models())] == paper.paper_models()
+    marn = paper.row_config(CONFIG, "marn")
+    for row, (model, switches) in report.SWITCH_ROWS.items():
+        assert row in rows and row in report.LABELS
+        cfg = paper.row_config(CONFIG, row)
+        assert cfg.train.model == model == "marn"
+        changed = {k for k, v in cfg.model.model_dump().items() if v != marn.model.model_dump()[k]}
+        assert changed == set(switches)  # each switch is a real field, set away from its default
+    assert paper.grid_rows(["lr", "marn_w_raw"]) == ("lr", "marn_w_raw")
+    with pytest.raises(ValueError, match="unknown models"):
+        paper.grid_rows(["marn_typo"])
+
+
+def test_lambda0_is_searched_per_adversarial_variant(scripts):  # noqa: F811
+    paper, _ = scripts
+    for model in ("base_maf_adv", "base_maf_ddma", "marn"):
+        assert paper.lambda0_source(model) == model
+    assert paper.lambda0_source("marn_w_raw") == "marn"
+    assert paper.lambda0_source("marn_lambda_grl") == "marn_lambda_grl"  # lambda means another thing there
+    adversarial = {n for n in VARIANTS if paper.is_adversarial(paper.row_config(CONFIG, n))}
+    assert adversarial == {"base_maf_adv", "base_maf_ddma", "marn"}
+    assert not paper.is_adversarial(paper.row_config(CONFIG, "din"))
+
+
+def _fake_search(paper, work, row: str, lambda0: float, **model_changes) -> None:
+    cfg = paper.row_config(CONFIG, row)
+    path = work / "tune" / row / "tune.json"
+    path.parent.mkdir(parents=True)
+    report = {
+        "model": cfg.train.model,
+        "search": {"lr_range": [0.1, 0.1]},
+        "model_config": {**cfg.model.model_dump(mode="json"), **model_changes},
+        "best": {"lambda0": lambda0, "lr": 0.1},
+        "best_valid_auc": 0.8,
+        "trials": [{"lambda0": lambda0, "valid_auc": 0.8}],
+    }
+    path.write_text(json.dumps(report))
+
+
+def test_each_row_trains_with_its_own_variants_lambda0(scripts, tmp_path):  # noqa: F811
+    paper, _ = scripts
+    searched = {"base_maf_adv": 0.7, "base_maf_ddma": 0.2, "marn": 0.05, "marn_lambda_grl": 1.3}
+    for row, value in searched.items():
+        _fake_search(paper, tmp_path, row, value)
+    rows = ["lr", "base_maf_adv", "base_maf_ddma", "marn", "marn_w_raw", "marn_lambda_grl"]
+    configs = paper.tuned_configs(None, CONFIG, rows, tmp_path)  # every search exists: no Ray, no data
+    lambda0 = {row: cfg.model.lambda0 for row, cfg in configs.items()}
+    assert lambda0 == {**searched, "lr": CONFIG.model.lambda0, "marn_w_raw": 0.05}
+    assert configs["marn_w_raw"].model.d1_weights == "raw"
+    assert configs["marn_lambda_grl"].model.lambda_role == "reversal"
+
+
+def test_a_search_of_other_model_settings_is_refused(scripts, tmp_path):  # noqa: F811
+    paper, _ = scripts
+    _fake_search(paper, tmp_path, "marn", 0.05, reversal_reaches="embedding")  # searched before a switch
+    with pytest.raises(ValueError, match="reversal_reaches"):
+        paper.tuned_configs(None, CONFIG, ["marn"], tmp_path)
+
+
+def _steps(n: int, logged: bool) -> list[dict[str, float]]:
+    rows = []
+    for k in range(1, n + 1):
+        row = {"step": k, "ctr": 0.7 - 0.001 * k, "adv": 1.0 / k, "d0": 0.1, "ds": 0.2}
+        if logged:
+            row |= {"d1_ce": 0.5 + 0.002 * k, "d1_acc": 0.9, "d0_acc": 1.0, "ds_acc": 1.0}
+            row |= {"w_norm_ids": 0.8, "w_norm_image": 1.2, "w_raw_ids": 0.01, "w_raw_image": 0.015}
+        rows.append(row)
+    return rows
+
+
+def test_figure_6a_trends_the_unweighted_d1_loss_and_still_reads_old_runs(scripts, tmp_path):  # noqa: F811
+    _, report = scripts
+    new = report.figure_losses(tmp_path / "new.png", {"steps_per_epoch": 20, "steps": _steps(60, True)})
+    assert new["loss"] == "d1_ce" and new["adv_last_tenth"] > new["adv_first_tenth"]  # w-weighted adv falls
+    old = report.figure_losses(tmp_path / "old.png", {"steps_per_epoch": 20, "steps": _steps(60, False)})
+    assert old["loss"] == "adv" and old["adv_last_tenth"] < old["adv_first_tenth"]
+    for name in ("new.png", "old.png"):
+        assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_instrumentation_at_the_best_epoch_and_early_stopping(scripts):  # noqa: F811
+    _, report = scripts
+    logged = _summary(report, "marn", [0.8, 0.81])
+    logged.best_rows.extend(
+        {
+            "epoch": 2,
+            "valid_auc": 0.8,
+            "d1_ce": ce,
+            "d1_acc": 0.5,
+            "d0_acc": 1.0,
+            "ds_acc": 0.9,
+            "w_norm_ids": 0.9,
+        }
+        for ce in (1.2, 1.4)
+    )
+    assert report.instrumentation(logged) == {
+        "d1_ce": [1.2, 1.4],
+        "d1_acc": [0.5, 0.5],
+        "d0_acc": [1.0, 1.0],
+        "ds_acc": [0.9, 0.9],
+        "w_norm_ids": [0.9, 0.9],
+    }
+    old = _summary(report, "base_maf_ddma", [0.8, 0.81])
+    old.best_rows.extend({"epoch": 2, "valid_auc": 0.8, "adv": 0.01} for _ in range(2))
+    assert report.instrumentation(old) == {}
+    table = report.instrumentation_table({"marn": logged, "base_maf_ddma": old}, ["base_maf_ddma", "marn"])
+    assert "| MARN | 1.300 | 0.500 | 1.000 | 0.900 | 0.900 |" in table and "DDMA" not in table
+    assert report.instrumentation_table({"base_maf_ddma": old}, ["base_maf_ddma"]) == ""
+    # _summary's runs: 2 epochs, best 2: the cap ended them, not early stopping
+    assert report.stopped_early(logged, patience=1) == [False, False]
+    stopped = report.Summary("x", [0.8], [0.8], [3], [1.0], [1], [[0.8, 0.7, 0.7]])
+    assert report.stopped_early(stopped, patience=2) == [True]
