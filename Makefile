@@ -5,7 +5,11 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 export RAY_USAGE_STATS_ENABLED := 0
-export RAY_AUTH_MODE := disabled
+# Local Ray requires its token (marn.ray_runtime: a 0600 file made once per user, created before Ray starts),
+# so a test that joins a `marn serve up` cluster with ray.init(address=...) authenticates too.
+export RAY_AUTH_MODE := token
+export RAY_AUTH_TOKEN_PATH := $(or $(XDG_STATE_HOME),$(HOME)/.local/state)/marn/ray_auth_token
+RAY_TOKEN := $(BIN)/python -c "from marn.ray_runtime import local_token_path; local_token_path()"
 
 .DEFAULT_GOAL := help
 .PHONY: help install demo test test-unit test-slow bench paper paper-report lint format constraints clean
@@ -30,10 +34,12 @@ install: $(STAMP)  ## create .venv and install pinned dependencies
 demo: $(STAMP)  ## the main job on the embedded synthetic default
 	$(BIN)/marn demo --config configs/local.yaml
 
-test: $(STAMP)  ## unit + integration tests (integration tests are marked slow)
+test: $(STAMP)  ## unit + integration tests (integration tests are marked slow; Redis ones need redis-server)
+	$(RAY_TOKEN)
 	$(BIN)/python -m pytest tests
 
 test-unit: $(STAMP)  ## fast unit tests only
+	$(RAY_TOKEN)
 	$(BIN)/python -m pytest tests/unit -m "not slow"
 
 bench: $(STAMP)  ## model speed table (train samples/s, inference latency) incl. DeepCTR-Torch's DIN

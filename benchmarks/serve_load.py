@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import threading
 import time
@@ -27,6 +28,7 @@ from rich.table import Table
 
 from marn.config import load_config
 from marn.data.schema import read_dataset
+from marn.ray_runtime import local_auth_env
 
 console = Console()
 
@@ -212,6 +214,9 @@ def fault_windows(url: str, state, cfg, bodies: list[dict], clients: int, second
 
 
 def main() -> None:
+    # Before anything imports Ray (it reads the auth mode once, at import): kill_one_scorer joins the
+    # token-authenticated `marn serve up` cluster.
+    os.environ.update(local_auth_env())
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
