@@ -24,6 +24,7 @@ from typing import Any
 import requests
 
 from marn.config import Config
+from marn.ray_runtime import local_auth_env, local_token_path
 from marn.registry import champion
 from marn.stages import registry_dir
 from serve.ab import CanaryDecision, RouterSettings, canary_decision, starting_weights
@@ -119,7 +120,8 @@ def up(cfg: Config, config_path: str | None, say: Callable[[str], None] = print)
     gcs_port = _free_port()
     log_path = state_path(cfg).with_name("ray-start.log")
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
+    # Token auth on the GCS, the dashboard and Serve's REST API; every Ray port binds 127.0.0.1.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **local_auth_env()}
     ray_cli = Path(sys.executable).with_name("ray")
     command = [
         str(ray_cli), "start", "--head", "--block", f"--port={gcs_port}", "--node-ip-address=127.0.0.1",
@@ -133,6 +135,7 @@ def up(cfg: Config, config_path: str | None, say: Callable[[str], None] = print)
             command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
         )
     dashboard = f"http://127.0.0.1:{cfg.serve.dashboard_port}"
+    applications = f"{dashboard}/api/serve/applications/"
     state = ServeState(
         process.pid, gcs_port, dashboard, f"http://{cfg.serve.host}:{cfg.serve.port}", config_path
     )
@@ -140,7 +143,7 @@ def up(cfg: Config, config_path: str | None, say: Callable[[str], None] = print)
     try:
         say(f"starting Ray (log {log_path})")
         _wait(
-            lambda: requests.get(f"{dashboard}/api/serve/applications/", timeout=2).ok,
+            lambda: requests.get(applications, headers=dashboard_headers(), timeout=2).ok,
             90,
             "Ray's dashboard",
             process,
@@ -169,7 +172,7 @@ def down(cfg: Config) -> bool:
     if state is None:
         return False
     with contextlib.suppress(requests.RequestException):  # the cluster is going anyway
-        requests.delete(f"{state.dashboard}/api/serve/applications/", timeout=30)
+        requests.delete(f"{state.dashboard}/api/serve/applications/", headers=dashboard_headers(), timeout=30)
     try:
         os.killpg(state.pid, signal.SIGTERM)
         deadline = time.monotonic() + 30
@@ -183,14 +186,21 @@ def down(cfg: Config) -> bool:
     return True
 
 
+def dashboard_headers() -> dict[str, str]:
+    """Ray's token for the local dashboard (read per call, never logged)."""
+    return {"Authorization": f"Bearer {local_token_path().read_text().strip()}"}
+
+
 def deploy(state: ServeState, document: dict[str, Any]) -> None:
-    response = requests.put(f"{state.dashboard}/api/serve/applications/", json=document, timeout=60)
+    url = f"{state.dashboard}/api/serve/applications/"
+    response = requests.put(url, json=document, headers=dashboard_headers(), timeout=60)
     if not response.ok:
         raise ServeError(f"Serve refused the config ({response.status_code}): {response.text[:2000]}")
 
 
 def serve_details(state: ServeState) -> dict[str, Any]:
-    response = requests.get(f"{state.dashboard}/api/serve/applications/", timeout=10)
+    url = f"{state.dashboard}/api/serve/applications/"
+    response = requests.get(url, headers=dashboard_headers(), timeout=10)
     response.raise_for_status()
     return response.json()
 
