@@ -214,6 +214,12 @@ class ServeConfig(Strict):
     batch_wait_s: float = Field(0.002, ge=0)
     item_cache_s: float = Field(60.0, ge=0)  # how long a scorer reuses item rows read from Feast
     canary: CanaryConfig = CanaryConfig()
+    # Request ids are HMAC-signed with the secret in this environment variable (never in a config file,
+    # a KFP parameter or the Serve config; `marn serve up` generates one when it is unset).
+    secret_env: str = Field("MARN_SERVE_SECRET", pattern=r"^[A-Z_][A-Z0-9_]*$")
+    feedback_window_s: float = Field(3600.0, gt=0)  # feedback on a response is accepted this long
+    ledger_path: Path | None = None  # the ledger's SQLite file; None: <paths.work_dir>/serve/ledger.sqlite
+    max_buffered_events: int = Field(100_000, ge=1)  # router events held while the ledger is down
 
 
 class Config(Strict):

@@ -248,8 +248,11 @@ class PredictBody(BaseModel):
 
 
 class FeedbackBody(BaseModel):
+    """POST /feedback: one item of one /predict response, named by that response's ``request_id``."""
+
     model_config = ConfigDict(extra="forbid", strict=True)
 
     user_id: str = Field(min_length=1, max_length=256)
     item_id: str = Field(min_length=1, max_length=256)
     clicked: bool
+    request_id: str = Field(min_length=1, max_length=64_000)  # serve/tokens.py: about 11 k at 1,000 items

@@ -28,6 +28,7 @@ from marn.ray_runtime import local_auth_env, local_token_path
 from marn.registry import champion
 from marn.stages import registry_dir
 from serve.ab import CanaryDecision, RouterSettings, canary_decision, starting_weights
+from serve.tokens import new_secret
 
 APP_NAME = "marn-ab"
 IMPORT_PATH = "serve.app:build_app"
@@ -122,6 +123,9 @@ def up(cfg: Config, config_path: str | None, say: Callable[[str], None] = print)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     # Token auth on the GCS, the dashboard and Serve's REST API; every Ray port binds 127.0.0.1.
     env = {**os.environ, "OMP_NUM_THREADS": "1", **local_auth_env()}
+    # The request-id signing secret reaches the routers only through the Ray processes' environment
+    # (never a file or the Serve config); generated per `up` unless the caller exported one.
+    env.setdefault(cfg.serve.secret_env, new_secret())
     ray_cli = Path(sys.executable).with_name("ray")
     command = [
         str(ray_cli), "start", "--head", "--block", f"--port={gcs_port}", "--node-ip-address=127.0.0.1",

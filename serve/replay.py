@@ -79,8 +79,13 @@ def replay(
             top = np.argsort(-np.asarray(answer["scores"]), kind="stable")[:k]
             shown = [case["candidates"][i] for i in top]
             outcome.update(arm=answer["arm"], hit=case["target"] in shown, shown=len(shown))
-            for item in shown:
-                feedback = {"user_id": case["user_id"], "item_id": item, "clicked": item == case["target"]}
+            for item in shown:  # each click names the response it is about (its signed request_id)
+                feedback = {
+                    "user_id": case["user_id"],
+                    "item_id": item,
+                    "clicked": item == case["target"],
+                    "request_id": answer["request_id"],
+                }
                 session.post(f"{url}/feedback", json=feedback, timeout=TIMEOUT_S).raise_for_status()
         except (requests.RequestException, KeyError, ValueError):
             outcome["failed"] = 1

@@ -246,7 +246,7 @@ def test_outside_client_gets_sticky_arms_both_arms_and_probabilities(world, serv
             )
             assert response.status_code == 200
             answer = response.json()
-            assert set(answer) == {"arm", "model_version", "scores"}
+            assert set(answer) == {"arm", "model_version", "scores", "request_id"}
             assert answer["model_version"] == "v0001"
             assert len(answer["scores"]) == len(items) and all(0 <= s <= 1 for s in answer["scores"])
             assert seen.setdefault(user, answer["arm"]) == answer["arm"], "the arm is sticky per user"
@@ -291,14 +291,15 @@ def test_bad_input_gets_a_4xx_json_error(service, case):
 
 def test_feedback_is_accepted_and_counted_per_arm(world, service):
     user = world["users"][10]
-    arm = requests.post(
+    answer = requests.post(
         f"{service}/predict", json={"user_id": user, "candidates": ["i001"]}, timeout=30
-    ).json()["arm"]
+    ).json()
+    arm = answer["arm"]
     before = requests.get(f"{service}/ab", timeout=30).json()["arms"][arm]["feedback"]
-    response = requests.post(
-        f"{service}/feedback", json={"user_id": user, "item_id": "i001", "clicked": True}, timeout=30
-    )
+    click = {"user_id": user, "item_id": "i001", "clicked": True, "request_id": answer["request_id"]}
+    response = requests.post(f"{service}/feedback", json=click, timeout=30)
     assert response.status_code == 202
+    assert requests.post(f"{service}/feedback", json=click, timeout=30).status_code == 409  # a replay
     bad = requests.post(f"{service}/feedback", json={"user_id": user, "item_id": "i001"}, timeout=30)
     assert bad.status_code == 422 and "error" in bad.json()
     ab = requests.get(f"{service}/ab", timeout=30).json()
@@ -332,8 +333,30 @@ def _load(url: str, users: list[str], items: list[str], clients: int, seconds: f
     return out, threads
 
 
-def test_weight_changes_and_a_killed_scorer_replica_lose_no_requests(world, service):
+def kill_replica(gcs_port: int, deployment: str) -> None:
+    """``ray.kill`` one replica of ``deployment`` in the service's Ray cluster (Serve starts another)."""
     import ray
+
+    from marn.ray_runtime import local_auth_env
+
+    saved = {name: os.environ.get(name) for name in local_auth_env()}
+    os.environ.update(local_auth_env())  # the driver authenticates as `marn serve up`'s processes do
+    ray.init(address=f"127.0.0.1:{gcs_port}", logging_level="ERROR", log_to_driver=False)
+    try:
+        victim = next(
+            a for a in ray.util.list_named_actors(all_namespaces=True) if f"#{deployment}#" in a["name"]
+        )
+        ray.kill(ray.get_actor(victim["name"], namespace=victim["namespace"]), no_restart=True)
+    finally:
+        ray.shutdown()
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def test_weight_changes_and_a_killed_scorer_replica_lose_no_requests(world, service):
 
     from serve.control import read_state
 
@@ -345,14 +368,7 @@ def test_weight_changes_and_a_killed_scorer_replica_lose_no_requests(world, serv
     time.sleep(3)
     changed = marn("serve", "weights", "marn=0.25", "dupn=0.75", "--config", str(world["config"]))
     assert changed.returncode == 0, changed.stderr
-    ray.init(address=f"127.0.0.1:{state.gcs_port}", logging_level="ERROR", log_to_driver=False)
-    try:
-        victim = next(
-            a for a in ray.util.list_named_actors(all_namespaces=True) if "#marn_scorer#" in a["name"]
-        )
-        ray.kill(ray.get_actor(victim["name"], namespace=victim["namespace"]), no_restart=True)
-    finally:
-        ray.shutdown()
+    kill_replica(state.gcs_port, "marn_scorer")
     for t in threads:
         t.join(120)
     statuses = [status for _, status in results]

@@ -145,6 +145,9 @@ def test_predict_and_feedback_bodies_accept_the_contract():
     body = PredictBody.model_validate({"user_id": "u", "candidates": ["a", "b"], "history": ["c"]})
     assert body.candidates == ["a", "b"] and body.history == ["c"]
     assert PredictBody.model_validate({"user_id": "u", "candidates": ["a"]}).history is None
-    assert FeedbackBody.model_validate({"user_id": "u", "item_id": "a", "clicked": False}).clicked is False
+    click = {"user_id": "u", "item_id": "a", "clicked": False, "request_id": "v1.a.b.c"}
+    assert FeedbackBody.model_validate(click).clicked is False
     with pytest.raises(ValidationError):
-        FeedbackBody.model_validate({"user_id": "u", "item_id": "a", "clicked": "yes"})
+        FeedbackBody.model_validate({**click, "clicked": "yes"})
+    with pytest.raises(ValidationError):  # feedback names the response it is about
+        FeedbackBody.model_validate({"user_id": "u", "item_id": "a", "clicked": False})

@@ -1,0 +1,134 @@
+"""The durable ledger (serve/ledger_store.py) and the router's bounded event buffer, without Ray."""
+
+from __future__ import annotations
+
+import sqlite3
+
+import pytest
+
+from serve.ab import ABLedger
+from serve.ledger_store import Batch, EventBuffer, FeedbackClaim, SQLiteLedgerStore
+
+ARMS = ["marn", "dupn"]
+
+
+def _store(tmp_path, name: str = "ledger.sqlite") -> SQLiteLedgerStore:
+    return SQLiteLedgerStore(tmp_path / name, ARMS, replay_window_s=3600)
+
+
+def _request(user: str, arm: str, latency_ms: float = 10.0, ok: bool = True, shadow: bool = False) -> tuple:
+    return ("request", user, arm, latency_ms, ok, shadow, 1.0)
+
+
+def _claim(key: str, user: str, arm: str, item: str, clicked: bool, issued_at: float = 1e12) -> FeedbackClaim:
+    return FeedbackClaim(key, user, arm, "v1", item, clicked, issued_at)
+
+
+def test_counts_survive_closing_and_reopening_the_file_in_wal_mode(tmp_path):
+    store = _store(tmp_path)
+    events = [("weights", {"marn": 0.5, "dupn": 0.5}, 1.0), _request("u1", "marn", 12.0)]
+    events += [_request("u2", "dupn", 30.0, ok=False), _request("u1", "dupn", 50.0, shadow=True)]
+    assert store.apply(Batch("b1", events))
+    assert store.claim_feedback(
+        [_claim("r1", "u1", "marn", "i1", True), _claim("r1", "u1", "marn", "i2", False)]
+    )
+    before = store.summary()
+    store.close()
+    reopened = _store(tmp_path)
+    assert reopened.summary() == before
+    marn, dupn = before["arms"]["marn"], before["arms"]["dupn"]
+    assert (marn["requests"], marn["feedback"], marn["clicks"], marn["latency_ms"]["p50"]) == (1, 2, 1, 12.0)
+    assert (dupn["requests"], dupn["errors"], dupn["shadow"]["requests"]) == (1, 1, 1)
+    mode = sqlite3.connect(tmp_path / "ledger.sqlite").execute("PRAGMA journal_mode").fetchone()[0]
+    assert mode == "wal"
+
+
+def test_a_resent_batch_is_counted_once(tmp_path):
+    store = _store(tmp_path)
+    batch = Batch("router-a-1", [_request("u1", "marn")])
+    assert store.apply(batch) is True
+    assert store.apply(batch) is False  # the ledger died after committing, the router sent it again
+    assert store.summary()["arms"]["marn"]["requests"] == 1
+
+
+def test_each_request_item_pair_counts_once_and_replays_are_counted_as_rejected(tmp_path):
+    store = _store(tmp_path)
+    first = [_claim("r1", "u1", "dupn", "i1", True), _claim("r1", "u1", "dupn", "i1", False)]
+    assert store.claim_feedback(first) == ["accepted", "replayed"]
+    assert store.claim_feedback([_claim("r1", "u1", "dupn", "i2", False)]) == ["accepted"]
+    assert store.claim_feedback([_claim("r2", "u1", "dupn", "i1", False)]) == ["accepted"]  # another response
+    summary = store.summary()
+    assert (summary["arms"]["dupn"]["feedback"], summary["arms"]["dupn"]["clicks"]) == (3, 1)
+    assert summary["rejected_feedback"] == {"replayed": 1}
+
+
+def test_the_same_weights_after_a_router_restart_keep_the_step_a_change_resets_it(tmp_path):
+    store = _store(tmp_path)
+    store.apply(Batch("a-1", [("weights", {"marn": 0.05, "dupn": 0.95}, 1.0), _request("u1", "marn")]))
+    store.claim_feedback([_claim("r1", "u1", "marn", "i1", True)])
+    store.apply(Batch("b-1", [("weights", {"marn": 0.05, "dupn": 0.95}, 2.0)]))  # a restarted router
+    step = store.summary()["arms"]["marn"]["since_weight_change"]
+    assert (step["requests"], step["feedback"], step["clusters"]["users"]) == (1, 1, 1)
+    store.apply(Batch("b-2", [("weights", {"marn": 0.25, "dupn": 0.75}, 3.0)]))
+    summary = store.summary()
+    step = summary["arms"]["marn"]["since_weight_change"]
+    assert (step["requests"], step["feedback"], step["clusters"]["users"], step["latency_ms"]["p50"]) == (
+        0,
+        0,
+        0,
+        None,
+    )
+    assert summary["arms"]["marn"]["requests"] == 1 and summary["weights"] == {"marn": 0.25, "dupn": 0.75}
+
+
+def test_per_user_sums_equal_the_in_memory_ledgers(tmp_path):
+    store, memory = _store(tmp_path), ABLedger(ARMS)
+    clicks = [("u1", True), ("u1", False), ("u1", True), ("u2", False), ("u3", True), ("u3", True)]
+    for k, (user, clicked) in enumerate(clicks):
+        store.claim_feedback([_claim(f"r{k}", user, "marn", "i1", clicked)])
+        memory.record_feedback(user, clicked, fallback_arm="marn")
+    durable, expected = store.summary()["arms"]["marn"], memory.summary()["arms"]["marn"]
+    assert durable["clusters"] == expected["clusters"] and durable["clusters"]["users"] == 3
+    assert durable["since_weight_change"]["clusters"] == expected["since_weight_change"]["clusters"]
+    assert durable["ctr"] == expected["ctr"]
+
+
+def test_expired_request_keys_are_forgotten(tmp_path):
+    store = SQLiteLedgerStore(tmp_path / "l.sqlite", ARMS, replay_window_s=60)
+    store.claim_feedback([_claim("old", "u1", "marn", "i1", True, issued_at=1.0)])  # long past the window
+    store.claim_feedback([_claim("new", "u1", "marn", "i1", True)])
+    keys = [row[0] for row in store.db.execute("SELECT request_key FROM seen")]
+    assert keys == ["new"]
+
+
+def test_the_buffer_is_bounded_and_folds_overflow_into_counts_without_losing_one(tmp_path):
+    buffer = EventBuffer(limit=10)
+    buffer.add(("weights", {"marn": 0.5, "dupn": 0.5}, 1.0))
+    for k in range(1000):
+        buffer.add(_request(f"u{k}", ARMS[k % 2], ok=k % 10 != 0))
+    for _ in range(7):
+        buffer.add(("rejected", "forged", 1.0))
+    assert len(buffer) == 10
+    batch = buffer.take()
+    assert batch.folded == 1000 + 7 + 1 - 10
+    store = _store(tmp_path)
+    assert store.apply(batch)
+    summary = store.summary()
+    assert summary["arms"]["marn"]["requests"] + summary["arms"]["dupn"]["requests"] == 1000
+    assert summary["arms"]["marn"]["errors"] + summary["arms"]["dupn"]["errors"] == 100
+    assert summary["rejected_feedback"] == {"forged": 7} and summary["events_folded"] == batch.folded
+
+
+def test_an_unacknowledged_batch_is_resent_with_its_id_before_newer_events(tmp_path):
+    buffer = EventBuffer(limit=100)
+    buffer.add(_request("u1", "marn"))
+    first = buffer.take()
+    buffer.add(_request("u2", "dupn"))  # arrives while the ledger is down
+    assert buffer.take() is first  # the send failed: the same batch, the same id, again
+    buffer.acknowledged(first)
+    second = buffer.take()
+    assert second.batch_id != first.batch_id and [e[1] for e in second.events] == ["u2"]
+    buffer.acknowledged(second)
+    assert buffer.take() is None and len(buffer) == 0
+    with pytest.raises(ValueError):
+        EventBuffer(limit=0)
