@@ -16,9 +16,9 @@ from marn.features import (
     DUPN_SERVICE,
     ITEM_ATTRIBUTES,
     ITEM_EMBEDDINGS,
-    ITEM_REPRESENTATIONS,
     ITEM_STATS,
     MARN_SERVICE,
+    REPRESENTATIONS_VIEW,
     USER_SEQUENCES,
     feature_definitions,
 )
@@ -38,6 +38,8 @@ user_sequences = _objects[USER_SEQUENCES]
 item_attributes = _objects[ITEM_ATTRIBUTES]
 item_stats = _objects[ITEM_STATS]
 item_embeddings = _objects.get(ITEM_EMBEDDINGS)  # None until the embed stage has written vectors
-item_representations = _objects.get(ITEM_REPRESENTATIONS)  # None until a MARN model is registered
+# One view per published MARN version (item_representations_marn_v0003 ...), each a module global under
+# its own name, so that `feast apply` here keeps every version registration published (none before the first).
+globals().update({name: obj for name, obj in _objects.items() if REPRESENTATIONS_VIEW.match(name)})
 marn_v1 = _objects[MARN_SERVICE]
 dupn_v1 = _objects[DUPN_SERVICE]

@@ -22,14 +22,21 @@ item_stats            item  stats_ts (the snapshot's time), n_<behaviour>    a z
                             numeric columns (price ...)
 item_embeddings       item  image_embedding, title_embedding                 static; only when the embed
                                                                              stage wrote them
-item_representations  item  item_rep: MARN's rep = s + c (paper 4.9.2)       registration time; only once
-                                                                             a model was registered
+item_representations  item  item_rep: MARN's rep = s + c (paper 4.9.2)       registration time; one view
+_<model>_<version>                                                           per registered version
 ====================  ====  ===============================================  ==============================
 
 Static rows carry the dataset's earliest timestamp and never expire (ttl 0), so every sample finds them;
 item_stats never expires either (a cumulative count holds until the next snapshot); user_sequences rows
 expire after ``feast.ttl_days``. Feature services ``marn_v1`` and ``dupn_v1`` (the
-two A/B arms) group the views; ``marn_v1`` adds item_representations once they exist.
+two A/B arms) group the views; ``marn_v1`` adds the item representation views once they exist.
+
+Item representations are versioned: the view's name carries the model version
+(``item_representations_marn_v0003``), because they are only valid with the weights that made them.
+Registration publishes the new version's view before the champion flips, and a scorer reads only its own
+version's view, so a running scorer never combines new representations with old weights. Versions coexist;
+:func:`delete_item_representations` drops the views (registry, online rows, table) of versions no longer
+served (marn.stages.register_stage keeps the new champion and the one it replaces).
 
 Point in time: a target at time t is retrieved as of ``t - 1 µs`` (``AS_OF_SHIFT``), so its user_sequences
 row is the newest one stamped before t and its history holds only events strictly before t. Events of the
@@ -54,8 +61,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -96,8 +104,11 @@ USER_SEQUENCES = "user_sequences"
 ITEM_ATTRIBUTES = "item_attributes"
 ITEM_STATS = "item_stats"
 ITEM_EMBEDDINGS = "item_embeddings"
-ITEM_REPRESENTATIONS = "item_representations"
-VIEWS = (USER_SEQUENCES, ITEM_ATTRIBUTES, ITEM_STATS, ITEM_EMBEDDINGS, ITEM_REPRESENTATIONS)
+ITEM_REPRESENTATIONS = "item_representations"  # the prefix of the per-version views
+VIEWS = (USER_SEQUENCES, ITEM_ATTRIBUTES, ITEM_STATS, ITEM_EMBEDDINGS)  # plus the representation views
+REPRESENTATIONS_VIEW = re.compile(
+    rf"^{ITEM_REPRESENTATIONS}_(?P<model>[a-z][a-z0-9_]*)_(?P<version>v\d{{4,}})$"
+)
 REQUIRED_VIEWS = (USER_SEQUENCES, ITEM_ATTRIBUTES, ITEM_STATS)
 MARN_SERVICE = "marn_v1"
 DUPN_SERVICE = "dupn_v1"
@@ -115,9 +126,24 @@ YAML_HEADER = (
 
 
 def table_path(tables_dir: str | Path, view: str) -> Path:
-    if view not in VIEWS:
-        raise ValueError(f"unknown feature view {view!r}; expected one of {VIEWS}")
+    if view not in VIEWS and not REPRESENTATIONS_VIEW.match(view):
+        expected = f"one of {VIEWS} or {ITEM_REPRESENTATIONS}_<model>_<version>"
+        raise ValueError(f"unknown feature view {view!r}; expected {expected}")
     return Path(tables_dir) / f"{view}.parquet"
+
+
+def representations_view(model: str, version: str) -> str:
+    """The feature view holding ``model``'s ``version`` (a registry version, v0001 ...) representations."""
+    name = f"{ITEM_REPRESENTATIONS}_{model}_{version}"
+    if not REPRESENTATIONS_VIEW.match(name):
+        raise ValueError(f"model {model!r} / version {version!r} make no valid view name ({name!r})")
+    return name
+
+
+def representation_tables(tables_dir: str | Path) -> dict[str, Path]:
+    """View name -> table of every published representation version in ``tables_dir``."""
+    paths = sorted(Path(tables_dir).glob(f"{ITEM_REPRESENTATIONS}_*.parquet"))
+    return {p.stem: p for p in paths if REPRESENTATIONS_VIEW.match(p.stem)}
 
 
 def default_repo_dir(cfg: Config) -> Path:
@@ -156,7 +182,8 @@ def build_feature_tables(dataset: Dataset, cfg: Config, tables_dir: str | Path) 
     """Write one parquet table per feature view into ``tables_dir``; returns view name -> path.
 
     item_embeddings is written when the embed stage left its files in the dataset directory (and removed
-    when they are gone); an item_representations table written earlier is kept and returned.
+    when they are gone); item representation tables written earlier (one per version) are kept and
+    returned.
     """
     if dataset.events.empty:
         raise ValueError("no events: cannot build feature tables from an empty events table")
@@ -177,8 +204,8 @@ def build_feature_tables(dataset: Dataset, cfg: Config, tables_dir: str | Path) 
         pq.write_table(table, paths[view])
     if embeddings is None:
         table_path(tables_dir, ITEM_EMBEDDINGS).unlink(missing_ok=True)  # stale from an earlier dataset
-    if table_path(tables_dir, ITEM_REPRESENTATIONS).exists():
-        paths[ITEM_REPRESENTATIONS] = table_path(tables_dir, ITEM_REPRESENTATIONS)
+    (tables_dir / f"{ITEM_REPRESENTATIONS}.parquet").unlink(missing_ok=True)  # unversioned: no model's
+    paths.update(representation_tables(tables_dir))
     return paths
 
 
@@ -300,7 +327,8 @@ def _item_embeddings(data_dir: Path, static_ts: pd.Timestamp) -> pa.Table | None
 def feature_definitions(tables_dir: str | Path, cfg: Config) -> list[Any]:
     """Entities, file sources, feature views and feature services over the tables in ``tables_dir``.
 
-    Optional views (item_embeddings, item_representations) are defined only when their table exists.
+    Optional views (item_embeddings, one item_representations view per published version) are defined
+    only when their table exists.
     Raises FileNotFoundError when a required table is missing (build_feature_tables writes them).
     """
     from feast import Entity, ValueType
@@ -324,8 +352,8 @@ def feature_definitions(tables_dir: str | Path, cfg: Config) -> list[Any]:
     }
     if table_path(tables_dir, ITEM_EMBEDDINGS).exists():
         views[ITEM_EMBEDDINGS] = _view(tables_dir, ITEM_EMBEDDINGS, item, 0, "image and title vectors")
-    if table_path(tables_dir, ITEM_REPRESENTATIONS).exists():
-        views[ITEM_REPRESENTATIONS] = _representations_view(tables_dir, item)
+    for name in representation_tables(tables_dir):
+        views[name] = _representations_view(tables_dir, name, item)
     sources = [view.batch_source for view in views.values()]
     return [user, item, *sources, *views.values(), *_services(views)]
 
@@ -371,8 +399,12 @@ def _view(tables_dir: Path, name: str, entity: Any, ttl_days: int, description: 
     )
 
 
-def _representations_view(tables_dir: Path, item: Any) -> FeatureView:
-    return _view(tables_dir, ITEM_REPRESENTATIONS, item, 0, "MARN item representations (paper 4.9.2)")
+def _representations_view(tables_dir: Path, name: str, item: Any) -> FeatureView:
+    version = REPRESENTATIONS_VIEW.match(name)
+    if version is None:
+        raise ValueError(f"{name!r} is no item representations view name")
+    what = f"{version['model']} {version['version']}"
+    return _view(tables_dir, name, item, 0, f"item representations of {what} (paper 4.9.2)")
 
 
 def _services(views: dict[str, FeatureView]) -> list[FeatureService]:
@@ -380,7 +412,7 @@ def _services(views: dict[str, FeatureView]) -> list[FeatureService]:
     from feast import FeatureService
 
     common = [views[v] for v in (USER_SEQUENCES, ITEM_ATTRIBUTES, ITEM_STATS, ITEM_EMBEDDINGS) if v in views]
-    marn = common + ([views[ITEM_REPRESENTATIONS]] if ITEM_REPRESENTATIONS in views else [])
+    marn = common + [view for name, view in views.items() if REPRESENTATIONS_VIEW.match(name)]
     return [
         FeatureService(
             name=MARN_SERVICE, features=marn, description="MARN arm: sequences and all modalities"
@@ -719,13 +751,20 @@ def online_features(repo_dir: str | Path, user_ids: Sequence[str], item_ids: Seq
 
 
 def write_item_representations(
-    repo_dir: str | Path, item_ids: Sequence[str], vectors: np.ndarray, ts: datetime
+    repo_dir: str | Path,
+    item_ids: Sequence[str],
+    vectors: np.ndarray,
+    ts: datetime,
+    *,
+    model: str,
+    version: str,
 ) -> Path:
-    """Store precomputed item representations (paper 4.9.2) stamped ``ts`` and materialize them online.
-
-    Replaces the table of an earlier registration; defines the view and adds it to marn_v1 the first time.
-    Needs an applied repo (materialize_features). Returns the table's path.
+    """Store ``model`` ``version``'s precomputed item representations (paper 4.9.2) stamped ``ts`` in
+    their own view (:func:`representations_view`) and materialize them online; other versions' views are
+    left as they are. Adds the view to marn_v1. Needs an applied repo (materialize_features). Returns the
+    table's path.
     """
+    view = representations_view(model, version)
     if len(item_ids) == 0:
         raise ValueError("no item representations to write")
     vectors = np.asarray(vectors, dtype=np.float32)
@@ -743,7 +782,7 @@ def write_item_representations(
     store = open_store(repo_dir)
     # Beside the other tables, wherever they are (feature_repo/definitions.py may point elsewhere).
     tables_dir = Path(store.get_feature_view(ITEM_ATTRIBUTES).batch_source.path).parent
-    path = table_path(tables_dir, ITEM_REPRESENTATIONS)
+    path = table_path(tables_dir, view)
     dim = vectors.shape[1]
     flat = pa.array(vectors.reshape(-1), pa.float32())
     table = pa.table(
@@ -756,9 +795,30 @@ def write_item_representations(
     pq.write_table(table, path)
 
     views = {v.name: v for v in store.list_feature_views()}
-    views[ITEM_REPRESENTATIONS] = _representations_view(tables_dir, store.get_entity("item"))
-    store.apply([views[ITEM_REPRESENTATIONS].batch_source, views[ITEM_REPRESENTATIONS], *_services(views)])
-    store.materialize(
-        start_date=stamp.to_pydatetime(), end_date=stamp.to_pydatetime(), feature_views=[ITEM_REPRESENTATIONS]
-    )
+    views[view] = _representations_view(tables_dir, view, store.get_entity("item"))
+    store.apply([views[view].batch_source, views[view], *_services(views)])
+    store.materialize(start_date=stamp.to_pydatetime(), end_date=stamp.to_pydatetime(), feature_views=[view])
     return path
+
+
+def delete_item_representations(repo_dir: str | Path, model: str, keep: Collection[str]) -> list[str]:
+    """Drop every representations view of ``model`` whose version is not in ``keep``: from the registry
+    and marn_v1, its online rows (Feast deletes a deleted view's online table or Redis fields) and its
+    offline table. Returns the dropped views' names."""
+    store = open_store(repo_dir)
+    views = {v.name: v for v in store.list_feature_views()}
+    stale = []
+    for name in views:
+        match = REPRESENTATIONS_VIEW.match(name)
+        if match and match["model"] == model and match["version"] not in keep:
+            stale.append(name)
+    if not stale:
+        return []
+    remaining = {name: view for name, view in views.items() if name not in stale}
+    doomed = [views[name] for name in stale]
+    store.apply(
+        _services(remaining), objects_to_delete=[*doomed, *(v.batch_source for v in doomed)], partial=False
+    )
+    for view in doomed:
+        Path(view.batch_source.path).unlink(missing_ok=True)
+    return stale

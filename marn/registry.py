@@ -7,6 +7,10 @@ Layout (a directory; a bucket or a PVC in the cluster)::
     REGISTRY/<model>/v0001/card.json        model card: config, data snapshot, metrics, gate decision
     REGISTRY/<model>/champion.json          {"version": "v0001", ...}: what serving loads
 
+Registration assembles the version, runs a ``before_champion`` step on it (MARN publishes the version's
+item representations to Feast there), and only then flips ``champion.json``: whatever starts from the new
+champion finds everything it needs already in place.
+
 The evaluation gate (:func:`gate`) lets a candidate in only when it beats the champion's test AUC by
 ``min_improvement`` (or there is no champion); a registered model becomes the champion at once. Both AUCs
 are measured on the candidate's test split: the champion's checkpoint is re-scored on it (AUCs of two
@@ -22,6 +26,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -68,6 +73,15 @@ def champion(registry_dir: str | Path, model: str) -> RegisteredModel | None:
         return None
     version = json.loads(pointer.read_text())["version"]
     return RegisteredModel(model, version, Path(registry_dir) / model / version)
+
+
+def registered_version(checkpoint: str | Path) -> str:
+    """The registry version of a registered checkpoint (``REGISTRY/<model>/<version>/model.pt``), from its
+    model card; FileNotFoundError for a checkpoint outside the registry."""
+    card = Path(checkpoint).parent / CARD
+    if not card.exists():
+        raise FileNotFoundError(f"{checkpoint} is not a registered model (no {CARD} beside it)")
+    return str(json.loads(card.read_text())["version"])
 
 
 def versions(registry_dir: str | Path, model: str) -> list[str]:
@@ -120,11 +134,14 @@ def register_model(
     data_dir: str | Path,
     decision: GateDecision,
     extra_card: dict[str, Any] | None = None,
+    before_champion: Callable[[RegisteredModel], dict[str, Any]] | None = None,
 ) -> RegisteredModel:
     """Copy a training run (``model.pt``, ``metrics.json``) into the next version and make it the champion.
 
     The version directory is assembled under a temporary name and renamed into place, so a crash never
-    leaves a half-written version that looks registered.
+    leaves a half-written version that looks registered. ``before_champion`` runs on the assembled
+    version (its ``path`` still the temporary directory) before the card is written and the champion
+    flips; what it returns joins the card. When it fails, nothing is registered.
     """
     if not decision.passed:
         raise ValueError(f"the evaluation gate refused this model: {decision.reason}")
@@ -138,6 +155,13 @@ def register_model(
     staging = Path(tempfile.mkdtemp(prefix=f".{version}-", dir=root))
     for name in ("model.pt", "metrics.json"):
         shutil.copy2(run_dir / name, staging / name)
+    prepared: dict[str, Any] = {}
+    if before_champion is not None:
+        try:
+            prepared = before_champion(RegisteredModel(model, version, staging))
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
     card = {
         "model": model,
         "version": version,
@@ -149,6 +173,7 @@ def register_model(
         "code": _git_commit(),
         "source_run": str(run_dir.resolve()),
         **(extra_card or {}),
+        **prepared,
     }
     (staging / CARD).write_text(json.dumps(card, indent=2) + "\n")
     staging.rename(root / version)

@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 
 from marn.config import Config
-from marn.registry import GateDecision, champion, gate, register_model
+from marn.registry import GateDecision, RegisteredModel, champion, gate, register_model, registered_version
 
 log = logging.getLogger(__name__)
 
@@ -156,23 +156,42 @@ def score_checkpoint(checkpoint: Path, samples: Any) -> dict[str, Any]:
 
 
 def register_stage(run_dir: Path, data_dir: Path, evaluation: dict[str, Any], cfg: Config) -> dict[str, Any]:
-    """Register a model that passed the gate; for MARN, precompute item representations into Feast (4.9.2)."""
+    """Register a model that passed the gate. MARN (4.9.2): the new version's item representations go to
+    Feast, in the version's own view, before it becomes the champion; then the views of versions older
+    than the champion it replaced are deleted. The replaced one stays: scorers started before the flip
+    serve it until they restart (a restarted scorer loads the new champion), and one whose view was
+    deleted anyway computes the representations from its own weights (the same scores, slower)."""
+    from marn.features import delete_item_representations
+
     decision = GateDecision(**evaluation["gate"])
-    registered = register_model(registry_dir(cfg), run_dir, data_dir, decision)
+    replaced: set[str] = set()
+
+    def publish(staged: RegisteredModel) -> dict[str, Any]:
+        if staged.model != "marn":
+            return {}
+        current = champion(registry_dir(cfg), staged.model)
+        replaced.update([current.version] if current is not None else [])
+        return {"item_representations": publish_item_representations(staged.checkpoint, cfg, staged.version)}
+
+    registered = register_model(registry_dir(cfg), run_dir, data_dir, decision, before_champion=publish)
     out: dict[str, Any] = {
         "model": registered.model,
         "version": registered.version,
         "path": str(registered.path.resolve()),
     }
     if registered.model == "marn":
-        out["item_representations"] = publish_item_representations(registered.checkpoint, cfg)
+        out["item_representations"] = registered.card["item_representations"]
+        out["deleted_representations"] = delete_item_representations(
+            work_path(cfg, cfg.feast.repo_dir, "feast"), registered.model, {registered.version, *replaced}
+        )
     return out
 
 
-def publish_item_representations(checkpoint: Path, cfg: Config) -> int:
+def publish_item_representations(checkpoint: Path, cfg: Config, version: str | None = None) -> int:
     """The time-invariant part of rep = s + c ([s_rest; c_rest], every modality but the statistics) for
-    every catalogue item, written to the Feast view the MARN scorer reads online; the scorer adds each
-    item's current statistics at request time (``MARN.represent_from_static``)."""
+    every catalogue item, written to the Feast view of this model ``version`` (default: the registry
+    version of ``checkpoint``), which the version's MARN scorer reads online; the scorer adds each item's
+    current statistics at request time (``MARN.represent_from_static``). Returns the number of items."""
     from datetime import UTC, datetime
 
     import torch
@@ -191,6 +210,8 @@ def publish_item_representations(checkpoint: Path, cfg: Config) -> int:
         item_ids,
         reps.numpy(),
         datetime.now(UTC),
+        model=trained.name,
+        version=version if version is not None else registered_version(checkpoint),
     )
     return len(item_ids)
 

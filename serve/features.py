@@ -4,11 +4,17 @@ Items change slowly (attributes, image vectors, MARN's precomputed representatio
 which the pipeline snapshots daily), so their rows are kept for ``item_cache_s`` seconds; a request after
 warm-up reads only its user's sequence from Feast. Unknown users and items come back empty, never as
 errors (cold start).
+
+Representations belong to one model version (marn.features.representations_view): a MARN scorer reads
+them through ``with_representations(its version's view)`` and never sees another version's.
 """
 
 from __future__ import annotations
 
+import copy
+import logging
 import math
+import sqlite3
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,17 +27,17 @@ from marn.features import (
     HISTORY_COLUMNS,
     ITEM_ATTRIBUTES,
     ITEM_EMBEDDINGS,
-    ITEM_REPRESENTATIONS,
     ITEM_STATS,
     REP_COLUMN,
     USER_SEQUENCES,
     open_store,
 )
 
+log = logging.getLogger(__name__)
+
 ITEM_FEATURES = (  # what a scorer needs of an item; views that are absent (no embed stage) are skipped
     (ITEM_ATTRIBUTES, ("category_id", "brand_id", "shop_id")),
     (ITEM_EMBEDDINGS, ("image_embedding",)),
-    (ITEM_REPRESENTATIONS, (REP_COLUMN,)),
     (ITEM_STATS, None),  # every statistic the view serves: the newest snapshot, as of now
 )
 
@@ -61,7 +67,7 @@ class FeatureFetcher:
             for feature in views[view].features
             if names is None or feature.name in names
         ]
-        self.has_representations = ITEM_REPRESENTATIONS in views
+        self.representations: str | None = None  # the one representations view these item rows carry
         self.item_cache_s = item_cache_s
         self.max_cached_items = max_cached_items
         self._items: dict[str, tuple[float, dict[str, Any]]] = {}  # item_id -> (read at, row)
@@ -80,6 +86,18 @@ class FeatureFetcher:
             out.append(UserHistory(list(items), list(behaviors), [_micros(t) for t in times]))
         return out
 
+    def with_representations(self, view: str) -> FeatureFetcher | None:
+        """A fetcher on the same store whose item rows also carry ``view``'s ``item_rep`` (one model
+        version's representations, marn.features.representations_view); None when Feast has no such view.
+        It has a cache of its own, so a fetcher shared by two arms is not changed."""
+        if view not in {v.name for v in self.store.list_feature_views(allow_cache=False)}:
+            return None
+        self.store.refresh_registry()  # online reads resolve the view through the cached registry
+        other = copy.copy(self)
+        other.item_refs = [*self.item_refs, f"{view}:{REP_COLUMN}"]
+        other.representations, other._items = view, {}
+        return other
+
     def items(self, item_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
         """item_id -> {feature: value or None} for every distinct id asked; cached for item_cache_s."""
         now = time.monotonic()
@@ -90,13 +108,26 @@ class FeatureFetcher:
             if len(self._items) + len(wanted) > self.max_cached_items:
                 self._items = {}
         if wanted:
-            rows = self.store.get_online_features(
-                features=self.item_refs, entity_rows=[{"item_id": i} for i in wanted]
-            ).to_dict()
+            rows = self._item_rows(wanted)
             names = [ref.split(":", 1)[1] for ref in self.item_refs]
             for k, item in enumerate(wanted):
                 self._items[item] = (now, {name: _vector_or_value(rows[name][k]) for name in names})
         return {i: self._items[i][1] for i in item_ids}
+
+    def _item_rows(self, item_ids: list[str]) -> dict[str, list[Any]]:
+        from feast.errors import FeatureViewNotFoundException
+
+        entity_rows = [{"item_id": i} for i in item_ids]
+        try:
+            return self.store.get_online_features(features=self.item_refs, entity_rows=entity_rows).to_dict()
+        except (sqlite3.OperationalError, FeatureViewNotFoundException) as err:
+            if self.representations is None:
+                raise
+            # The version's view was deleted (it is no longer the champion or its predecessor): read on
+            # without it; the scorer then computes the representations from its own weights.
+            log.warning("%s is gone (%r): item rows without it", self.representations, err)
+            self.item_refs = [ref for ref in self.item_refs if not ref.startswith(f"{self.representations}:")]
+            return self.store.get_online_features(features=self.item_refs, entity_rows=entity_rows).to_dict()
 
 
 def _micros(value: Any) -> int:

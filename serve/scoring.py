@@ -6,9 +6,12 @@ with the boundaries the model was trained with. An item Feast does not know has 
 
 MARN (paper 4.9.2): rep = s + c splits exactly into a part of every modality but the statistics, which
 registration precomputes into Feast, and the statistics' part, added here from the item's current counts
-(``MARN.represent_from_static``); the online path then runs only APGRU, candidate attention and the
-prediction MLP, with the GRU run once per user rather than once per candidate. Other models (the DUPN
-baseline) run their full forward on the request expanded to one row per candidate.
+(``MARN.represent_from_static``). The precomputed part is read only from the view of this scorer's own
+model version (marn.features.representations_view), so a registration while it runs changes nothing it
+reads; should its version's view be deleted under it, it computes that part from its own weights. The
+online path then runs only APGRU, candidate attention and the prediction MLP, with the GRU run once per
+user rather than once per candidate. Other models (the DUPN baseline) run their full forward on the
+request expanded to one row per candidate.
 
 Cold start: an unknown user has an empty history. An item the model never saw gets its known features
 from Feast (category, brand, shop, image vector) and defaults for the rest; an item Feast does not know
@@ -28,9 +31,10 @@ import torch
 from marn.data.schema import BEHAVIORS
 from marn.data.stats import STAT_PREFIX
 from marn.data.tensors import PAD, Vocab, gap_buckets
-from marn.features import REP_COLUMN
+from marn.features import REP_COLUMN, representations_view
 from marn.models.layers import ItemModalities, ItemStates
 from marn.models.marn import MARN
+from marn.registry import registered_version
 from marn.train import load_trained
 from serve.features import EMPTY_HISTORY, FeatureFetcher, UserHistory
 
@@ -57,7 +61,10 @@ class ArmScorer:
         fetcher: FeatureFetcher,
         max_history: int,
         max_cold_items: int = 10_000,
+        version: str | None = None,
     ):
+        """``version``: the checkpoint's registry version (default: from the model card beside it), whose
+        item representations a MARN scorer reads."""
         trained = load_trained(checkpoint)
         self.name, self.model, self.catalog = trained.name, trained.model, trained.catalog
         self.statistics = trained.statistics
@@ -65,12 +72,17 @@ class ArmScorer:
         self.behaviors = Vocab(BEHAVIORS)
         self._cold: dict[str, int] = {}  # item id the model never saw -> code added by ItemModalities.extend
         self.uses_representations = isinstance(self.model, MARN) and self.model.variant.sequence == "apgru"
+        self.version = version
         if self.uses_representations:
-            if not fetcher.has_representations:
+            self.version = version if version is not None else registered_version(checkpoint)
+            view = representations_view(self.name, self.version)
+            own = fetcher.with_representations(view)
+            if own is None:
                 raise FileNotFoundError(
-                    "the Feast repo has no item_representations view: register the MARN model through the "
-                    "pipeline (it publishes rep = s + c for every item)"
+                    f"the Feast repo has no {view} view: register {self.name} {self.version} through the "
+                    "pipeline (it publishes the version's rep = s + c before the version becomes champion)"
                 )
+            self.fetcher = own
             self._check_representations()
 
     # -- public ----------------------------------------------------------------------------------------
@@ -292,14 +304,14 @@ class ArmScorer:
         if any(v is None for v in stored):
             raise RuntimeError(
                 f"Feast has no representation for {sum(v is None for v in stored)} of the first "
-                f"{len(sample)} catalogue items: publish them for this model version (register it through "
-                "the pipeline)"
+                f"{len(sample)} catalogue items in {self.fetcher.representations}: publish them for this "
+                "model version (register it through the pipeline)"
             )
         with torch.no_grad():
             expected = self.model.static_parts(torch.arange(1, len(sample) + 1))
         gap = float((torch.from_numpy(np.stack(stored)) - expected).abs().max())
         if gap > REP_CHECK_TOLERANCE:
             raise RuntimeError(
-                f"Feast's item representations differ from this {self.name} model's by up to {gap:.3g}: they "
-                "were published for another version; re-publish them (register this version)"
+                f"Feast's {self.fetcher.representations} differ from this {self.name} model's by up to "
+                f"{gap:.3g}: they were published for another version; re-publish them (register this version)"
             )

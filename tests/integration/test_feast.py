@@ -30,6 +30,7 @@ from marn.features import (
     FeatureSummary,
     materialize_features,
     online_features,
+    representations_view,
     samples_from_feature_store,
     table_path,
     write_item_representations,
@@ -256,11 +257,15 @@ def test_apply_registers_both_services_and_representations_join_marn_only(world)
 
     items = sorted(world.dataset.items["item_id"])[:4]
     vectors = np.arange(12, dtype=np.float32).reshape(4, 3) / 7
-    write_item_representations(world.repo_dir, items, vectors, datetime.now(UTC))
+    write_item_representations(
+        world.repo_dir, items, vectors, datetime.now(UTC), model="marn", version="v0001"
+    )
     store = _store(world.repo_dir)
     marn = {p.name for p in store.get_feature_service(MARN_SERVICE).feature_view_projections}
     dupn = {p.name for p in store.get_feature_service(DUPN_SERVICE).feature_view_projections}
-    assert marn == views[MARN_SERVICE] | {ITEM_REPRESENTATIONS} and dupn == views[DUPN_SERVICE]
+    view = representations_view("marn", "v0001")
+    assert view.startswith(ITEM_REPRESENTATIONS)
+    assert marn == views[MARN_SERVICE] | {view} and dupn == views[DUPN_SERVICE]
     online = online_features(world.repo_dir, [], [*items, "zz"]).items.set_index("item_id")
     np.testing.assert_allclose(np.stack(online.loc[items, "item_rep"].to_numpy()), vectors, rtol=1e-6)
     assert online.loc["zz", "item_rep"] is None

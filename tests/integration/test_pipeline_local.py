@@ -106,7 +106,7 @@ def test_demo_runs_every_stage_registers_both_arms_and_skips_unchanged_data(tmp_
     assert marn_metrics["workers"] == 2  # Ray Train ran the fit loop in two workers
     plan = yaml.safe_load((run / "deploy" / "deployment" / "serve_config.yaml").read_text())
     assert set(plan["arms"]) == {"marn", "dupn"}
-    assert (work / "feast" / "data" / "item_representations.parquet").exists()  # paper 4.9.2
+    assert (work / "feast" / "data" / "item_representations_marn_v0001.parquet").exists()  # paper 4.9.2
 
     again = marn("pipeline", "run", "--local", "--data", str(data), "--if-new-data", "--config", str(config))
     assert again.returncode == 0 and "nothing to do" in again.stdout

@@ -152,8 +152,10 @@ def test_a_stale_representation_table_is_refused(world, tmp_path):
     other = tmp_path / "other.pt"
     torch.save(saved, other)
     assert load_trained(other).name == "marn"
+    version = champion(registry_dir(cfg), "marn").version  # other weights claiming the published version
+    fetcher = FeatureFetcher(work_path(cfg, cfg.feast.repo_dir, "feast"))
     with pytest.raises(RuntimeError, match="another version"):
-        ArmScorer(other, FeatureFetcher(work_path(cfg, cfg.feast.repo_dir, "feast")), cfg.samples.max_history)
+        ArmScorer(other, fetcher, cfg.samples.max_history, version=version)
 
 
 @pytest.mark.parametrize("arm", ["marn", "dupn"])

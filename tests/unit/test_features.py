@@ -21,6 +21,7 @@ from marn.features import (
     ITEM_STATS,
     USER_SEQUENCES,
     build_feature_tables,
+    representations_view,
     table_path,
     user_sequences,
     write_feature_store_yaml,
@@ -166,9 +167,23 @@ def test_tables_embeddings_merge_image_and_title_vectors_and_vanish_with_their_f
     assert not table_path(tables, ITEM_EMBEDDINGS).exists()
 
 
-def test_tables_keep_item_representations_written_earlier(tmp_path):
-    pq.write_table(pa.table({"item_id": ["a"]}), table_path(tmp_path, ITEM_REPRESENTATIONS))
-    assert ITEM_REPRESENTATIONS in build_feature_tables(_dataset(), load_config(None), tmp_path)
+def test_tables_keep_every_item_representations_version_written_earlier(tmp_path):
+    views = [representations_view("marn", v) for v in ("v0001", "v0002")]
+    for view in views:
+        pq.write_table(pa.table({"item_id": ["a"]}), table_path(tmp_path, view))
+    unversioned = tmp_path / f"{ITEM_REPRESENTATIONS}.parquet"  # from before versions: no model's
+    pq.write_table(pa.table({"item_id": ["a"]}), unversioned)
+    paths = build_feature_tables(_dataset(), load_config(None), tmp_path)
+    assert set(views) <= set(paths) and ITEM_REPRESENTATIONS not in paths and not unversioned.exists()
+
+
+def test_representation_views_are_named_by_model_and_version():
+    assert representations_view("marn", "v0003") == "item_representations_marn_v0003"
+    for model, version in (("marn", "3"), ("marn", "v1/../x"), ("Marn", "v0001"), ("", "v0001")):
+        with pytest.raises(ValueError, match="no valid view name"):
+            representations_view(model, version)
+    with pytest.raises(ValueError, match="unknown feature view"):
+        table_path("data", "item_representations_marn_latest")
 
 
 def test_static_columns_that_clash_with_stat_names_are_rejected(tmp_path):
@@ -180,16 +195,19 @@ def test_static_columns_that_clash_with_stat_names_are_rejected(tmp_path):
 
 def test_representations_input_is_checked_before_touching_the_store(tmp_path):
     now = datetime.now(UTC)
+    version = {"model": "marn", "version": "v0001"}
     with pytest.raises(ValueError, match="shape"):
-        write_item_representations(tmp_path, ["a", "b"], np.zeros((3, 4)), now)
+        write_item_representations(tmp_path, ["a", "b"], np.zeros((3, 4)), now, **version)
     with pytest.raises(ValueError, match="duplicates"):
-        write_item_representations(tmp_path, ["a", "a"], np.zeros((2, 4)), now)
+        write_item_representations(tmp_path, ["a", "a"], np.zeros((2, 4)), now, **version)
     with pytest.raises(ValueError, match="NaN"):
-        write_item_representations(tmp_path, ["a"], np.full((1, 4), np.nan), now)
+        write_item_representations(tmp_path, ["a"], np.full((1, 4), np.nan), now, **version)
     with pytest.raises(ValueError, match="timezone"):
-        write_item_representations(tmp_path, ["a"], np.zeros((1, 4)), datetime(2025, 1, 1))
+        write_item_representations(tmp_path, ["a"], np.zeros((1, 4)), datetime(2025, 1, 1), **version)
+    with pytest.raises(ValueError, match="no valid view name"):
+        write_item_representations(tmp_path, ["a"], np.zeros((1, 4)), now, model="marn", version="latest")
     with pytest.raises(FileNotFoundError, match=r"feature_store\.yaml"):
-        write_item_representations(tmp_path, ["a"], np.zeros((1, 4)), now)
+        write_item_representations(tmp_path, ["a"], np.zeros((1, 4)), now, **version)
 
 
 # -- sample targets ----------------------------------------------------------------------------------------

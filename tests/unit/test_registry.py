@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from marn.registry import champion, data_snapshot, gate, register_model, versions
+from marn.registry import champion, data_snapshot, gate, register_model, registered_version, versions
 
 
 def _run(tmp_path: Path, name: str, auc: float, model: str = "marn") -> Path:
@@ -92,3 +92,42 @@ def test_the_gate_refuses_when_the_champion_cannot_be_rescored(tmp_path, data_di
     decision = gate({"auc": 0.99}, champion(registry, "marn"), 0.0, None, "ValueError: an old checkpoint")
     assert not decision.passed
     assert "could not be scored" in decision.reason and "an old checkpoint" in decision.reason
+
+
+def test_before_champion_runs_on_the_new_version_before_the_flip_and_a_failure_registers_nothing(
+    tmp_path, data_dir
+):
+    registry = tmp_path / "registry"
+    register_model(registry, _run(tmp_path, "r1", 0.70), data_dir, gate({"auc": 0.70}, None, 0.0))
+    seen = {}
+
+    def publish(staged):  # what registration's Feast publication sees: the new version, the old champion
+        seen.update(
+            version=staged.version,
+            weights=staged.checkpoint.read_bytes(),
+            champion=champion(registry, "marn").version,
+        )
+        return {"item_representations": 7}
+
+    second = register_model(
+        registry,
+        _run(tmp_path, "r2", 0.75),
+        data_dir,
+        gate({"auc": 0.75}, None, 0.0),
+        before_champion=publish,
+    )
+    assert seen == {"version": "v0002", "weights": b"weights r2", "champion": "v0001"}
+    assert champion(registry, "marn") == second and second.card["item_representations"] == 7
+    assert registered_version(second.checkpoint) == "v0002"
+
+    def fail(staged):
+        raise RuntimeError("Feast is down")
+
+    with pytest.raises(RuntimeError, match="Feast is down"):
+        register_model(
+            registry, _run(tmp_path, "r3", 0.8), data_dir, gate({"auc": 0.8}, None, 0.0), before_champion=fail
+        )
+    assert champion(registry, "marn").version == "v0002" and versions(registry, "marn") == ["v0001", "v0002"]
+    assert [p.name for p in (registry / "marn").iterdir() if p.name.startswith(".")] == []  # no staging left
+    with pytest.raises(FileNotFoundError, match="not a registered model"):
+        registered_version(tmp_path / "r1" / "model.pt")
