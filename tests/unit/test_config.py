@@ -11,7 +11,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 def test_shipped_configs_load_and_local_is_sized_for_two_cores():
     local = load_config(REPO / "configs" / "local.yaml")
-    cluster = load_config(REPO / "configs" / "cluster.yaml")
+    cluster = load_config(REPO / "kustomize" / "base" / "config" / "cluster.yaml")
     assert local.ray.address is None and local.ray.num_cpus == 2 and local.feast.online_store == "sqlite"
     assert local.tune.cpus_per_trial * 2 <= local.ray.num_cpus  # two trials fit at once
     assert local.distributed.workers * local.distributed.cpus_per_worker <= local.ray.num_cpus
@@ -57,7 +57,7 @@ def test_overrides_merge_into_nested_sections(tmp_path):
 
 
 def test_dumped_config_is_one_line_and_reads_back_equal():
-    cfg = load_config(REPO / "configs" / "cluster.yaml")
+    cfg = load_config(REPO / "kustomize" / "base" / "config" / "cluster.yaml")
     text = dump_config(cfg)
     assert "\n" not in text  # KFP copies parameter defaults into a comment header
     assert parse_config(text) == cfg
