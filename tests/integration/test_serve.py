@@ -335,27 +335,23 @@ def _load(url: str, users: list[str], items: list[str], clients: int, seconds: f
     return out, threads
 
 
-def kill_replica(gcs_port: int, deployment: str) -> None:
-    """``ray.kill`` one replica of ``deployment`` in the service's Ray cluster (Serve starts another)."""
-    import ray
+KILL_REPLICA = """
+import sys, ray
+ray.init(address=sys.argv[1], logging_level="ERROR", log_to_driver=False)
+names = [a for a in ray.util.list_named_actors(all_namespaces=True) if f"#{sys.argv[2]}#" in a["name"]]
+ray.kill(ray.get_actor(names[0]["name"], namespace=names[0]["namespace"]), no_restart=True)
+"""
 
+
+def kill_replica(gcs_port: int, deployment: str) -> None:
+    """``ray.kill`` one replica of ``deployment`` in the service's Ray cluster (Serve starts another). In a
+    fresh process: Ray reads its auth settings once, at import, and this one may have imported it already."""
     from marn.ray_runtime import local_auth_env
 
-    saved = {name: os.environ.get(name) for name in local_auth_env()}
-    os.environ.update(local_auth_env())  # the driver authenticates as `marn serve up`'s processes do
-    ray.init(address=f"127.0.0.1:{gcs_port}", logging_level="ERROR", log_to_driver=False)
-    try:
-        victim = next(
-            a for a in ray.util.list_named_actors(all_namespaces=True) if f"#{deployment}#" in a["name"]
-        )
-        ray.kill(ray.get_actor(victim["name"], namespace=victim["namespace"]), no_restart=True)
-    finally:
-        ray.shutdown()
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+    env = {**os.environ, **local_auth_env()}  # the driver authenticates as `marn serve up`'s processes do
+    killer = [sys.executable, "-c", KILL_REPLICA, f"127.0.0.1:{gcs_port}", deployment]
+    done = subprocess.run(killer, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
 
 
 def test_weight_changes_and_a_killed_scorer_replica_lose_no_requests(world, service):
