@@ -112,14 +112,16 @@ class Result:
 # --------------------------------------------------------------------------------------------------------
 
 
-def stream_indices(n_samples: int, batch_size: int, count: int, seed: int) -> list[torch.Tensor]:
-    """The first ``count`` full batches of a seeded shuffle (more shuffles appended if one is too short)."""
-    if n_samples < 1:
+def stream_indices(data: EncodedSamples, batch_size: int, count: int, seed: int) -> list[torch.Tensor]:
+    """The first ``count`` full batches of the order ``marn train`` uses (``EncodedSamples.shuffled``: a
+    seeded shuffle of request groups, a positive next to its negative), more shuffles appended if one is
+    too short."""
+    if len(data) < 1:
         raise ValueError("no training samples to benchmark on")
-    generator = torch.Generator().manual_seed(seed)
+    generator, groups = torch.Generator().manual_seed(seed), data.request_groups()
     needed = count * batch_size
-    perms = [torch.randperm(n_samples, generator=generator) for _ in range(-(-needed // n_samples))]
-    return list(torch.cat(perms)[:needed].split(batch_size))
+    orders = [data.shuffled(generator, groups) for _ in range(-(-needed // len(data)))]
+    return list(torch.cat(orders)[:needed].split(batch_size))
 
 
 @dataclass(frozen=True)
@@ -134,7 +136,7 @@ class Stream:
 def build_stream(data: EncodedSamples, settings: Settings) -> Stream:
     bs = settings.batch_size
     count = settings.warmup + max(settings.batches, settings.infer_batches, -(-settings.single // bs))
-    batches = [data.batch(index) for index in stream_indices(len(data), bs, count, settings.seed)]
+    batches = [data.batch(index) for index in stream_indices(data, bs, count, settings.seed)]
     timed = batches[settings.warmup :]
     # batch 1: the first samples of the timed stream, one at a time
     single = [{k: v[i % bs : i % bs + 1] for k, v in timed[i // bs].items()} for i in range(settings.single)]

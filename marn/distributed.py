@@ -106,19 +106,19 @@ def train_distributed(
 
 
 def shard(data: EncodedSamples, rank: int, world_size: int, seed: int) -> EncodedSamples:
-    """This rank's share of the samples: a seeded shuffle split into equal strided parts.
+    """This rank's share of the samples: a seeded shuffle of whole request groups, cut into equal parts.
 
     Equal sizes because DDP needs every rank to take the same number of steps (up to ``world_size - 1``
-    samples are left out); shuffled first because samples come as positive/negative pairs, and a plain
-    strided split over two workers would give rank 0 every positive.
+    samples are left out). Shuffled by group (``EncodedSamples.shuffled``) so a positive and its negative,
+    which share one history, land on the same rank (and a strided split would give rank 0 every positive).
     """
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} outside a world of {world_size}")
     per_rank = len(data) // world_size
     if per_rank == 0:
         raise ValueError(f"{len(data)} samples cannot be shared by {world_size} workers")
-    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))
-    index = order[: per_rank * world_size][rank::world_size].sort().values
+    order = data.shuffled(torch.Generator().manual_seed(seed))
+    index = order[: per_rank * world_size].view(world_size, per_rank)[rank].sort().values
     return data.subset(index)
 
 

@@ -166,6 +166,7 @@ def fit(
         if stale >= cfg.patience:  # the saved epoch was the one that stopped the run
             return best_state, history
     steps_per_epoch = max(1, -(-len(train) // cfg.batch_size))
+    groups = train.request_groups()  # a positive and its negative share a history: batch them together
     total_steps, step = cfg.epochs * steps_per_epoch, done * steps_per_epoch
     with _progress(show_progress) as bar:
         task = bar.add_task("train", total=total_steps, completed=step)
@@ -173,7 +174,7 @@ def fit(
             started, ctr_loss, seen = time.perf_counter(), 0.0, 0
             aux_sums: dict[str, float] = {}
             model.train()
-            for index in torch.randperm(len(train), generator=shuffle).split(cfg.batch_size):
+            for index in train.shuffled(shuffle, groups).split(cfg.batch_size):
                 batch = _batch(train, index, device)
                 out = model(batch, progress=step / total_steps)  # p of the lambda schedule
                 loss = bce(out.logits, batch["label"])

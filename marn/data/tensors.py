@@ -108,6 +108,29 @@ class EncodedSamples:
         rows = index.numpy()
         return EncodedSamples(self.users[rows], self.times[rows], self.batch(index))
 
+    def request_groups(self) -> torch.Tensor:
+        """(N,) a group number per sample: samples of one user at one moment (a target's positive and its
+        sampled negative) have the same history input, so the models run that history once per batch
+        when the group stays together (see :meth:`shuffled`). Numbered in order of first appearance."""
+        if len(self) == 0:
+            return torch.zeros(0, dtype=torch.long)
+        users = pd.factorize(self.users)[0]
+        keys = np.stack([users, self.times.astype("datetime64[us]").astype(np.int64)], axis=1)  # (N, 2)
+        _, first, inverse = np.unique(keys, axis=0, return_index=True, return_inverse=True)
+        rank = np.empty(len(first), dtype=np.int64)
+        rank[np.argsort(first, kind="stable")] = np.arange(len(first))
+        return torch.from_numpy(rank[inverse.reshape(-1)])
+
+    def shuffled(self, generator: torch.Generator, groups: torch.Tensor | None = None) -> torch.Tensor:
+        """(N,) a seeded random order of the samples that shuffles whole request groups and keeps each
+        group's samples adjacent, in their stored order; ``groups`` is :meth:`request_groups`, when the
+        caller keeps it across epochs."""
+        groups = self.request_groups() if groups is None else groups
+        n_groups = int(groups.max()) + 1 if len(groups) else 0
+        position = torch.empty(n_groups, dtype=torch.long)
+        position[torch.randperm(n_groups, generator=generator)] = torch.arange(n_groups)
+        return torch.sort(position[groups], stable=True).indices
+
 
 def gap_buckets(target_us: np.ndarray, behavior_us: np.ndarray) -> np.ndarray:
     """Time from each behaviour to the prediction (µs since the epoch) -> bucket codes 1..GAP_BUCKETS-1.

@@ -53,8 +53,9 @@ from marn.models.layers import (
     CandidateAttention,
     ItemModalities,
     batch_items,
-    gather_items,
+    distinct_histories,
     sequence_mask,
+    take_rows,
 )
 
 ACTIVATIONS = ("dice", "prelu", "relu")
@@ -146,22 +147,27 @@ class DIN(CTRModel):
         self.input_norm = BatchNorm(2 * dim)  # the authors' code's b1
         self.predict = PredictionMLP(2 * dim, cfg.hidden, activation, dropout=cfg.dropout)
 
-    def _inputs(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Candidate vectors (B, M*D), history keys (B, L, M*D) and the real-behaviour mask (B, L)."""
+    def _inputs(
+        self, batch: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Candidate vectors (B, M*D); history keys (K, L, M*D) and their real-behaviour mask (K, L) of the
+        K distinct histories (a positive and its negative share one); ``which`` (B,) each sample's."""
         unique, inverse = batch_items(batch)
         vectors = self.embedding(unique).flatten(1)  # (U, M, D) -> (U, M*D), each distinct item once
-        candidate, keys = gather_items(vectors, inverse)  # (B, M*D), (B, L, M*D)
+        candidate = take_rows(vectors, inverse[:, 0])  # (B, M*D)
+        rows, which = distinct_histories(batch, inverse)  # (K,), (B,)
+        keys = take_rows(vectors, inverse[rows, 1:])  # (K, L, M*D)
         if self.use_behavior:
-            keys = keys + self.property(self.behavior(batch["hist_behavior"], batch["hist_gap"]))
-        return candidate, keys, sequence_mask(batch["hist_len"], keys.shape[1])
+            keys = keys + self.property(self.behavior(batch["hist_behavior"][rows], batch["hist_gap"][rows]))
+        return candidate, keys, sequence_mask(batch["hist_len"][rows], keys.shape[1]), which
 
     def attention_weights(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """(B, L) the activation unit's raw weights a_t; 0 on padded positions."""
-        candidate, keys, mask = self._inputs(batch)
-        return self.attention.weights(keys, candidate, mask)
+        candidate, keys, mask, which = self._inputs(batch)
+        return self.attention.weights(keys, candidate, mask, which)
 
     def forward(self, batch: dict[str, torch.Tensor], progress: float = 1.0) -> ModelOutput:
-        candidate, keys, mask = self._inputs(batch)
-        interest = self.attention(keys, candidate, mask)  # (B, M*D) sum_t a_t k_t, no softmax
+        candidate, keys, mask, which = self._inputs(batch)
+        interest = self.attention(keys, candidate, mask, which)  # (B, M*D) sum_t a_t k_t, no softmax
         logits = self.predict(self.input_norm(torch.cat([interest, candidate], dim=1))).squeeze(-1)  # (B,)
         return ModelOutput(logits=logits)

@@ -45,13 +45,14 @@ from marn.models.layers import (
     ItemModalities,
     ItemStates,
     batch_items,
-    gather_items,
+    distinct_histories,
     grad_reverse,
     last_state,
     masked_softmax,
     recent_window,
     run_gru,
     sequence_mask,
+    take_rows,
 )
 
 
@@ -196,18 +197,34 @@ class APGRU(nn.Module):
         return states * mask[..., None].to(states.dtype)  # (B, L, H)
 
     def forward(
-        self, reps: torch.Tensor, props: torch.Tensor, mask: torch.Tensor, candidate: torch.Tensor
+        self,
+        reps: torch.Tensor,
+        props: torch.Tensor,
+        mask: torch.Tensor,
+        candidate: torch.Tensor,
+        which: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        return self.attend(self.fused_states(reps, props, mask), mask, candidate)  # (B, H)
+        """K distinct histories (reps (K, L, D), props (K, L, P), mask (K, L)), B candidates (B, D) and
+        ``which`` (B,), the history each candidate's sample reads (None: K = B) -> user vectors (B, H)."""
+        return self.attend(self.fused_states(reps, props, mask), mask, candidate, which)
 
-    def attend(self, states: torch.Tensor, mask: torch.Tensor, candidate: torch.Tensor) -> torch.Tensor:
-        """Candidate attention: states (B, L, H), mask (B, L), candidate rep (B, D) -> user vector (B, H)."""
-        # MLP([h_t, rep_X]): its first layer splits into a per-step part and one per sample
+    def attend(
+        self,
+        states: torch.Tensor,
+        mask: torch.Tensor,
+        candidate: torch.Tensor,
+        which: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Candidate attention: states (K, L, H), mask (K, L) of K histories, candidate reps (B, D) and the
+        history of each (``which`` (B,), None when K = B) -> user vectors (B, H)."""
+        # MLP([h_t, rep_X]): its first layer splits into a per-step part, run once per distinct history,
+        # and a per-candidate part
         first = self.attention[0]
         w_state, w_candidate = first.weight.split([states.shape[-1], candidate.shape[-1]], dim=1)
-        hidden = (
-            F.linear(states, w_state) + F.linear(candidate, w_candidate, first.bias)[:, None, :]
-        )  # (B, L, A)
+        per_step = F.linear(states, w_state)  # (K, L, A)
+        if which is not None:
+            states, mask, per_step = (take_rows(t, which) for t in (states, mask, per_step))  # (B, L, ...)
+        hidden = per_step + F.linear(candidate, w_candidate, first.bias)[:, None, :]  # (B, L, A)
         scores = self.attention.after_first(hidden).squeeze(-1)  # (B, L)
         return torch.einsum("bl,blh->bh", masked_softmax(scores, mask), states)  # (B, H)
 
@@ -265,7 +282,9 @@ class MARN(CTRModel):
             no_stats = ItemStates(items, states.stats[:0])
             e = self.embedding(no_stats, [self.embedding.modalities[k] for k in rest])  # (U_i, M', D_e)
             per_item = self._parts(e, rest)
-            per_modality.append({k: None if v is None else v[inverse] for k, v in per_item.items()})
+            per_modality.append(
+                {k: None if v is None else take_rows(v, inverse) for k, v in per_item.items()}
+            )
         if "stats" in self.embedding.modalities:  # always the last modality (MODALITIES order)
             index = [self.embedding.modalities.index("stats")]
             per_modality.append(self._parts(self.embedding(states, ["stats"]), index))
@@ -473,13 +492,16 @@ class MARN(CTRModel):
         losses = {}
         if self.training:
             losses = self.adversarial_losses(unique, parts, weight if as_reversal else 1.0)
-        candidate, history = gather_items(parts.rep, inverse)  # (B, D), (B, L, D)
-        mask = sequence_mask(batch["hist_len"], history.shape[1])  # (B, L)
+        candidate = take_rows(parts.rep, inverse[:, 0])  # (B, D)
+        rows, which = distinct_histories(batch, inverse)  # (K,), (B,): a positive and its negative share one
+        history = take_rows(parts.rep, inverse[rows, 1:])  # (K, L, D)
+        hist_len = batch["hist_len"][rows]  # (K,)
         if self.variant.sequence == "apgru":
-            props = self.behavior(batch["hist_behavior"], batch["hist_gap"])  # (B, L, P)
-            user = self.sequence(history, props, mask, candidate)  # (B, H)
+            mask = sequence_mask(hist_len, history.shape[1])  # (K, L)
+            props = self.behavior(batch["hist_behavior"][rows], batch["hist_gap"][rows])  # (K, L, P)
+            user = self.sequence(history, props, mask, candidate, which)  # (B, H)
         else:
-            user = last_state(run_gru(self.sequence, history, batch["hist_len"]), batch["hist_len"])  # (B, H)
+            user = take_rows(last_state(run_gru(self.sequence, history, hist_len), hist_len), which)  # (B, H)
         logits = self.predict(torch.cat([user, candidate], dim=1)).squeeze(-1)  # (B,)
         if not losses:
             return ModelOutput(logits)

@@ -89,7 +89,7 @@ def test_stream_is_seeded_and_made_of_full_batches(bench, settings, tiny_world):
     assert torch.equal(a.single[1]["hist_items"][0], a.timed[0]["hist_items"][1])
     # more batches than samples wraps into a second shuffle instead of running short
     n = len(tiny_world.train)
-    assert len(bench.stream_indices(n, 64, -(-2 * n // 64), 0)) == -(-2 * n // 64)
+    assert len(bench.stream_indices(tiny_world.train, 64, -(-2 * n // 64), 0)) == -(-2 * n // 64)
 
 
 def test_ratios_divide_by_the_full_feature_din(bench):

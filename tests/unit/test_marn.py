@@ -283,27 +283,6 @@ def test_per_item_decomposition_equals_computing_every_state_in_full(tiny_world,
         assert not torch.allclose(parts.rep[:11], parts.rep[11:])  # the counts reach rep
 
 
-def test_title_cnn_by_word_lookups_equals_conv1d_forward_and_gradients():
-    from marn.models.layers import TitleCNN
-
-    torch.manual_seed(0)
-    words = torch.randn(30, 7, dtype=torch.float64)
-    words[0] = 0.0  # PAD
-    cnn = TitleCNN(words, windows=(2, 3, 4), filters=5).double()
-    tokens = torch.randint(0, 30, (9, 6))
-    tokens[0] = 0  # an empty title
-    tokens[1, 3:] = 0  # a short one
-    grads = []
-    for run in (cnn.reference, cnn.forward):
-        cnn.zero_grad()
-        out = run(tokens)
-        out.pow(2).sum().backward()
-        grads.append((out.detach(), [p.grad.clone() for p in cnn.parameters()]))
-    (a, ga), (b, gb) = grads
-    assert (a - b).abs().max() < 1e-10
-    assert all((x - y).abs().max() < 1e-10 for x, y in zip(ga, gb, strict=True))
-
-
 # -- the adversary's switches (issue 16) ----------------------------------------------------------------
 
 

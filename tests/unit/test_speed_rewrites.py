@@ -1,0 +1,123 @@
+"""The training-speed rewrites are exact: a request group shares one history run, the title CNN scores
+winners only, the attention reads distinct histories. Each is held to the plain computation it replaces,
+forward and gradients."""
+
+import pytest
+import torch
+
+from marn.models.din import DIN
+from marn.models.layers import CandidateAttention, TitleCNN, batch_items, distinct_histories
+from marn.models.marn import MARN, VARIANTS
+
+
+def _paired_batch(world, n=24):
+    """The first ``n`` training samples in stored order: positive then negative of each target, so every
+    history appears twice."""
+    return world.train.batch(torch.arange(n))
+
+
+def test_request_groups_pair_each_positive_with_its_negative(tiny_world):
+    data = tiny_world.train
+    groups = data.request_groups()
+    assert len(groups) == len(data) and int(groups.max()) + 1 == len(data) // 2
+    assert torch.equal(groups, torch.arange(len(data)) // 2)  # stored as positive, negative, ...
+    labels = data.tensors["label"]
+    assert torch.equal(labels[0::2], torch.ones(len(data) // 2)) and not labels[1::2].any()
+
+
+def test_shuffled_keeps_groups_adjacent_and_is_a_seeded_permutation(tiny_world):
+    data = tiny_world.train
+    groups = data.request_groups()
+    order = data.shuffled(torch.Generator().manual_seed(3), groups)
+    assert torch.equal(torch.sort(order).values, torch.arange(len(data)))
+    assert torch.equal(groups[order][0::2], groups[order][1::2])  # each pair lands side by side
+    assert torch.equal(data.tensors["label"][order][0::2], torch.ones(len(data) // 2))  # in stored order
+    again = data.shuffled(torch.Generator().manual_seed(3))
+    other = data.shuffled(torch.Generator().manual_seed(4))
+    assert torch.equal(order, again) and not torch.equal(order, other)
+
+
+def test_distinct_histories_finds_exactly_the_shared_inputs(tiny_world):
+    batch = _paired_batch(tiny_world)
+    _, inverse = batch_items(batch)
+    rows, which = distinct_histories(batch, inverse)
+    assert len(rows) == len(batch["item"]) // 2
+    for name in ("hist_items", "hist_stats", "hist_behavior", "hist_gap", "hist_len"):
+        assert torch.equal(batch[name][rows][which], batch[name])  # every sample reads its own history
+    changed = dict(batch, hist_gap=batch["hist_gap"].clone())
+    changed["hist_gap"][1, 0] = (changed["hist_gap"][1, 0] % 5) + 1  # sample 1 differs in one gap only
+    assert batch["hist_len"][1] > 0
+    rows2, which2 = distinct_histories(changed, batch_items(changed)[1])
+    assert len(rows2) == len(rows) + 1 and which2[0] != which2[1]
+
+
+def _one_by_one(model, batch):
+    """Logits of each sample run alone (no history shared with anything)."""
+    n = len(batch["item"])
+    return torch.cat([model({k: v[i : i + 1] for k, v in batch.items()}).logits for i in range(n)])
+
+
+@pytest.mark.parametrize("name", ["marn", "base_maf", "din"])
+def test_a_shared_history_gives_the_scores_and_gradients_of_separate_runs(tiny_world, name):
+    torch.manual_seed(0)
+    if name == "din":
+        model = DIN(tiny_world.catalog, tiny_world.features, tiny_world.model_cfg)
+    else:
+        model = MARN(tiny_world.catalog, tiny_world.features, tiny_world.model_cfg, VARIANTS[name])
+    model = model.double().eval()  # eval: batch statistics (Dice, BatchNorm) would couple the samples
+    batch = _paired_batch(tiny_world)
+    together = model(batch).logits
+    alone = _one_by_one(model, batch)
+    assert (together - alone).abs().max() < 1e-10
+    grads = []
+    for logits in (lambda: model(batch).logits, lambda: _one_by_one(model, batch)):
+        model.zero_grad()
+        logits().pow(2).sum().backward()
+        grads.append([p.grad.clone() if p.grad is not None else None for p in model.parameters()])
+    for a, b in zip(*grads, strict=True):
+        assert (a is None) == (b is None) and (a is None or (a - b).abs().max() < 1e-9)
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_attention_over_distinct_histories_equals_the_expanded_keys(normalize):
+    torch.manual_seed(0)
+    unit = CandidateAttention(dim=6, hidden=(5, 3), normalize=normalize).double()
+    keys = torch.randn(3, 7, 6, dtype=torch.float64, requires_grad=True)
+    mask = torch.arange(7)[None, :] < torch.tensor([[7], [2], [0]])  # one empty history
+    which = torch.tensor([0, 0, 1, 2, 1, 0])
+    query = torch.randn(6, 6, dtype=torch.float64)
+    shared = unit(keys, query, mask, which)
+    expanded = unit(keys[which], query, mask[which])
+    assert (shared - expanded).abs().max() < 1e-12
+    assert (
+        unit.weights(keys, query, mask, which) - unit.weights(keys[which], query, mask[which])
+    ).abs().max() < 1e-12
+    (g_shared,) = torch.autograd.grad(shared.pow(2).sum(), keys)
+    (g_expanded,) = torch.autograd.grad(unit(keys[which], query, mask[which]).pow(2).sum(), keys)
+    assert (g_shared - g_expanded).abs().max() < 1e-12
+
+
+@pytest.mark.parametrize("fill", ["full", "short", "empty"])
+def test_title_cnn_winner_rescoring_equals_conv1d(fill):
+    """Titles with no padding, short ones (trailing columns trimmed) and empty ones; with and without
+    autograd."""
+    torch.manual_seed(1)
+    words = torch.randn(40, 7, dtype=torch.float64)
+    words[0] = 0.0  # PAD
+    cnn = TitleCNN(words, windows=(1, 3, 4), filters=6).double()
+    tokens = torch.randint(1, 40, (11, 9))
+    if fill == "short":
+        tokens[:, 4:] = 0
+    elif fill == "empty":
+        tokens[:3] = 0
+    grads = []
+    for run in (cnn.reference, cnn.forward):
+        cnn.zero_grad()
+        out = run(tokens)
+        out.pow(2).sum().backward()
+        grads.append((out.detach(), [p.grad.clone() for p in cnn.parameters()]))
+    (a, ga), (b, gb) = grads
+    assert (a - b).abs().max() < 1e-10
+    assert all((x - y).abs().max() < 1e-10 for x, y in zip(ga, gb, strict=True))
+    with torch.no_grad():
+        assert (cnn(tokens) - a).abs().max() < 1e-10
