@@ -44,6 +44,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from marn.config import FeaturesConfig, ModelConfig, SamplesConfig, SynthConfig
 from marn.data.item_features import ItemFeatures, build_item_features
@@ -96,6 +97,8 @@ class Row:
     infer1_p50_ms: float | None = None  # at batch 1
     infer1_p95_ms: float | None = None
     cost_vs_din: float | None = None  # (ms per training sample) / (our full-feature din's)
+    train_mflop_per_sample: float | None = None  # matmul/conv FLOPs of one training step / batch size
+    train_gflop_per_s: float | None = None  # those FLOPs per second of the timed steps
     skipped: str | None = None  # why there is no measurement
     note: str = ""
 
@@ -198,6 +201,13 @@ def measure(name: str, runner: Runner, stream: Stream, settings: Settings) -> Ro
     row.train_cpu_share = (time.process_time() - cpu_started) / seconds
     row.train_samples_per_s = settings.batches * settings.batch_size / seconds
     row.train_ms_per_batch = 1000 * seconds / settings.batches
+
+    # The work itself, apart from how fast it runs: matmul and convolution FLOPs of one more training step
+    # (forward and backward; torch.utils.flop_counter ignores elementwise ops, lookups and the optimiser).
+    with FlopCounterMode(display=False) as flops:
+        runner.train_step(timed[0], 1.0)
+    row.train_mflop_per_sample = flops.get_total_flops() / settings.batch_size / 1e6
+    row.train_gflop_per_s = row.train_mflop_per_sample * row.train_samples_per_s / 1e3
 
     model.eval()
     with torch.no_grad():
@@ -381,6 +391,11 @@ def ratios(rows: Sequence[Row]) -> dict[str, float | None]:
         out[f"{name}_vs_deepctr_train"] = (
             mine.train_samples_per_s / theirs.train_samples_per_s if mine and theirs else None
         )
+        out[f"{name}_vs_deepctr_flops_per_sample"] = (
+            mine.train_mflop_per_sample / theirs.train_mflop_per_sample
+            if mine and theirs and mine.train_mflop_per_sample and theirs.train_mflop_per_sample
+            else None
+        )
     return out
 
 
@@ -447,12 +462,14 @@ def render(result: Result, console: Console) -> None:
         "infer samples/s",
         "infer p50 ms @1",
         f"cost vs {REFERENCE}",
+        "train MFLOP/sample",
+        "train GFLOP/s",
         "note",
     ):
         table.add_column(header, justify="left" if header in ("model", "note") else "right")
     for r in result.rows:
         if r.skipped:
-            table.add_row(escape(r.model), *["-"] * 8, escape(f"skipped: {r.skipped}"), style="dim")
+            table.add_row(escape(r.model), *["-"] * 10, escape(f"skipped: {r.skipped}"), style="dim")
             continue
         table.add_row(
             escape(r.model),
@@ -464,6 +481,8 @@ def render(result: Result, console: Console) -> None:
             _fmt(r.infer_samples_per_s, ",.0f"),
             _fmt(r.infer1_p50_ms, ".2f"),
             _fmt(r.cost_vs_din, ".2f" if (r.cost_vs_din or 0) >= 0.1 else ".4f"),
+            _fmt(r.train_mflop_per_sample, ",.1f"),
+            _fmt(r.train_gflop_per_s, ".1f"),
             escape(r.note),
         )
     console.print(table)
@@ -482,9 +501,11 @@ def render(result: Result, console: Console) -> None:
         )
     for name in ("marn", REFERENCE):
         value = ratio.get(f"{name}_vs_deepctr_train")
+        work = ratio.get(f"{name}_vs_deepctr_flops_per_sample")
         console.print(
             f"{name} (every modality) vs {DEEPCTR_DIN} (IDs only): train samples/s x{_fmt(value, '.2f')} "
-            f"(goal >= {DEEPCTR_SPEED_GOAL:.1f}) {_verdict(value, True)}"
+            f"(goal >= {DEEPCTR_SPEED_GOAL:.1f}) {_verdict(value, True)}; "
+            f"its matmul FLOPs per sample x{_fmt(work, '.2f')}"
         )
     cost = ratio.get("marn_cost_vs_din")
     console.print(
