@@ -552,6 +552,12 @@ def _print_ab(summary: dict) -> None:
     if "canary" in summary:
         nxt = summary["canary"]["next"]
         console.print(f"canary next: {nxt['action']} ({nxt['reason']})")
+    if summary.get("rejected_feedback"):  # forged, expired, replayed, mismatched: never in the CTR
+        console.print(
+            "rejected feedback: " + ", ".join(f"{r} {n}" for r, n in summary["rejected_feedback"].items())
+        )
+    if summary.get("events_folded"):
+        console.print(f"[yellow]{summary['events_folded']} events counted without latency/log row[/yellow]")
 
 
 def _stage_labels(seconds: dict[str, float], cfg: Config) -> dict[str, float]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sqlite3
 import time
 import uuid
@@ -114,6 +115,8 @@ class SQLiteLedgerStore:
     def __init__(self, path: Path, arms: list[str], replay_window_s: float):
         self.path, self.arms, self.replay_window_s = Path(path), list(arms), replay_window_s
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        # User ids and clicks: readable by this user only (SQLite gives -wal and -shm the file's mode).
+        os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600))
         self.db = sqlite3.connect(self.path, isolation_level=None, timeout=30, check_same_thread=False)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")

@@ -41,6 +41,7 @@ def test_counts_survive_closing_and_reopening_the_file_in_wal_mode(tmp_path):
     assert (dupn["requests"], dupn["errors"], dupn["shadow"]["requests"]) == (1, 1, 1)
     mode = sqlite3.connect(tmp_path / "ledger.sqlite").execute("PRAGMA journal_mode").fetchone()[0]
     assert mode == "wal"
+    assert (tmp_path / "ledger.sqlite").stat().st_mode & 0o077 == 0  # user ids: not world-readable
 
 
 def test_a_resent_batch_is_counted_once(tmp_path):
