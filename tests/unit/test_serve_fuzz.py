@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -36,9 +37,11 @@ async def id_scorer(arm: str, work: ScoreRequest) -> dict[str, Any]:
 class InProcessService:
     """The router's ASGI app on one event loop, with a client that posts raw bytes to it."""
 
-    def __init__(self, tmp: Path):
+    def __init__(self, tmp: Path, serve_cfg: ServeConfig | None = None):
         self.store = SQLiteLedgerStore(tmp / "ledger.sqlite", ARMS, replay_window_s=3660)
-        self.core = RouterCore(ARMS, id_scorer, LocalLedger(self.store), ServeConfig(), b"k" * 32)
+        self.core = RouterCore(
+            ARMS, id_scorer, LocalLedger(self.store), serve_cfg or ServeConfig(), b"k" * 32
+        )
         self.core.reconfigure({"weights": {"marn": 0.5, "dupn": 0.5}})
         self.app = asgi_app(self.core)
         self.loop = asyncio.new_event_loop()
@@ -47,6 +50,11 @@ class InProcessService:
     def post(self, path: str, body: bytes, headers: dict[str, str] | None = None) -> httpx.Response:
         headers = {"content-type": "application/json", **(headers or {})}
         return self.loop.run_until_complete(self.client.post(path, content=body, headers=headers))
+
+    def post_get(self, path: str) -> dict[str, Any]:
+        response = self.loop.run_until_complete(self.client.get(path))
+        assert response.status_code == 200, response.text
+        return response.json()
 
     def close(self) -> None:
         self.loop.run_until_complete(self.client.aclose())
@@ -287,3 +295,36 @@ def test_an_oversized_streamed_body_is_refused_before_it_is_read_whole(service, 
     assert sent[0] <= math.ceil(MAX_BODY_BYTES / len(chunk)) + 1  # stopped reading at the cap
     body = b"".join(m.get("body", b"") for m in messages if m["type"] == "http.response.body")
     assert "error" in json.loads(body)
+
+
+def test_each_refusal_has_its_status_and_its_counter_and_only_the_genuine_click_counts(tmp_path):
+    service = InProcessService(tmp_path, ServeConfig(feedback_window_s=2.0))
+    try:
+        body = {"user_id": "u1", "candidates": ["a", "b"]}
+        token = service.post("/predict", json.dumps(body).encode()).json()["request_id"]
+        click = {"user_id": "u1", "item_id": "a", "clicked": True, "request_id": token}
+        cases = [
+            ({**click, "request_id": "nonsense"}, 400, "malformed"),
+            (
+                {**click, "request_id": token[:-4] + ("AAAA" if not token.endswith("AAAA") else "BBBB")},
+                403,
+                "forged",
+            ),
+            ({**click, "user_id": "u2"}, 403, "wrong_user"),
+            ({**click, "item_id": "z"}, 422, "not_served"),
+            ({"user_id": "u1", "item_id": "a", "clicked": True}, 422, "invalid_body"),
+            (click, 202, None),
+            (click, 409, "replayed"),
+        ]
+        for feedback, status, _ in cases:
+            assert service.post("/feedback", json.dumps(feedback).encode()).status_code == status, feedback
+        time.sleep(2.1)  # past the window
+        late = {**click, "item_id": "b"}
+        assert service.post("/feedback", json.dumps(late).encode()).status_code == 410
+        summary = service.post_get("/ab")
+        rejected = {reason: 1 for _, _, reason in cases if reason} | {"expired": 1}
+        assert summary["rejected_feedback"] == rejected
+        arm = summary["arms"]["marn"]["feedback"] + summary["arms"]["dupn"]["feedback"]
+        assert arm == 1
+    finally:
+        service.close()
