@@ -176,7 +176,8 @@ class PipelineConfig(Strict):
 
 
 class CanaryConfig(Strict):
-    """The canary ramp: the candidate arm's traffic share steps up while it is not worse than the baseline."""
+    """The canary ramp: the candidate arm's traffic share steps up while its CTR is shown to be within
+    ``margin`` of the baseline's, and drops to 0 when it is shown to be lower (serve/sequential.py)."""
 
     steps: tuple[float, ...] = (0.05, 0.25, 0.5, 1.0)  # the candidate's share at each step
     min_feedback: int = Field(200, ge=1)  # feedback events per arm before a step may be judged
