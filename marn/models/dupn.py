@@ -54,6 +54,7 @@ from marn.models.layers import (
     distinct_states,
     gather_items,
     masked_softmax,
+    packing_pays,
     recent_window,
     sequence_mask,
 )
@@ -78,7 +79,7 @@ class PropertyGatedLSTM(nn.Module):
     def forward(self, items: torch.Tensor, props: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """(B, L, E), (B, L, P), (B,) real lengths of left-aligned histories -> (B, L, H), 0 past each length.
 
-        One packed ATen LSTM call over real behaviours only: the property enters i, f and o, so this is a
+        One ATen LSTM call: the property enters i, f and o, so this is a
         standard LSTM over [x_t; p_t] whose g rows are 0 on p_t (PyTorch orders the gates i, f, g, o).
         Equal to :meth:`reference` on every real step."""
         h_dim = self.hidden
@@ -95,16 +96,20 @@ class PropertyGatedLSTM(nn.Module):
             self.input.bias.new_zeros(4 * h_dim),
         ]
         x = torch.cat([items, props], dim=-1)  # (B, L, E + P)
-        packed = nn.utils.rnn.pack_padded_sequence(
-            x, lengths.clamp(min=1).cpu(), batch_first=True, enforce_sorted=False
-        )
-        zeros = x.new_zeros(1, x.shape[0], h_dim)[:, packed.sorted_indices]
-        data, _, _ = torch.lstm(
-            packed.data, packed.batch_sizes, [zeros, zeros], params, True, 1, 0.0, self.training, False
-        )
-        states, _ = nn.utils.rnn.pad_packed_sequence(
-            packed._replace(data=data), batch_first=True, total_length=x.shape[1]
-        )
+        zeros = x.new_zeros(1, x.shape[0], h_dim)
+        if packing_pays(lengths, x.shape[1]):  # real behaviours only
+            packed = nn.utils.rnn.pack_padded_sequence(
+                x, lengths.clamp(min=1).cpu(), batch_first=True, enforce_sorted=False
+            )
+            zeros = zeros[:, packed.sorted_indices]
+            data, _, _ = torch.lstm(
+                packed.data, packed.batch_sizes, [zeros, zeros], params, True, 1, 0.0, self.training, False
+            )
+            states, _ = nn.utils.rnn.pad_packed_sequence(
+                packed._replace(data=data), batch_first=True, total_length=x.shape[1]
+            )
+        else:  # padding steps run after the real ones and change none of them
+            states, _, _ = torch.lstm(x, [zeros, zeros], params, True, 1, 0.0, self.training, False, True)
         real = torch.arange(x.shape[1], device=x.device)[None, :] < lengths[:, None]  # (B, L)
         return states * real[..., None].to(states.dtype)  # (B, L, H)
 

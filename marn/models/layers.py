@@ -107,12 +107,25 @@ def last_state(outputs: torch.Tensor, hist_len: torch.Tensor) -> torch.Tensor:
     return state * (hist_len > 0)[:, None].float()
 
 
+def packing_pays(hist_len: torch.Tensor, width: int) -> bool:
+    """Whether an RNN over left-aligned histories should run packed (real steps only) rather than padded
+    (every column; the padding steps come after every real one and change none of them).
+
+    Measured on CPU under autograd, a packed step costs about twice a padded one: the packed kernel slices
+    its input per step, and each slice's backward fills a zero tensor of the whole input. So pack only
+    when more than half of the batch's cells are padding."""
+    return 2 * int(hist_len.clamp(min=1).sum()) < len(hist_len) * width
+
+
 def run_gru(gru: nn.GRU | nn.LSTM, inputs: torch.Tensor, hist_len: torch.Tensor) -> torch.Tensor:
-    """A batch_first cuDNN/ATen RNN over left-aligned, padded sequences; (B, L, D_in) -> (B, L, D)."""
-    lengths = hist_len.clamp(min=1).cpu()
-    packed = nn.utils.rnn.pack_padded_sequence(inputs, lengths, batch_first=True, enforce_sorted=False)
-    outputs, _ = gru(packed)
-    outputs, _ = nn.utils.rnn.pad_packed_sequence(outputs, batch_first=True, total_length=inputs.shape[1])
+    """A batch_first ATen RNN over left-aligned, padded sequences; (B, L, D_in) -> (B, L, D), 0 on padding."""
+    if packing_pays(hist_len, inputs.shape[1]):
+        lengths = hist_len.clamp(min=1).cpu()
+        packed = nn.utils.rnn.pack_padded_sequence(inputs, lengths, batch_first=True, enforce_sorted=False)
+        outputs, _ = gru(packed)
+        outputs, _ = nn.utils.rnn.pad_packed_sequence(outputs, batch_first=True, total_length=inputs.shape[1])
+    else:
+        outputs, _ = gru(inputs)
     return outputs * sequence_mask(hist_len, inputs.shape[1])[..., None].float()
 
 

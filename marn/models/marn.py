@@ -49,6 +49,7 @@ from marn.models.layers import (
     grad_reverse,
     last_state,
     masked_softmax,
+    packing_pays,
     recent_window,
     run_gru,
     sequence_mask,
@@ -184,12 +185,17 @@ class APGRU(nn.Module):
         weight_hh = torch.cat([u_r, -u_u, u_h])  # (3H, H)
         bias_ih, bias_hh = torch.cat([b_r, -b_u, b_h]), w_r.new_zeros(3 * h)
         x = torch.cat([reps, props], dim=-1)  # (B, L, D + P)
-        # Packed: the input projection and each step run on real behaviours only (histories are mostly
-        # much shorter than the batch's longest); an empty history runs one padding step, masked below.
-        lengths = mask.sum(1).clamp(min=1).cpu()
-        packed = nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
-        h0 = reps.new_zeros(1, reps.shape[0], h)[:, packed.sorted_indices]
         weights = [weight_ih, weight_hh, bias_ih, bias_hh]
+        lengths = mask.sum(1)
+        if not packing_pays(lengths, x.shape[1]):  # padding steps run after the real ones: harmless
+            h0 = reps.new_zeros(1, reps.shape[0], h)
+            states, _ = torch.gru(x, h0, weights, True, 1, 0.0, self.training, False, True)  # (B, L, H)
+            return states * mask[..., None].to(states.dtype)
+        # Packed: real behaviours only; an empty history runs one padding step, masked below.
+        packed = nn.utils.rnn.pack_padded_sequence(
+            x, lengths.clamp(min=1).cpu(), batch_first=True, enforce_sorted=False
+        )
+        h0 = reps.new_zeros(1, reps.shape[0], h)[:, packed.sorted_indices]
         data, _ = torch.gru(packed.data, packed.batch_sizes, h0, weights, True, 1, 0.0, self.training, False)
         states, _ = nn.utils.rnn.pad_packed_sequence(
             packed._replace(data=data), batch_first=True, total_length=reps.shape[1]

@@ -211,15 +211,20 @@ def test_the_same_item_on_two_days_is_two_states(tiny_world):
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_fused_apgru_equals_the_reference_loop_forward_and_gradients(seed):
+@pytest.mark.parametrize("lengths", [[7, 4, 1, 0, 6], [7, 2, 1, 0, 1]], ids=["padded", "packed"])
+def test_fused_apgru_equals_the_reference_loop_forward_and_gradients(seed, lengths):
     """One ATen GRU call instead of the step loop: the same states on real steps, the same user vector and
-    the same gradients for every weight and input, within 1e-6 (float64)."""
+    the same gradients for every weight and input, within 1e-6 (float64); run padded for mostly full
+    histories and packed for mostly empty ones (both kinds tested)."""
+    from marn.models.layers import packing_pays
+
     torch.manual_seed(seed)
     cell = APGRU(input_dim=6, property_dim=4, hidden=5, attention_hidden=(3,)).double()
     with torch.no_grad():
         for p in cell.parameters():
             p.normal_(0.0, 0.7)  # larger than the init: saturating gates show a wrong sign
-    lengths = torch.tensor([7, 4, 1, 0, 6])
+    lengths = torch.tensor(lengths)
+    assert packing_pays(lengths, 7) == (int(lengths.sum()) < 15)  # the case's branch
     mask = torch.arange(7)[None, :] < lengths[:, None]  # left-aligned, one empty history
     inputs = [torch.randn(5, 7, 6, dtype=torch.float64), torch.randn(5, 7, 4, dtype=torch.float64)]
     candidate = torch.randn(5, 6, dtype=torch.float64)

@@ -121,3 +121,21 @@ def test_title_cnn_winner_rescoring_equals_conv1d(fill):
     assert all((x - y).abs().max() < 1e-10 for x, y in zip(ga, gb, strict=True))
     with torch.no_grad():
         assert (cnn(tokens) - a).abs().max() < 1e-10
+
+
+@pytest.mark.parametrize("lengths", [[6, 3, 1, 0], [6, 6, 5, 0]], ids=["packed", "padded"])
+def test_run_gru_equals_each_sequence_run_alone(lengths):
+    from marn.models.layers import packing_pays, run_gru
+
+    torch.manual_seed(0)
+    gru = torch.nn.GRU(5, 4, batch_first=True).double()
+    lengths = torch.tensor(lengths)
+    assert packing_pays(lengths, 6) == (int(lengths.sum()) < 12)
+    x = torch.randn(4, 6, 5, dtype=torch.float64, requires_grad=True)
+    out = run_gru(gru, x, lengths)
+    for row, n in enumerate(lengths.tolist()):
+        if n:
+            assert (out[row, :n] - gru(x[row : row + 1, :n])[0][0]).abs().max() < 1e-12
+        assert not out[row, n:].any()  # padding reads 0
+    (grad,) = torch.autograd.grad(out.sin().sum(), x)
+    assert not grad[0, 6:].any() and not grad[1, 3:].any()  # nothing flows back from padding
