@@ -51,12 +51,13 @@ from marn.models.layers import (
     ItemModalities,
     ItemStates,
     batch_items,
+    distinct_histories,
     distinct_states,
-    gather_items,
     masked_softmax,
     packing_pays,
     recent_window,
     sequence_mask,
+    take_rows,
 )
 
 
@@ -148,9 +149,18 @@ class BehaviorAttention(nn.Module):
         self.score = MLP(hidden[0], hidden[1:], out_dim=1)
 
     def forward(
-        self, states: torch.Tensor, props: torch.Tensor, query: torch.Tensor, mask: torch.Tensor
+        self,
+        states: torch.Tensor,
+        props: torch.Tensor,
+        query: torch.Tensor,
+        mask: torch.Tensor,
+        which: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        keys = self.keys(torch.cat([states, props], dim=-1))  # (B, L, A)
+        """States (K, L, H), props (K, L, P) and mask (K, L) of K histories, queries (B, E) and ``which``
+        (B,), each query's history (None: K = B) -> (B, L) weights, 0 on padding."""
+        keys = self.keys(torch.cat([states, props], dim=-1))  # (K, L, A), once per distinct history
+        if which is not None:
+            keys, mask = take_rows(keys, which), take_rows(mask, which)  # (B, L, ...)
         first = torch.relu(keys + self.query(query)[:, None, :])  # (B, L, A)
         return masked_softmax(self.score(first).squeeze(-1), mask)  # (B, L), 0 on padding
 
@@ -181,13 +191,16 @@ class DUPN(CTRModel):
         batch = recent_window(batch)
         unique, inverse = batch_items(batch)
         vectors = self.embedding(unique).flatten(1)  # (U, M, D) -> (U, E)
-        candidate, history = gather_items(vectors, inverse)  # (B, E), (B, L', E)
-        mask = sequence_mask(batch["hist_len"], history.shape[1])  # (B, L')
-        props = self.behavior(batch["hist_behavior"], batch["hist_gap"])  # (B, L', P)
+        candidate = take_rows(vectors, inverse[:, 0])  # (B, E)
+        rows, which = distinct_histories(batch, inverse)  # (K,), (B,): a positive and its negative share one
+        history = take_rows(vectors, inverse[rows, 1:])  # (K, L', E)
+        lengths = batch["hist_len"][rows]  # (K,)
+        mask = sequence_mask(lengths, history.shape[1])  # (K, L')
+        props = self.behavior(batch["hist_behavior"][rows], batch["hist_gap"][rows])  # (K, L', P)
         # Histories are left-aligned, so real steps never see padding; the mask only cleans the tail.
-        states = self.lstm(history, props, batch["hist_len"])  # (B, L', H), 0 on padding
-        weights = self.attention(states, props, candidate, mask)  # (B, L')
-        return candidate, states, weights
+        states = self.lstm(history, props, lengths)  # (K, L', H), 0 on padding
+        weights = self.attention(states, props, candidate, mask, which)  # (B, L')
+        return candidate, take_rows(states, which), weights
 
     def forward(self, batch: dict[str, torch.Tensor], progress: float = 1.0) -> ModelOutput:
         candidate, states, weights = self.perceive(batch)
@@ -215,6 +228,6 @@ class DUPN(CTRModel):
         props = self.behavior(histories["hist_behavior"], histories["hist_gap"])  # (R, L', P)
         states = self.lstm(history, props, histories["hist_len"])  # (R, L', H), 0 on padding
         rows = torch.repeat_interleave(torch.arange(r), counts)  # (N,) each candidate's user
-        weights = self.attention(states[rows], props[rows], candidate, mask[rows])  # (N, L')
-        user = torch.einsum("nl,nlh->nh", weights, states[rows])  # (N, H)
+        weights = self.attention(states, props, candidate, mask, rows)  # (N, L'), keys once per user
+        user = torch.einsum("nl,nlh->nh", weights, take_rows(states, rows))  # (N, H)
         return self.predict(torch.cat([user, candidate], dim=1)).squeeze(-1)  # (N,)

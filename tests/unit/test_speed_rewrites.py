@@ -140,3 +140,12 @@ def test_run_gru_equals_each_sequence_run_alone(lengths):
     (grad,) = torch.autograd.grad(out.sin().sum(), x)
     for row, n in enumerate(lengths.tolist()):
         assert not grad[row, n:].any() and (n == 0 or grad[row, :n].any())  # nothing flows from padding
+
+
+def test_dupn_shared_history_gives_the_scores_of_separate_runs(tiny_world):
+    from marn.models.dupn import DUPN
+
+    torch.manual_seed(0)
+    model = DUPN(tiny_world.catalog, tiny_world.features, tiny_world.model_cfg).double().eval()
+    batch = _paired_batch(tiny_world)
+    assert (model(batch).logits - _one_by_one(model, batch)).abs().max() < 1e-10
