@@ -57,10 +57,13 @@ from marn.models.layers import (
     BehaviorProperty,
     CandidateAttention,
     ItemModalities,
+    batch_items,
+    distinct_histories,
     distinct_states,
     recent_window,
     run_gru,
     sequence_mask,
+    take_rows,
 )
 
 
@@ -136,52 +139,68 @@ class DIEN(CTRModel):
         return torch.randint(1, self.n_items, shape, device=device)
 
     def item_vectors(
-        self, batch: dict[str, torch.Tensor], negatives: torch.Tensor | None
+        self, batch: dict[str, torch.Tensor], rows: torch.Tensor, negatives: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Candidate (B, E), history (B, L, E) and negatives' (B, L - 1, E) item vectors, each distinct
-        item state encoded once.
+        """Candidate (B, E), the distinct histories at ``rows`` (K, L, E) and their negatives' (K, L - 1, E)
+        item vectors, each distinct item state encoded once.
 
         A sampled negative stands against the next clicked item and takes that item's statistics: the
         batch holds no point-in-time statistics of arbitrary items, and equal statistics keep the auxiliary
         task from being solved by popularity alone."""
-        items = [batch["item"][:, None], batch["hist_items"]]
-        stats = [batch["item_stats"][:, None], batch["hist_stats"]]
+        hist_items, hist_stats = batch["hist_items"][rows], batch["hist_stats"][rows]  # (K, L), (K, L, F, G)
+        k, width = hist_items.shape
+        items, stats = [batch["item"], hist_items.flatten()], [batch["item_stats"], hist_stats.flatten(0, 1)]
         if negatives is not None:
-            items.append(negatives)
-            stats.append(batch["hist_stats"][:, 1:])  # (B, L - 1, F, G)
-        unique, inverse = distinct_states(torch.cat(items, dim=1), torch.cat(stats, dim=1))
-        rows = self.embedding(unique).flatten(1)[inverse]  # (U, M, D) -> (U, E) -> (B, 1 + L [+ L - 1], E)
-        width = batch["hist_items"].shape[1]
-        negative = rows[:, 1 + width :] if negatives is not None else None
-        return rows[:, 0], rows[:, 1 : 1 + width], negative
+            items.append(negatives.flatten())
+            stats.append(hist_stats[:, 1:].flatten(0, 1))  # (K (L - 1), F, G)
+        unique, inverse = distinct_states(torch.cat(items), torch.cat(stats))
+        vectors = take_rows(self.embedding(unique).flatten(1), inverse)  # (B + K L [+ K (L - 1)], E)
+        b, e = len(batch["item"]), vectors.shape[1]
+        history = vectors[b : b + k * width].view(k, width, e)
+        negative = vectors[b + k * width :].view(k, width - 1, e) if negatives is not None else None
+        return vectors[:b], history, negative
 
     def auxiliary_loss(
-        self, states: torch.Tensor, history: torch.Tensor, negative: torch.Tensor, mask: torch.Tensor
+        self,
+        states: torch.Tensor,
+        history: torch.Tensor,
+        negative: torch.Tensor,
+        mask: torch.Tensor,
+        counts: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """h_t (B, L, H) against the next behaviour's item (B, L, E) and a negative (B, L - 1, E)."""
-        h = states[:, :-1]  # (B, L - 1, H), the interest after behaviour t
-        clicked = self.aux_net(torch.cat([h, history[:, 1:]], dim=-1)).squeeze(-1)  # (B, L - 1)
-        sampled = self.aux_net(torch.cat([h, negative], dim=-1)).squeeze(-1)  # (B, L - 1)
+        """h_t (K, L, H) against the next behaviour's item (K, L, E) and a negative (K, L - 1, E); ``counts``
+        (K,) how many of the batch's samples read each history (None: one each), so the mean is over the
+        samples' real next behaviours, as if every sample ran its own history."""
+        h = states[:, :-1]  # (K, L - 1, H), the interest after behaviour t
+        clicked = self.aux_net(torch.cat([h, history[:, 1:]], dim=-1)).squeeze(-1)  # (K, L - 1)
+        sampled = self.aux_net(torch.cat([h, negative], dim=-1)).squeeze(-1)  # (K, L - 1)
         loss = F.softplus(-clicked) + F.softplus(sampled)  # -log s(clicked) - log(1 - s(sampled))
         real = mask[:, 1:].float()  # pairs whose next behaviour is real
+        if counts is not None:
+            real = real * counts[:, None]
         return (loss * real).sum() / real.sum().clamp(min=1.0)
 
     def forward(self, batch: dict[str, torch.Tensor], progress: float = 1.0) -> ModelOutput:
         batch = recent_window(batch)
-        lengths, width = batch["hist_len"], batch["hist_items"].shape[1]
+        width = batch["hist_items"].shape[1]
+        # (K,), (B,): the distinct histories (a positive and its negative share one) and each sample's
+        rows, which = distinct_histories(batch, batch_items(batch)[1])
+        lengths = batch["hist_len"][rows]  # (K,)
         negatives = None
-        if self.training:
-            negatives = self.sample_negatives((len(lengths), width - 1), lengths.device)
-        candidate, history, negative = self.item_vectors(batch, negatives)  # (B, E), (B, L, E), (B, L-1, E)
-        mask = sequence_mask(lengths, width)  # (B, L)
-        props = self.behavior(batch["hist_behavior"], batch["hist_gap"])  # (B, L, P)
-        states = run_gru(self.extractor, torch.cat([history, props], dim=-1), lengths)  # (B, L, H), 0 on pad
-        weights = self.attention.weights(states, self.query(candidate), mask)  # (B, L), 0 on padding
-        interest = self.evolution(states, weights)  # (B, H)
-        pooled = (history * mask[..., None].float()).sum(1)  # (B, E), padding rows are not zero vectors
+        if self.training:  # one negative per next behaviour of each distinct history
+            negatives = self.sample_negatives((len(rows), width - 1), lengths.device)
+        candidate, history, negative = self.item_vectors(batch, rows, negatives)  # (B, E), (K, L, E), ...
+        mask = sequence_mask(lengths, width)  # (K, L)
+        props = self.behavior(batch["hist_behavior"][rows], batch["hist_gap"][rows])  # (K, L, P)
+        states = run_gru(self.extractor, torch.cat([history, props], dim=-1), lengths)  # (K, L, H), 0 on pad
+        weights = self.attention.weights(states, self.query(candidate), mask, which)  # (B, L), 0 on padding
+        interest = self.evolution(take_rows(states, which), weights)  # (B, H)
+        # padding rows are not zero vectors: mask them out of the pooled history
+        pooled = take_rows((history * mask[..., None].float()).sum(1), which)  # (B, E)
         features = torch.cat([interest, candidate, pooled, candidate * pooled], dim=1)
         logits = self.predict(features).squeeze(-1)  # (B,)
         if negative is None:
             return ModelOutput(logits)
-        aux = self.auxiliary_loss(states, history, negative, mask)
+        counts = torch.bincount(which, minlength=len(rows)).to(states.dtype)  # (K,) samples per history
+        aux = self.auxiliary_loss(states, history, negative, mask, counts)
         return ModelOutput(logits, aux_loss=self.alpha * aux, aux={"dien_aux": aux.detach()})

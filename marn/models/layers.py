@@ -484,13 +484,15 @@ def distinct_histories(
     """The batch's distinct history inputs, from :func:`batch_items`' ``inverse`` (B, 1 + L).
 
     Returns ``rows`` (K,), one sample per distinct history, and ``which`` (B,), the history each sample reads.
-    Two samples share a history input when every position holds the same item state, behaviour and time
-    gap: a target's positive and its sampled negative (training keeps them in one batch), or the candidates
-    of one request. Exact: the sequence encoder's states then run once per distinct history.
+    Two samples share a history input when every real position holds the same item state, behaviour and
+    time gap (padding is ignored: no model reads it): a target's positive and its sampled negative
+    (training keeps them in one batch), or the candidates of one request. Exact: the sequence encoder's
+    states then run once per distinct history.
     """
     per_position = (inverse[:, 1:] * (len(BEHAVIORS) + 1) + batch["hist_behavior"]) * GAP_BUCKETS + batch[
         "hist_gap"
-    ]  # (B, L): one code per (state, behaviour, gap); padding is one code
+    ]  # (B, L): one code per (state, behaviour, gap)
+    per_position = per_position.masked_fill(~sequence_mask(batch["hist_len"], per_position.shape[1]), -1)
     key = torch.cat([batch["hist_len"][:, None], per_position], dim=1)  # (B, 1 + L)
     _, which = torch.unique(key, dim=0, return_inverse=True)  # (B,)
     positions = torch.arange(len(which), device=which.device)

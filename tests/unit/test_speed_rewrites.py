@@ -149,3 +149,25 @@ def test_dupn_shared_history_gives_the_scores_of_separate_runs(tiny_world):
     model = DUPN(tiny_world.catalog, tiny_world.features, tiny_world.model_cfg).double().eval()
     batch = _paired_batch(tiny_world)
     assert (model(batch).logits - _one_by_one(model, batch)).abs().max() < 1e-10
+
+
+def test_dien_shared_history_gives_the_scores_and_aux_loss_of_separate_runs(tiny_world):
+    from marn.models.dien import DIEN
+
+    torch.manual_seed(0)
+    model = DIEN(tiny_world.catalog, tiny_world.features, tiny_world.model_cfg).double().eval()
+    batch = _paired_batch(tiny_world)
+    assert (model(batch).logits - _one_by_one(model, batch)).abs().max() < 1e-10
+    # the auxiliary loss over K distinct histories weighted by their sample counts equals the loss over
+    # every sample's own copy of its history (the same negatives)
+    k, length, h, e = 3, 5, tiny_world.model_cfg.sequence_dim, model.aux_net[0].in_features
+    states = torch.randn(k, length, h, dtype=torch.float64)
+    history = torch.randn(k, length, e - h, dtype=torch.float64)
+    negative = torch.randn(k, length - 1, e - h, dtype=torch.float64)
+    mask = torch.arange(length)[None, :] < torch.tensor([[5], [2], [3]])
+    which = torch.tensor([0, 0, 1, 2, 2, 2])
+    counts = torch.bincount(which).double()
+    shared = model.auxiliary_loss(states, history, negative, mask, counts)
+    expanded = model.auxiliary_loss(states[which], history[which], negative[which], mask[which])
+    assert (shared - expanded).abs() < 1e-12
+    assert (model.auxiliary_loss(states, history, negative, mask) - expanded).abs() > 1e-3  # counts matter
