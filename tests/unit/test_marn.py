@@ -211,7 +211,7 @@ def test_the_same_item_on_two_days_is_two_states(tiny_world):
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-@pytest.mark.parametrize("lengths", [[7, 4, 1, 0, 6], [7, 2, 1, 0, 1]], ids=["padded", "packed"])
+@pytest.mark.parametrize("lengths", [[7, 4, 1, 0, 6], [3, 1, 1, 0, 1]], ids=["padded", "packed"])
 def test_fused_apgru_equals_the_reference_loop_forward_and_gradients(seed, lengths):
     """One ATen GRU call instead of the step loop: the same states on real steps, the same user vector and
     the same gradients for every weight and input, within 1e-6 (float64); run padded for mostly full
@@ -224,7 +224,7 @@ def test_fused_apgru_equals_the_reference_loop_forward_and_gradients(seed, lengt
         for p in cell.parameters():
             p.normal_(0.0, 0.7)  # larger than the init: saturating gates show a wrong sign
     lengths = torch.tensor(lengths)
-    assert packing_pays(lengths, 7) == (int(lengths.sum()) < 15)  # the case's branch
+    assert packing_pays(lengths, 7) == (int(lengths[0]) == 3)  # the case's branch
     mask = torch.arange(7)[None, :] < lengths[:, None]  # left-aligned, one empty history
     inputs = [torch.randn(5, 7, 6, dtype=torch.float64), torch.randn(5, 7, 4, dtype=torch.float64)]
     candidate = torch.randn(5, 6, dtype=torch.float64)
