@@ -333,7 +333,13 @@ def _serve_demo(cfg: Config, config: Path | None, data: Path) -> None:
         "candidates": events["item_id"].astype(str).unique()[:5].tolist(),
     }
     answer = requests.post(f"{state.url}/predict", json=body, timeout=30)
-    console.print(f"POST {state.url}/predict {json.dumps(body)}\n-> {answer.status_code} {answer.text}")
+    # one unwrapped line each, taken literally: the answer carries a long request_id and JSON brackets
+    console.print(
+        f"POST {state.url}/predict {json.dumps(body)}\n-> {answer.status_code} {answer.text}",
+        soft_wrap=True,
+        markup=False,
+        highlight=False,
+    )
     console.print(
         f"the A/B service answered on {state.url} (POST /predict, POST /feedback, GET /ab).\n"
         f"next: marn serve replay --data {data}{_config_flag(config)}   |   marn serve status   |   "
