@@ -117,6 +117,18 @@ def import_amazon_cmd(
     _print_import(lambda: import_amazon(reviews, meta, out, images=images), out)
 
 
+@import_app.command("recbole")
+def import_recbole_cmd(
+    src: Annotated[Path, typer.Option(help="Directory of NAME.inter, NAME.item and optional NAME.user")],
+    name: Annotated[str, typer.Option(help="Dataset name: the files' stem, e.g. ml-100k")],
+    out: Annotated[Path, typer.Option(help="Output dataset directory")],
+) -> None:
+    """Import a dataset in RecBole's atomic-file format into canonical tables."""
+    from marn.data.recbole import import_recbole
+
+    _print_import(lambda: import_recbole(src, name, out), out)
+
+
 def _print_import(run, out: Path) -> None:
     started = time.perf_counter()
     try:
