@@ -43,7 +43,7 @@ test-unit: $(STAMP)  ## fast unit tests only
 	$(BIN)/python -m pytest tests/unit -m "not slow"
 
 bench: $(STAMP)  ## model speed table (train samples/s, inference latency) incl. DeepCTR-Torch's DIN
-	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/model_speed.py --threads 1
+	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/model_speed.py --threads 1 --json benchmarks/results/model-speed.json
 
 # The paper's experiments read the research data from ../shared (never copied here); work goes to PAPER_WORK.
 SHARED     ?= ../shared

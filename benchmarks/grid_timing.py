@@ -6,7 +6,7 @@
 Each model trains exactly as ``benchmarks/paper.py run`` trains it (``paper.train_one``: the paper config,
 early stopping on validation AUC with the config's patience, one thread), except that the epoch cap is
 raised to ``--max-epochs`` so early stopping, not the cap, ends every run. ``--workers`` runs go at once
-(one per core, longest expected first), like the grid's Ray tasks. Printed per model: epochs run, the best
+(one per core, in the paper's order), like the grid's Ray tasks. Printed per model: epochs run, the best
 epoch, whether early stopping ended it, wall and CPU seconds; then the measured wall time of this run and
 the projected wall time of the full grid (``--seeds`` seeds of every model on ``--workers`` cores, from the
 CPU seconds measured here, scheduled longest first). The lambda0 search of ``paper.py run`` is not part of

@@ -23,11 +23,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import gc
 import json
 import os
 import platform
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -521,8 +523,31 @@ def _verdict(value: float | None, at_least: bool) -> str:
     return "[green]met[/green]" if ok else "[red]missed[/red]"
 
 
+def _cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def _commit() -> str:
+    """HEAD, marked when tracked files differ from it: a result names the code that made it."""
+    here = Path(__file__).resolve().parent
+    git = functools.partial(subprocess.run, cwd=here, capture_output=True, text=True, check=False)
+    try:
+        head = git(["git", "rev-parse", "HEAD"]).stdout.strip() or "unknown"
+        changed = git(["git", "status", "--porcelain", "--untracked-files=no"]).stdout.strip()
+    except OSError:  # no git on this machine
+        return "unknown"
+    return head + (" (with uncommitted changes)" if changed else "")
+
+
 def environment(threads: int) -> dict[str, Any]:
     return {
+        "commit": _commit(),
+        "cpu": _cpu_model(),
+        "load_average_1_5_15": os.getloadavg(),  # at the start: other work on the machine skews the rows
         "torch": torch.__version__,
         "deepctr_torch": deepctr_version(),
         "python": platform.python_version(),
@@ -584,7 +609,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     console.print(
         f"torch {env['torch']}, threads {args.threads} (interop {env['torch_interop_threads']}, "
         f"OMP_NUM_THREADS={env['omp_num_threads_env']}), "
-        f"deepctr-torch {env['deepctr_torch'] or 'not installed'}"
+        f"deepctr-torch {env['deepctr_torch'] or 'not installed'}; {env['cpu']}, "
+        f"load average {env['load_average_1_5_15'][0]:.2f}; commit {env['commit']}"
     )
     models = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else None
     console.print(f"registered models: {', '.join(MODELS)}")
