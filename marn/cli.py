@@ -59,11 +59,13 @@ def _drop_none(d: dict) -> dict:
 
 @app.command()
 def models() -> None:
-    """List the registered model names, one a line."""
-    from marn.models import model_names
+    """The registered models: name, paper group, item modalities and what each is."""
+    from marn.models.catalog import model_rows
 
-    for name in model_names():
-        typer.echo(name)
+    table = Table("name", "paper group", "modalities", "what it is")
+    for row in model_rows():
+        table.add_row(row.name, row.group, row.modalities, row.summary)
+    console.print(table)
 
 
 @data_app.command("synth")
