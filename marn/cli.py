@@ -58,10 +58,16 @@ def _drop_none(d: dict) -> dict:
 
 
 @app.command()
-def models() -> None:
+def models(
+    names: Annotated[bool, typer.Option("--names", help="Only the names, one a line (for scripts)")] = False,
+) -> None:
     """The registered models: name, paper group, item modalities and what each is."""
     from marn.models.catalog import model_rows
 
+    if names:
+        for row in model_rows():
+            typer.echo(row.name)
+        return
     table = Table("name", "paper group", "modalities", "what it is")
     for row in model_rows():
         table.add_row(row.name, row.group, row.modalities, row.summary)

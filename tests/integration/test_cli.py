@@ -32,7 +32,9 @@ def marn(*args: str, check: bool = True) -> subprocess.CompletedProcess:
 def test_models_lists_names_one_a_line():
     from marn.models import model_names
 
-    assert marn("models").stdout.splitlines() == model_names()
+    assert marn("models", "--names").stdout.splitlines() == model_names()
+    table = marn("models").stdout
+    assert all(f" {name} " in table for name in model_names())
 
 
 def test_train_marn_writes_metrics_and_a_checkpoint_that_reloads(tmp_path):

@@ -51,3 +51,8 @@ def test_cli_prints_the_table() -> None:
     lines = result.output.splitlines()
     for name in model_names():
         assert any(line.split("│")[1].strip() == name for line in lines if line.count("│") >= 4), name
+
+
+def test_cli_names_one_a_line() -> None:
+    result = CliRunner().invoke(app, ["models", "--names"])
+    assert result.exit_code == 0 and result.output.splitlines() == model_names()
