@@ -1,4 +1,4 @@
-"""The ``marn`` command line (DESIGN.md command contract). The only place that configures logging.
+"""The ``marn`` command line (docs/design.md, the command contract). The only place that configures logging.
 
 Each command is a thin shell around one library call: parse options, call ``marn``, print a summary.
 """

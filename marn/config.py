@@ -92,8 +92,8 @@ class ModelConfig(Strict):
     discriminator_hidden: int = Field(0, ge=0)  # 0: the paper's linear M-way discriminators
     lambda0: float = Field(0.05, ge=0)  # adversarial weight, the paper's best (tuned 0.01..1.8)
     gamma: float = Field(10.0, gt=0)  # lambda schedule steepness, the paper's untuned value
-    # The adversary's open choices (DESIGN.md's reading of Eq. 7-10); the faithful one is each default, the
-    # other value an ablation row of benchmarks/paper.py.
+    # The adversary's open choices (docs/design.md's reading of Eq. 7-10); the faithful one is each default,
+    # the other value an ablation row of benchmarks/paper.py.
     # Eq. 7's w^m in D1's loss: divided by their mean over the batch's items and modalities, as in the
     # importance-weighted adversarial nets DDMA builds on (Eq. 8's optimum is unchanged by a common factor;
     # raw weights collapse with D0's confidence and switch the adversary off), or "raw".

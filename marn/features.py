@@ -1,5 +1,5 @@
-"""Feast features (DESIGN.md: "features: Feast apply + materialize", "samples: DIN protocol from
-point-in-time feature retrieval").
+"""Feast features (docs/design.md, "Architecture and data flow": the features stage, Feast apply +
+materialize, and the DIN samples from point-in-time feature retrieval).
 
 A feature repo directory (``cfg.feast.repo_dir``; by default ``<work_dir>/feast``) holds
 ``feature_store.yaml``, generated from ``cfg.feast`` (never edit it: Feast silently ignores unknown keys),

@@ -2,7 +2,7 @@
 
 Each KFP component (components/) is one call into this module, and ``marn pipeline run --local`` runs the
 same components through the KFP local runner, so a stage behaves the same on a laptop and in Kubeflow.
-Order (DESIGN.md, "How data flows")::
+Order (docs/design.md, "Architecture and data flow")::
 
     validate -> embed -> features (Feast, samples) -> tune -> train -> evaluate -> register -> deploy
 

@@ -229,7 +229,7 @@ def starting_weights(arms: list[str], configured: dict[str, float] | None) -> di
 
 
 class PredictBody(BaseModel):
-    """POST /predict, as DESIGN.md's HTTP contract says; strict types, bounded sizes."""
+    """POST /predict, as docs/design.md's HTTP contract says; strict types, bounded sizes."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
 

@@ -1,4 +1,4 @@
-"""The canonical data contract (DESIGN.md): every importer writes these tables, nothing downstream knows
+"""The canonical data contract (docs/design.md): every importer writes these tables, nothing downstream knows
 the source.
 
 A dataset directory holds:

@@ -13,8 +13,8 @@
 Notation: B batch, L history, U distinct item states in the batch (an item with its statistics as of the
 sample's time), M modalities, D = rep_dim, H = sequence_dim, F statistics, G their granularities.
 
-Eq. 10 is missing from the paper; DESIGN.md gives our reading, which this file implements. The choices the
-paper leaves open are fields of :class:`marn.config.ModelConfig` or of :class:`Variant` below:
+Eq. 10 is missing from the paper; docs/design.md gives our reading, which this file implements. The choices
+the paper leaves open are fields of :class:`marn.config.ModelConfig` or of :class:`Variant` below:
 discriminators are linear M-way classifiers (``discriminator_hidden`` = 0); S_m and I are Linear + ReLU;
 discriminator losses are averaged over the distinct, non-padding items of a batch; Eq. 7's weights w^m
 scale each item's log-likelihood (``d1_weighting="loss"``) rather than its input. The adversary's switches

@@ -1,4 +1,5 @@
-"""The command contract of DESIGN.md, run as a user would: the installed ``marn`` script in a subprocess."""
+"""The command contract of docs/design.md, run as a user would: the installed ``marn`` script in a
+subprocess."""
 
 from __future__ import annotations
 

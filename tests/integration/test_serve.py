@@ -1,6 +1,6 @@
 """The A/B service for real: registered MARN and DUPN on tiny data, Feast on sqlite, Ray Serve on 127.0.0.1.
 
-The HTTP tests talk to the service only through DESIGN.md's contract, as an outside client would.
+The HTTP tests talk to the service only through docs/design.md's contract, as an outside client would.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Tests that pin MARN's math to the paper (sections 3.2-3.4) and to DESIGN.md's reading of Eq. 10."""
+"""Tests that pin MARN's math to the paper (sections 3.2-3.4) and to docs/design.md's reading of Eq. 10."""
 
 import math
 

@@ -1,4 +1,4 @@
-"""No input of a sample may be computed from its own event or anything later (DESIGN.md's point-in-time rule).
+"""No input of a sample may be computed from its own event or anything later (docs/design.md, point-in-time).
 
 These tests failed on the static per-item counts that came before point-in-time statistics; keep them.
 """
