@@ -110,7 +110,11 @@ CREATE INDEX IF NOT EXISTS seen_issued ON seen (issued_at);
 
 
 class SQLiteLedgerStore:
-    """The ledger in one SQLite file (WAL; synchronous=FULL, so a committed flush survives a power cut)."""
+    """The ledger in one SQLite file, WAL with synchronous=NORMAL: a commit survives the ledger process dying
+    (a crash, ``ray.kill``), the failure the replica restarts cover; a power cut or kernel crash may undo
+    the commits since the last WAL checkpoint. FULL would fsync every commit (about 4 ms here, with the
+    disk shared with Feast's online store), for a machine failure the single-file store cannot survive
+    anyway (a Redis or Postgres store replicates; see LedgerStore)."""
 
     def __init__(self, path: Path, arms: list[str], replay_window_s: float):
         self.path, self.arms, self.replay_window_s = Path(path), list(arms), replay_window_s
@@ -119,7 +123,7 @@ class SQLiteLedgerStore:
         os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600))
         self.db = sqlite3.connect(self.path, isolation_level=None, timeout=30, check_same_thread=False)
         self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=FULL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.executescript(SCHEMA)  # idempotent; executescript commits on its own
         with self._transaction():
             found = self._meta("schema")
