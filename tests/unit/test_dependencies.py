@@ -1,8 +1,9 @@
 """Every third-party module the code imports is declared in pyproject.toml.
 
 The library and its adapters (marn, serve, components, pipelines, feature_repo) may import only the
-``dependencies``; benchmarks may also import the ``bench`` extra. Import names map to distributions through
-``importlib.metadata.packages_distributions()`` (``yaml`` -> PyYAML, ``sklearn`` -> scikit-learn).
+``dependencies``; benchmarks may also import the ``bench`` extra, tests the ``dev`` and ``bench`` extras.
+Import names map to distributions through ``importlib.metadata.packages_distributions()`` (``yaml`` ->
+PyYAML, ``sklearn`` -> scikit-learn).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 LIBRARY = ("marn", "serve", "components", "pipelines", "feature_repo")
 BENCHMARKS = ("benchmarks",)
+TESTS = ("tests",)
 _REQUIREMENT_NAME = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)")
 
 
@@ -51,10 +53,16 @@ def top_level_imports(path: Path) -> dict[str, int]:
 
 
 def _is_local(module: str, path: Path) -> bool:
-    """The repository's packages, or a script's sibling module (benchmarks import each other by name)."""
-    if module in LIBRARY + BENCHMARKS or module == "tests":
+    """The repository's packages, or a module beside the file or in a folder above it within the
+    repository (benchmarks import each other by name; tests import their conftest)."""
+    if module in LIBRARY + BENCHMARKS + TESTS:
         return True
-    return (path.parent / f"{module}.py").is_file() or (path.parent / module / "__init__.py").is_file()
+    for folder in path.parents:
+        if (folder / f"{module}.py").is_file() or (folder / module / "__init__.py").is_file():
+            return True
+        if folder == ROOT:
+            break
+    return False
 
 
 @functools.cache
@@ -80,7 +88,9 @@ def undeclared_imports(packages: tuple[str, ...], declared: set[str]) -> list[st
 
 
 @pytest.mark.parametrize(
-    ("packages", "extras"), [(LIBRARY, ()), (BENCHMARKS, ("bench",))], ids=["library", "benchmarks"]
+    ("packages", "extras"),
+    [(LIBRARY, ()), (BENCHMARKS, ("bench",)), (TESTS, ("dev", "bench"))],
+    ids=["library", "benchmarks", "tests"],
 )
 def test_every_import_is_declared(packages: tuple[str, ...], extras: tuple[str, ...]) -> None:
     problems = undeclared_imports(packages, _declared(*extras))
