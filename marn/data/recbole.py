@@ -38,8 +38,8 @@ Mapping:
 - item_stats: daily point-in-time counts of the events (:func:`marn.data.stats.daily_item_stats`).
 
 Bad input raises ValueError naming the file and the 1-based line: a malformed header, an unknown type, a
-missing required field, a wrong field count, an unparseable or non-finite number, a repeated key, a line
-that is not UTF-8.
+missing required field, a wrong field count, an empty id, an unparseable or non-finite number, a repeated
+key, a line that is not UTF-8. A UTF-8 byte-order mark before the header is ignored.
 """
 
 from __future__ import annotations
@@ -99,20 +99,22 @@ class AtomicFile:
 def read_atomic_file(path: Path, required: tuple[str, ...] = (), key: str | None = None) -> AtomicFile:
     """Parse one RecBole atomic file; ValueError naming ``path`` and the line on any bad input.
 
-    ``required`` fields must be in the header as ``token`` fields; ``key``, when given, must not repeat.
+    ``required`` fields must be in the header as ``token`` fields and non-empty on every line; ``key``,
+    when given, must not repeat.
     """
     path = Path(path)
     with open_binary(path) as handle:
-        header_line = None
-        for lineno, raw in enumerate(handle, start=1):
+        lines_read = enumerate(handle, start=1)
+        first = next(lines_read, None)
+        if first is None:
+            raise ValueError(f"{path}:1: empty file, expected a header of field:type pairs")
+        header = _decode(first[1], path, 1).removeprefix("\ufeff")  # a BOM some editors write
+        types = _parse_header(header, path, 1, required)
+        columns: dict[str, list] = {name: [] for name in types}
+        lines: list[int] = []
+        seen: dict[str, int] = {}
+        for lineno, raw in lines_read:
             line = _decode(raw, path, lineno)
-            if header_line is None:
-                header_line = lineno
-                types = _parse_header(line, path, lineno, required)
-                columns: dict[str, list] = {name: [] for name in types}
-                lines: list[int] = []
-                seen: dict[str, int] = {}
-                continue
             if not line.strip():
                 continue
             values = line.split(FIELD_SEPARATOR)
@@ -123,14 +125,15 @@ def read_atomic_file(path: Path, required: tuple[str, ...] = (), key: str | None
                 )
             for (name, field_type), text in zip(types.items(), values, strict=True):
                 columns[name].append(_parse_value(text, field_type, name, path, lineno))
+            for name in required:
+                if not columns[name][-1].strip():
+                    raise ValueError(f"{path}:{lineno}: field {name!r} is empty")
             if key is not None:
                 value = columns[key][-1]
                 if value in seen:
                     raise ValueError(f"{path}:{lineno}: {key} {value!r} repeats line {seen[value]}")
                 seen[value] = lineno
             lines.append(lineno)
-    if header_line is None:
-        raise ValueError(f"{path}:1: empty file, expected a header of field:type pairs")
     return AtomicFile(path=path, types=types, columns=columns, lines=lines)
 
 

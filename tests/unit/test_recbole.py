@@ -68,8 +68,8 @@ def test_read_atomic_file_types_and_values() -> None:
     assert item.lines == [2, 3, 4, 5]
 
 
-def test_blank_lines_skipped_and_crlf(tmp_path: Path) -> None:
-    path = _write(tmp_path / "x.inter", "user_id:token\titem_id:token\r\nu1\ti1\r\n\r\nu2\ti2\r\n")
+def test_blank_lines_skipped_crlf_and_bom(tmp_path: Path) -> None:
+    path = _write(tmp_path / "x.inter", "\ufeffuser_id:token\titem_id:token\r\nu1\ti1\r\n\r\nu2\ti2\r\n")
     parsed = read_atomic_file(path, required=("user_id", "item_id"))
     assert parsed.columns["item_id"] == ["i1", "i2"] and parsed.lines == [2, 4]
 
@@ -88,6 +88,7 @@ def test_blank_lines_skipped_and_crlf(tmp_path: Path) -> None:
         ("user_id:token\titem_id:token\trating:float\nu1\ti1\tinf\n", r"x\.inter:2: .* not a finite number"),
         ("user_id:token\titem_id:token\tv:float_seq\nu1\ti1\t1 x\n", r"x\.inter:2: field 'v': 'x'"),
         ("", r"x\.inter:1: empty file"),
+        ("user_id:token\titem_id:token\nu1\ti1\n\ti2\n", r"x\.inter:3: field 'user_id' is empty"),
     ],
 )
 def test_bad_input_names_file_and_line(tmp_path: Path, text: str, message: str) -> None:
