@@ -37,16 +37,18 @@ COPY constraints.txt ./
 RUN pip install -c constraints.txt --index-url "${TORCH_INDEX_URL}" --extra-index-url https://pypi.org/simple \
         torch==2.13.0
 COPY pyproject.toml README.md ./
-RUN mkdir marn components pipelines serve \
-    && touch marn/__init__.py components/__init__.py pipelines/__init__.py serve/__init__.py \
+RUN mkdir marn components pipelines serve cli \
+    && touch marn/__init__.py components/__init__.py pipelines/__init__.py serve/__init__.py cli/__init__.py \
     && pip install -c constraints.txt . \
-    && rm -rf marn components pipelines serve build
+    && rm -rf marn components pipelines serve cli build
 
-# The project itself (the packages the wheel ships: marn, components, pipelines, serve).
+# The project itself (the packages the wheel ships: marn with its configs/local.yaml, components,
+# pipelines, serve, and cli, where the `marn` script is assembled).
 COPY marn ./marn
 COPY components ./components
 COPY pipelines ./pipelines
 COPY serve ./serve
+COPY cli ./cli
 RUN pip install -c constraints.txt --no-deps --force-reinstall . \
     && pip check \
     && rm -rf build

@@ -1,6 +1,10 @@
 """Typed configuration. Every section rejects unknown keys, so a typo fails loudly with the key and file.
 
-``configs/local.yaml`` is the embedded default; ``load_config(None)`` returns the same values built in.
+Two kinds of default, on purpose. The ``marn`` commands without ``--config`` read ``configs/local.yaml``,
+shipped inside the package as ``marn/configs/local.yaml`` (:func:`default_config_path`; ``configs/local.yaml``
+in the repository links to it): 2-core sizes. The models' field defaults below (``Config()``, and
+``load_config(None)`` in Python) are the paper's values instead (history 50, widths 96/256/128/100, 5 epochs,
+one training process); the cluster config is built on them.
 """
 
 from __future__ import annotations
@@ -244,8 +248,15 @@ class ConfigError(ValueError):
     """A config file that cannot be used; the message names the file and every bad key."""
 
 
+def default_config_path() -> Path:
+    """The packaged ``configs/local.yaml`` that the commands read without ``--config`` (package data, so it
+    is found from an installed wheel too; packages install unzipped, so this is a real file)."""
+    return Path(__file__).resolve().parent / "configs" / "local.yaml"
+
+
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
-    """Read a YAML config (None: built-in defaults) and apply nested ``overrides`` on top."""
+    """Read a YAML config (None: the paper-sized field defaults, not local.yaml) and apply nested
+    ``overrides`` on top."""
     if path is None:
         return parse_config("", "<defaults>", overrides)
     try:

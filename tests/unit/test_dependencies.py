@@ -1,7 +1,8 @@
 """Every third-party module the code imports is declared in pyproject.toml.
 
-The library and its adapters (marn, serve, components, pipelines, feature_repo) may import only the
-``dependencies``; benchmarks may also import the ``bench`` extra, tests the ``dev`` and ``bench`` extras.
+The library, its adapters and the `marn` script (marn, serve, components, pipelines, feature_repo, cli) may
+import only the ``dependencies``; benchmarks may also import the ``bench`` extra, tests the ``dev`` and
+``bench`` extras.
 Import names map to distributions through ``importlib.metadata.packages_distributions()`` (``yaml`` ->
 PyYAML, ``sklearn`` -> scikit-learn).
 """
@@ -19,7 +20,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-LIBRARY = ("marn", "serve", "components", "pipelines", "feature_repo")
+LIBRARY = ("marn", "serve", "components", "pipelines", "feature_repo", "cli")
 BENCHMARKS = ("benchmarks",)
 TESTS = ("tests",)
 _REQUIREMENT_NAME = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)")

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 from typer.testing import CliRunner
 
-import marn.cli
+import cli.main
+import serve.cli
 import serve.control
 from serve.ab import CanaryDecision
 from serve.control import ServeState
@@ -26,7 +27,7 @@ def _script(monkeypatch, actions: list[str]) -> list[str]:
 
     monkeypatch.setattr(serve.control, "promote", promote)
     monkeypatch.setattr(serve.control, "read_state", lambda cfg: STATE)
-    monkeypatch.setattr(marn.cli.time, "sleep", lambda s: None)
+    monkeypatch.setattr(serve.cli.time, "sleep", lambda s: None)
     return calls
 
 
@@ -41,7 +42,7 @@ def _script(monkeypatch, actions: list[str]) -> list[str]:
 def test_auto_promote_stops_where_it_should(monkeypatch, actions, expected):
     calls = _script(monkeypatch, actions)
     result = CliRunner().invoke(
-        marn.cli.app,
+        cli.main.app,
         ["serve", "promote", "--auto", "--interval", "0", "--max-checks", "3" if expected == 3 else "10"],
     )
     assert result.exit_code == 0, result.output
@@ -51,11 +52,11 @@ def test_auto_promote_stops_where_it_should(monkeypatch, actions, expected):
 
 def test_one_promote_without_auto_judges_once(monkeypatch):
     calls = _script(monkeypatch, ["advance", "advance"])
-    result = CliRunner().invoke(marn.cli.app, ["serve", "promote"])
+    result = CliRunner().invoke(cli.main.app, ["serve", "promote"])
     assert result.exit_code == 0 and calls == ["advance"]
 
 
 def test_promote_needs_a_running_service(monkeypatch):
     monkeypatch.setattr(serve.control, "read_state", lambda cfg: None)
-    result = CliRunner().invoke(marn.cli.app, ["serve", "promote"])
+    result = CliRunner().invoke(cli.main.app, ["serve", "promote"])
     assert result.exit_code == 1 and "not running" in result.output

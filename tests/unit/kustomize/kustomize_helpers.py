@@ -226,12 +226,12 @@ CLI_ERRORS = (click.ClickException, getattr(typer, "TyperException", click.Click
 
 def parse_marn_command(line: str | list[str]) -> list[str]:
     """Parse a `marn ...` command line without running it: the subcommand path, or ValueError saying why."""
-    import marn.cli
+    import cli.main  # the console script's app: marn's commands and the adapters' groups
 
     argv = shlex.split(line) if isinstance(line, str) else list(line)
     if not argv or argv[0] != "marn":
         raise ValueError(f"not a marn command: {argv!r}")
-    command, name, parent, args, path = typer.main.get_command(marn.cli.app), "marn", None, argv[1:], []
+    command, name, parent, args, path = typer.main.get_command(cli.main.app), "marn", None, argv[1:], []
     try:
         while hasattr(command, "resolve_command"):  # a group: descend into the named subcommand
             ctx = command.make_context(name, list(args), parent=parent)
