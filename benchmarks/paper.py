@@ -53,7 +53,7 @@ from marn.data.tensors import PAD, EncodedSamples, stat_codes
 from marn.models import build_model, model_names
 from marn.models.marn import VARIANTS
 from marn.train import METRICS, RunInputs, fit, prepare_inputs, save_run, seed_everything
-from marn.tune import TUNE_FILE, tune_hyperparameters
+from marn.tune import TUNE_FILE, result_overrides, tune_hyperparameters
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO / "configs" / "paper-movielens.yaml"
@@ -90,10 +90,7 @@ def run_dir(work: Path, experiment: str, model: str, seed: int) -> Path:
 def row_config(cfg: Config, row: str) -> Config:
     """``cfg`` training ``row``: a registered model (or a reference), or a switch row's model and switches."""
     model, switches = SWITCH_ROWS.get(row, (row, {}))
-    raw = cfg.model_dump()
-    raw["train"]["model"] = model
-    raw["model"].update(switches)
-    return Config.model_validate(raw)
+    return cfg.with_overrides({"train.model": model, **{f"model.{k}": v for k, v in switches.items()}})
 
 
 def is_adversarial(cfg: Config) -> bool:
@@ -114,13 +111,12 @@ def lambda0_source(row: str) -> str:
 # --------------------------------------------------------------------------------------------------------
 
 
-def tuned_lambda0(dataset: Dataset, cfg: Config, work: Path, row: str) -> float:
-    """The best lambda0 of ``WORK/tune/ROW/tune.json`` for ``cfg`` (``row_config``'s), searching first when
-    it does not exist yet. A search of another model config or learning rate is refused, not reused."""
+def tuned_values(dataset: Dataset, cfg: Config, work: Path, row: str) -> dict[str, Any]:
+    """The overrides of ``WORK/tune/ROW/tune.json`` for ``cfg`` (``row_config``'s): the best lambda0 and the
+    search's schedule horizon (lr is the grid's own), searching first when it does not exist yet. A search
+    of another model config or learning rate is refused, not reused."""
     path = work / "tune" / row / TUNE_FILE
-    cfg = Config.model_validate(
-        {**cfg.model_dump(), "tune": {**cfg.tune.model_dump(), "model": cfg.train.model}}
-    )
+    cfg = cfg.with_overrides({"tune.model": cfg.train.model})
     if not path.exists():
         print(
             f"[tune] Ray Tune: {cfg.tune.trials} trials of {row} over lambda0 "
@@ -136,37 +132,25 @@ def tuned_lambda0(dataset: Dataset, cfg: Config, work: Path, row: str) -> float:
         raise ValueError(
             f"{path} searched lr {report['search']['lr_range']}; the grid trains at {cfg.train.lr}"
         )
-    searched = {k: v for k, v in report.get("model_config", {}).items() if k != "lambda0"}
-    wanted = {k: v for k, v in cfg.model.model_dump(mode="json").items() if k != "lambda0"}
-    if report["model"] != cfg.train.model or searched != wanted:
-        changed = sorted(k for k in wanted if searched.get(k) != wanted[k])
-        raise ValueError(
-            f"{path} searched {report['model']} with other model settings ({', '.join(changed)}) than "
-            f"{row} trains with now; delete it to search again"
-        )
+    overrides = result_overrides(report, cfg, f"{path} (delete it to search again)")
     print(
         f"[tune] {row}: lambda0 = {report['best']['lambda0']:.4g} (validation AUC "
         f"{report['best_valid_auc']:.4f}, {len(report['trials'])} trials)",
         flush=True,
     )
-    return float(report["best"]["lambda0"])
+    return overrides
 
 
 def tuned_configs(dataset: Dataset, cfg: Config, rows: list[str], work: Path) -> dict[str, Config]:
-    """Each row's config with its variant's tuned lambda0 (searched first where missing)."""
+    """Each row's config with its variant's tuned lambda0 and schedule horizon (searched first where
+    missing); rows without a discriminator keep the configured values, as lambda0 means nothing to them."""
     configs = {row: row_config(cfg, row) for row in rows}
     sources = dict.fromkeys(lambda0_source(r) for r in rows if is_adversarial(configs[r]))
-    lambda0 = {source: tuned_lambda0(dataset, row_config(cfg, source), work, source) for source in sources}
+    tuned = {source: tuned_values(dataset, row_config(cfg, source), work, source) for source in sources}
     return {
-        row: with_lambda0(c, lambda0[lambda0_source(row)]) if is_adversarial(c) else c
+        row: c.with_overrides(tuned[lambda0_source(row)]) if is_adversarial(c) else c
         for row, c in configs.items()
     }
-
-
-def with_lambda0(cfg: Config, lambda0: float) -> Config:
-    return Config.model_validate(
-        {**cfg.model_dump(), "model": {**cfg.model.model_dump(), "lambda0": lambda0}}
-    )
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -267,7 +251,7 @@ def train_one(inputs: RunInputs, cfg: Config, row: str, seed: int, out_dir: str)
     model.pt into ``out_dir``."""
     torch.set_num_threads(1)  # one core per task
     started = time.perf_counter()
-    run_cfg = Config.model_validate({**cfg.model_dump(), "train": {**cfg.train.model_dump(), "seed": seed}})
+    run_cfg = cfg.with_overrides({"train.seed": seed})
     model_name = run_cfg.train.model
     seed_everything(seed)
     if model_name in REFERENCES:

@@ -187,6 +187,10 @@ def train(
         int | None, typer.Option(help="Ray Train workers (DDP); 1 trains in this process")
     ] = None,
     seed: Annotated[int | None, typer.Option(help="Random seed")] = None,
+    params: Annotated[
+        Path | None,
+        typer.Option(help="A tune.json of `marn tune` for this model: its lambda0, lr and schedule horizon"),
+    ] = None,
     config: ConfigOption = None,
 ) -> None:
     """Train one model on a canonical dataset (DIN protocol) and write its test metrics."""
@@ -203,6 +207,14 @@ def train(
             "distributed": _drop_none({"workers": workers}),
         },
     )
+    if params is not None:
+        from marn.tune import read_tune_overrides
+
+        try:
+            cfg = cfg.with_overrides(read_tune_overrides(params, cfg))
+        except ConfigError as err:
+            err_console.print(f"[red]--params[/red]: {err}")
+            raise typer.Exit(2) from None
     if cfg.distributed.workers > 1:
         from marn.distributed import train_distributed
 

@@ -10,12 +10,13 @@ one training process); the cluster config is built on them.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class Strict(BaseModel):
@@ -62,6 +63,10 @@ class TrainConfig(Strict):
     # size; at lr 0.1 and large batches they can throw a deep model into a dead, chance-level state.
     clip_grad_norm: float = Field(0.0, ge=0)
     seed: int = 7
+    # Epochs over which the lambda schedule's p goes 0 -> 1 (p stays 1 after them); None: this run's
+    # ``epochs``. Explicit so that a lambda0 tuned over tune.max_epochs is trained with the same schedule:
+    # applying a tune result (tune.json's ``overrides``) sets it to the horizon the search used.
+    lambda_horizon_epochs: int | None = Field(None, ge=1)
 
 
 class FeaturesConfig(Strict):
@@ -168,6 +173,20 @@ class TuneConfig(Strict):
     cpus_per_trial: float = Field(0.5, gt=0)  # fractional, so two trials share 2 cores
     seed: int = 7
 
+    @field_validator("lambda0_range", "lr_range")
+    @classmethod
+    def _log_uniform_bounds(cls, bounds: tuple[float, float]) -> tuple[float, float]:
+        low, high = bounds
+        if not 0 < low <= high:  # log-uniform needs positive bounds; low == high fixes the value
+            raise ValueError("must satisfy 0 < low <= high for a log-uniform search")
+        return bounds
+
+    @model_validator(mode="after")
+    def _grace_within_max(self) -> TuneConfig:
+        if self.grace_epochs > self.max_epochs:
+            raise ValueError(f"grace_epochs={self.grace_epochs} exceeds max_epochs={self.max_epochs}")
+        return self
+
 
 class PipelineConfig(Strict):
     """The end-to-end pipeline (KFP): which models it trains, gates and registers."""
@@ -242,6 +261,25 @@ class Config(Strict):
     tune: TuneConfig = TuneConfig()
     pipeline: PipelineConfig = PipelineConfig()
     serve: ServeConfig = ServeConfig()
+
+    def with_overrides(self, overrides: Mapping[str, Any]) -> Config:
+        """A copy with dotted keys set (``{"model.lambda0": 0.2, "train.lr": 0.05}``): the one way tuned or
+        per-run values enter a config. The whole merged config is validated again, so every field validator
+        runs; a key the config lacks fails naming it. A dict-valued field (``serve.weights``) is set whole.
+        """
+        raw = self.model_dump()
+        for key, value in overrides.items():
+            parts = key.split(".") if isinstance(key, str) else [key]
+            node: Any = raw
+            for part in parts[:-1]:
+                node = node.get(part) if isinstance(node, dict) else None
+            if not isinstance(node, dict) or parts[-1] not in node:
+                raise ConfigError(f"unknown config key {key!r} (dotted, like 'model.lambda0' or 'train.lr')")
+            node[parts[-1]] = value
+        try:
+            return Config.model_validate(raw)
+        except ValidationError as err:
+            raise ConfigError(_describe("overrides", err)) from None
 
 
 class ConfigError(ValueError):

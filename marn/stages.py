@@ -103,24 +103,20 @@ def train_stage(
     from marn.data.schema import read_dataset
     from marn.distributed import train_distributed
 
-    cfg = with_params(cfg, model, params)
+    cfg = cfg.with_overrides({"train.model": model, **training_overrides(cfg, model, params)})
     result = train_distributed(read_dataset(data_dir), cfg, out_dir, samples=read_samples(samples_dir))
     return _jsonable(result.metrics)
 
 
-def with_params(cfg: Config, model: str, params: dict[str, float]) -> Config:
-    """The config a training stage uses: the model's name, and the tuned values (MARN family only)."""
-    train = {"model": model}
-    model_params = {}
-    if params and model == cfg.tune.model:  # tuned values belong to the tuned model, not the baseline
-        train["lr"] = params["lr"]
-        model_params["lambda0"] = params["lambda0"]
-    return cfg.model_copy(
-        update={
-            "train": cfg.train.model_copy(update=train),
-            "model": cfg.model.model_copy(update=model_params),
-        }
-    )
+def training_overrides(cfg: Config, model: str, params: dict[str, float]) -> dict[str, Any]:
+    """The tune stage's best values (``params``) for :meth:`Config.with_overrides`, with the horizon the
+    search used; none for a model other than the searched one (the baseline keeps its configured values)
+    or when the pipeline does not tune (``params`` are then the configured values already)."""
+    from marn.tune import search_horizon, tuned_overrides
+
+    if not params or not cfg.pipeline.tune or model != cfg.tune.model:
+        return {}
+    return tuned_overrides(params, search_horizon(cfg))
 
 
 def evaluate_stage(run_dir: Path, samples_dir: Path, cfg: Config) -> dict[str, Any]:

@@ -168,6 +168,9 @@ def fit(
     steps_per_epoch = max(1, -(-len(train) // cfg.batch_size))
     groups = train.request_groups()  # a positive and its negative share a history: batch them together
     total_steps, step = cfg.epochs * steps_per_epoch, done * steps_per_epoch
+    # The lambda schedule's horizon: explicit, so a run of more epochs than its tuning keeps the tuned
+    # schedule (p reaches 1 where it did there and stays there).
+    horizon_steps = (cfg.lambda_horizon_epochs or cfg.epochs) * steps_per_epoch
     with _progress(show_progress) as bar:
         task = bar.add_task("train", total=total_steps, completed=step)
         for epoch in range(done + 1, cfg.epochs + 1):
@@ -176,7 +179,7 @@ def fit(
             model.train()
             for index in train.shuffled(shuffle, groups).split(cfg.batch_size):
                 batch = _batch(train, index, device)
-                out = model(batch, progress=step / total_steps)  # p of the lambda schedule
+                out = model(batch, progress=min(1.0, step / horizon_steps))  # p of the lambda schedule
                 loss = bce(out.logits, batch["label"])
                 step_ctr = loss.item()
                 ctr_loss += step_ctr * len(index)

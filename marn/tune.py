@@ -6,6 +6,13 @@ split never reaches a trial. One search is for one model and one model config (`
 what lambda0 does differs between ADV, DDMA and MARN and with the adversary's switches, so a comparison of
 them searches each (``benchmarks/paper.py`` does) rather than reusing one model's best. Item features and
 encoded samples go to the object store once (``tune.with_parameters``) and are shared by every trial.
+
+Which models a tuned lambda0 applies to: only the adversarial variants (ADV, DDMA, MARN and its switch rows)
+read ``model.lambda0``; every other model ignores it. A search's values are for the model it searched:
+``marn train --params tune.json`` refuses another model or other model settings, the pipeline applies them
+to the candidate only (its baseline keeps the configured values). Applying a result goes through
+:meth:`Config.with_overrides` with tune.json's ``overrides``, which also set ``train.lambda_horizon_epochs``
+to the horizon the trials used, so the trained lambda schedule is the tuned one.
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from marn.config import Config
+from marn.config import Config, ConfigError
 from marn.data.item_features import ItemFeatures
 from marn.data.samples import Samples
 from marn.data.schema import Dataset
@@ -30,11 +37,13 @@ from marn.train import EpochResult, FitState, fit, prepare_inputs, seed_everythi
 TUNE_FILE = "tune.json"
 METRIC = "valid_auc"  # maximised; a validation metric, never a test one
 SEARCHED = ("lambda0", "lr")
+SEARCHED_KEYS = {"lambda0": "model.lambda0", "lr": "train.lr"}  # each searched value's config key
 
 
 @dataclass(frozen=True)
 class TuneResult:
-    best: dict[str, float]  # {"lambda0": .., "lr": ..}: feed to apply_best
+    best: dict[str, float]  # {"lambda0": .., "lr": ..}
+    overrides: dict[str, Any]  # for Config.with_overrides: the best values and the schedule's horizon
     best_valid_auc: float  # the best trial's best epoch
     trials: list[dict[str, Any]]  # one per trial: its config, epochs run, validation history, status
     path: Path  # tune.json
@@ -54,16 +63,7 @@ def tune_hyperparameters(
 
     from marn.models import build_model
 
-    search = cfg.tune
-    for name, (low, high) in (("lambda0_range", search.lambda0_range), ("lr_range", search.lr_range)):
-        if not 0 < low <= high:
-            raise ValueError(
-                f"tune.{name} must satisfy 0 < low <= high for a log-uniform search, got {low, high}"
-            )
-    if search.grace_epochs > search.max_epochs:
-        raise ValueError(
-            f"tune.grace_epochs={search.grace_epochs} exceeds tune.max_epochs={search.max_epochs}"
-        )
+    search = cfg.tune  # its ranges and epochs are checked by TuneConfig's validators
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.train.seed)
@@ -109,6 +109,7 @@ def tune_hyperparameters(
         raise RuntimeError(f"every tuning trial failed: {errors}")
     best_trial = max(scored, key=lambda t: t["valid_auc"])
     best = {name: best_trial[name] for name in SEARCHED}
+    overrides = tuned_overrides(best, search_horizon(cfg))
     path = out_dir / TUNE_FILE
     report = {
         "model": search.model,
@@ -116,6 +117,8 @@ def tune_hyperparameters(
         "best": best,
         "best_valid_auc": best_trial["valid_auc"],
         "best_trial": best_trial["trial_id"],
+        "lambda_horizon_epochs": search_horizon(cfg),  # every trial's lambda schedule ran over this many
+        "overrides": overrides,  # what `marn train --params` applies (Config.with_overrides)
         "search": search.model_dump(mode="json"),
         # the model section every trial started from (its switches); lambda0 is the searched one
         "model_config": cfg.model.model_dump(mode="json"),
@@ -124,17 +127,60 @@ def tune_hyperparameters(
         "ray_run": str(storage / run_name),
     }
     path.write_text(json.dumps(report, indent=2, allow_nan=True) + "\n")
-    return TuneResult(best, best_trial["valid_auc"], trials, path)
+    return TuneResult(best, overrides, best_trial["valid_auc"], trials, path)
 
 
-def apply_best(cfg: Config, best: dict[str, float]) -> Config:
-    """A copy of ``cfg`` with the tuned ``model.lambda0`` and ``train.lr`` (validated like a config file)."""
-    if set(best) != set(SEARCHED):
-        raise ValueError(f"expected exactly the keys {list(SEARCHED)}, got {sorted(best)}")
-    raw = cfg.model_dump()
-    raw["model"]["lambda0"] = best["lambda0"]
-    raw["train"]["lr"] = best["lr"]
-    return Config.model_validate(raw)
+def search_horizon(cfg: Config) -> int:
+    """The epochs of the lambda schedule in every trial: the config's explicit horizon, else
+    ``tune.max_epochs`` (the most a trial trains)."""
+    return cfg.train.lambda_horizon_epochs or cfg.tune.max_epochs
+
+
+def tuned_overrides(best: dict[str, float], horizon_epochs: int) -> dict[str, Any]:
+    """``best`` ({"lambda0": .., "lr": ..}) and the search's horizon as :meth:`Config.with_overrides` keys."""
+    if not isinstance(best, dict) or set(best) != set(SEARCHED):
+        raise ConfigError(f"expected exactly the tuned keys {list(SEARCHED)}, got {best!r}")
+    return {
+        **{SEARCHED_KEYS[name]: value for name, value in best.items()},
+        "train.lambda_horizon_epochs": horizon_epochs,
+    }
+
+
+def result_overrides(report: Any, cfg: Config, source: str) -> dict[str, Any]:
+    """The overrides of a parsed tune.json for ``cfg``, refused when ``report`` is not a tune result or
+    searched another model or other model settings than ``cfg`` (its ``train.model`` and ``model``).
+
+    A tune.json from before ``overrides`` were recorded: its best values over ``search.max_epochs``, the
+    horizon its trials had.
+    """
+    if not isinstance(report, dict) or not {"model", "best", "model_config"} <= set(report):
+        raise ConfigError(f"{source}: not a tune result (the tune.json `marn tune` writes)")
+    if "overrides" in report:
+        overrides = report["overrides"]
+        if not isinstance(overrides, dict):
+            raise ConfigError(f"{source}: its overrides must be a mapping of config keys")
+    else:
+        overrides = tuned_overrides(report["best"], report.get("search", {}).get("max_epochs"))
+    searched = {k: v for k, v in report["model_config"].items() if k != "lambda0"}
+    wanted = {k: v for k, v in cfg.model.model_dump(mode="json").items() if k != "lambda0"}
+    if report["model"] != cfg.train.model or searched != wanted:
+        changed = sorted(k for k in wanted.keys() | searched.keys() if searched.get(k) != wanted.get(k))
+        raise ConfigError(
+            f"{source} searched {report['model']} with model settings {changed or 'the same'}; this config "
+            f"trains {cfg.train.model}: tuned values apply to the searched model and settings only"
+        )
+    return overrides
+
+
+def read_tune_overrides(path: str | Path, cfg: Config) -> dict[str, Any]:
+    """:func:`result_overrides` of the tune.json at ``path``, with clear errors for a missing or bad file."""
+    try:
+        report = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"tune result not found: {path}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: not a tune result (not JSON: {err})") from None
+    return result_overrides(report, cfg, str(path))
 
 
 def _log_uniform(tune: Any, bounds: tuple[float, float]) -> Any:
@@ -156,15 +202,26 @@ def _trial(
 
     from marn.models import build_model
 
-    trial_cfg = apply_best(cfg, {name: config[name] for name in SEARCHED})
-    train_cfg = trial_cfg.train.model_copy(update={"model": cfg.tune.model, "epochs": cfg.tune.max_epochs})
-    seed_everything(train_cfg.seed)  # same initial weights in every trial: only lambda0 and lr differ
+    trial_cfg = trial_config(cfg, {name: config[name] for name in SEARCHED})
+    seed_everything(trial_cfg.train.seed)  # same initial weights in every trial: only lambda0 and lr differ
     model = build_model(cfg.tune.model, catalog, features, trial_cfg.model)
 
     def report(result: EpochResult, state: FitState) -> None:
         tune.report(result.flat_metrics())
 
-    fit(model, train, valid, train_cfg, on_epoch=report, show_progress=False)
+    fit(model, train, valid, trial_cfg.train, on_epoch=report, show_progress=False)
+
+
+def trial_config(cfg: Config, values: dict[str, float]) -> Config:
+    """A trial's config: the searched model for ``tune.max_epochs`` with ``values`` and the search's
+    horizon, the same overrides that applying the result gives a training run."""
+    return cfg.with_overrides(
+        {
+            **tuned_overrides(values, search_horizon(cfg)),
+            "train.model": cfg.tune.model,
+            "train.epochs": cfg.tune.max_epochs,
+        }
+    )
 
 
 def _trial_summary(result: Any, max_epochs: int) -> dict[str, Any]:

@@ -1,5 +1,7 @@
-"""Typed config: the shipped YAML loads, typos fail with the key and file, overrides merge."""
+"""Typed config: the shipped YAML loads, typos fail with the key and file, overrides merge, and
+``Config.with_overrides`` (dotted keys, every validator run) is the one way tuned values enter."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -61,3 +63,43 @@ def test_dumped_config_is_one_line_and_reads_back_equal():
     text = dump_config(cfg)
     assert "\n" not in text  # KFP copies parameter defaults into a comment header
     assert parse_config(text) == cfg
+
+
+def test_with_overrides_sets_dotted_keys_and_leaves_the_rest():
+    cfg = Config()
+    tuned = cfg.with_overrides({"model.lambda0": 0.2, "train.lr": 0.05, "serve.canary.margin": 0.02})
+    assert (tuned.model.lambda0, tuned.train.lr, tuned.serve.canary.margin) == (0.2, 0.05, 0.02)
+    assert tuned.model_dump(exclude={"model", "train", "serve"}) == cfg.model_dump(
+        exclude={"model", "train", "serve"}
+    )
+    assert (cfg.model.lambda0, cfg.train.lr) == (0.05, 0.1)  # a copy: the original is untouched
+
+
+@pytest.mark.parametrize("key", ["model.lamda0", "train.lr.low", "lr", "", "model."])
+def test_with_overrides_names_an_unknown_key(key):
+    with pytest.raises(ConfigError, match=f"unknown config key '{re.escape(key)}'"):
+        Config().with_overrides({key: 0.1})
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"train.lr": 0.0}, r"train\.lr: Input should be greater than 0"),
+        ({"train.lambda_horizon_epochs": 0}, r"train\.lambda_horizon_epochs: Input should be greater"),
+        ({"tune.lambda0_range": (0.0, 1.0)}, r"tune\.lambda0_range: .*0 < low <= high"),
+        ({"tune.lr_range": (0.3, 0.1)}, r"tune\.lr_range: .*0 < low <= high"),
+        ({"tune.grace_epochs": 4}, r"grace_epochs=4 exceeds max_epochs=3"),
+        ({"serve.canary.steps": (0.5, 0.25)}, r"steps must be increasing"),  # a field validator runs
+        ({"model": {"lambda0": 0.1, "typo": 1}}, r"unknown key 'model\.typo'"),  # a section set whole
+    ],
+)
+def test_with_overrides_runs_every_validator(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        Config().with_overrides(overrides)
+
+
+def test_tune_ranges_are_checked_when_a_file_is_read(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("tune:\n  lr_range: [0.3, 0.1]\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml: invalid config\n  tune\.lr_range: .*0 < low <= high"):
+        load_config(path)

@@ -1,23 +1,32 @@
 """The parts of Ray Train and Ray Tune support that run without Ray: resumable ``fit``, DDP inside ``fit``,
-sharding, checkpoint files, prebuilt samples, ``apply_best`` and the checks made before Ray starts."""
+sharding, checkpoint files, prebuilt samples, tuned values applied through ``Config.with_overrides`` (the
+schedule's horizon, ``marn train --params``) and the checks made before Ray starts."""
 
 from __future__ import annotations
 
 import json
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from torch.nn.parallel import DistributedDataParallel
+from typer.testing import CliRunner
 
-from marn.config import Config, SynthConfig, TrainConfig, load_config
+from marn.config import Config, ConfigError, SynthConfig, TrainConfig, load_config
 from marn.data.samples import build_samples
 from marn.data.schema import Dataset, read_dataset
 from marn.data.synth import synthesize
 from marn.distributed import read_checkpoint, shard, train_distributed, write_checkpoint
 from marn.models import build_model
 from marn.train import FitState, fit, prepare_inputs, save_run, seed_everything, train_model
-from marn.tune import apply_best, tune_hyperparameters
+from marn.tune import (
+    read_tune_overrides,
+    search_horizon,
+    trial_config,
+    tuned_overrides,
+)
 
 
 def _without_seconds(history):
@@ -38,10 +47,15 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory: pytest.TempPathFactory) -> Dataset:
+def data_dir(tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("distributed")
     synthesize(root / "data", SynthConfig(users=60, items=80, seed=3))
-    return read_dataset(root / "data")
+    return root / "data"
+
+
+@pytest.fixture(scope="module")
+def dataset(data_dir) -> Dataset:
+    return read_dataset(data_dir)
 
 
 @pytest.fixture
@@ -195,23 +209,126 @@ def test_save_run_adds_extra_keys_and_refuses_an_empty_history(dataset, cfg, tmp
         save_run(model, best, [], inputs, cfg, tmp_path, 0.0)
 
 
-def test_apply_best_sets_lambda0_and_lr_and_validates(cfg):
-    tuned = apply_best(cfg, {"lambda0": 0.2, "lr": 0.05})
+def test_tuned_values_apply_through_with_overrides_with_the_search_horizon(cfg):
+    tuned = cfg.with_overrides(tuned_overrides({"lambda0": 0.2, "lr": 0.05}, search_horizon(cfg)))
     assert (tuned.model.lambda0, tuned.train.lr) == (0.2, 0.05)
-    assert (cfg.model.lambda0, cfg.train.lr) == (0.05, 0.1)  # the input is untouched
+    assert tuned.train.lambda_horizon_epochs == cfg.tune.max_epochs
+    assert (cfg.model.lambda0, cfg.train.lr, cfg.train.lambda_horizon_epochs) == (0.05, 0.1, None)
     assert tuned.features == cfg.features and tuned.train.model == cfg.train.model
-    with pytest.raises(ValueError, match="expected exactly the keys"):
-        apply_best(cfg, {"lambda0": 0.2, "learning_rate": 0.05})
-    with pytest.raises(ValueError, match="lr"):
-        apply_best(cfg, {"lambda0": 0.2, "lr": 0.0})
+    with pytest.raises(ConfigError, match="expected exactly the tuned keys"):
+        tuned_overrides({"lambda0": 0.2, "learning_rate": 0.05}, 2)
+    with pytest.raises(ConfigError, match=r"train\.lr"):
+        cfg.with_overrides(tuned_overrides({"lambda0": 0.2, "lr": 0.0}, 2))
+
+
+def test_the_pipeline_applies_tuned_values_to_the_searched_model_only(cfg):
+    from marn.stages import training_overrides
+
+    cfg = cfg.with_overrides({"tune.model": "marn"})
+    best = {"lambda0": 0.2, "lr": 0.05}
+    assert training_overrides(cfg, "marn", best) == tuned_overrides(best, cfg.tune.max_epochs)
+    assert training_overrides(cfg, "dupn", best) == {}  # the baseline keeps the configured values
+    assert training_overrides(cfg.with_overrides({"pipeline.tune": False}), "marn", best) == {}
+
+
+def test_the_old_patchers_are_gone():
+    import marn.stages
+    import marn.tune
+
+    assert not hasattr(marn.tune, "apply_best")
+    assert not hasattr(marn.stages, "with_params")
+    paper = Path(__file__).resolve().parents[2] / "benchmarks" / "paper.py"
+    assert "def with_lambda0" not in paper.read_text() and "model_validate" not in paper.read_text()
+
+
+def _schedule(tiny_world, train_cfg: TrainConfig) -> list[float]:
+    """The lambda schedule's p at every training step of ``fit`` with ``train_cfg``."""
+    seed_everything(train_cfg.seed)
+    model = build_model(train_cfg.model, tiny_world.catalog, tiny_world.features, tiny_world.model_cfg)
+    seen: list[float] = []
+
+    def record(module, args, kwargs):
+        if module.training:
+            seen.append(kwargs["progress"])
+
+    model.register_forward_pre_hook(record, with_kwargs=True)
+    fit(model, tiny_world.train, tiny_world.valid, train_cfg, show_progress=False)
+    return seen
+
+
+def test_a_value_tuned_over_2_epochs_is_trained_over_3_with_the_same_schedule(tiny_world):
+    cfg = load_config(
+        None,
+        {
+            "train": {"model": "lr", "epochs": 3, "batch_size": 256, "patience": 5},
+            "tune": {"model": "lr", "max_epochs": 2, "grace_epochs": 1},
+        },
+    )
+    best = {"lambda0": 0.2, "lr": 0.05}
+    trial = trial_config(cfg, best)
+    assert (trial.train.epochs, trial.train.lambda_horizon_epochs) == (2, 2)
+    tuned = _schedule(tiny_world, trial.train)
+    trained = _schedule(tiny_world, cfg.with_overrides(tuned_overrides(best, search_horizon(cfg))).train)
+    assert len(trained) == len(tuned) * 3 // 2  # three epochs of the two's steps each
+    assert trained[: len(tuned)] == tuned and tuned[0] == 0.0 and tuned[-1] < 1.0
+    assert trained[len(tuned) :] == [1.0] * (len(trained) - len(tuned))  # the schedule is done: p stays 1
+    untuned = _schedule(tiny_world, cfg.with_overrides({"train.lr": 0.05}).train)  # horizon: its 3 epochs
+    assert untuned[1] < tuned[1]
+
+
+def _tune_json(path, cfg: Config, **changes) -> None:
+    """A tune.json as ``marn tune`` writes it, for ``cfg``'s model."""
+    best = {"lambda0": 0.3, "lr": 0.07}
+    report = {
+        "model": cfg.train.model,
+        "best": best,
+        "search": cfg.tune.model_dump(mode="json"),
+        "model_config": cfg.model.model_dump(mode="json"),
+        "lambda_horizon_epochs": 2,
+        "overrides": tuned_overrides(best, 2),
+        **changes,
+    }
+    path.write_text(json.dumps(report))
+
+
+def test_train_params_applies_a_tune_result_and_refuses_what_is_not_one(data_dir, cfg, tmp_path):
+    import cli.main
+    from marn.train import load_trained
+
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    tuned = tmp_path / "tune.json"
+    _tune_json(tuned, cfg)
+    args = ["train", "--model", "lr", "--data", str(data_dir), "--workers", "1", "--config", str(config)]
+    result = CliRunner().invoke(cli.main.app, [*args, "--out", str(tmp_path / "run"), "--params", str(tuned)])
+    assert result.exit_code == 0, result.output
+    trained = load_trained(tmp_path / "run" / "model.pt").config
+    assert (trained["model"]["lambda0"], trained["train"]["lr"]) == (0.3, 0.07)
+    assert trained["train"]["lambda_horizon_epochs"] == 2
+
+    bad = tmp_path / "bad.json"
+    for content, message in (
+        ("not json", "not a tune result"),
+        (json.dumps({"metric": "valid_auc"}), "not a tune result"),
+    ):
+        bad.write_text(content)
+        result = CliRunner().invoke(cli.main.app, [*args, "--out", str(tmp_path / "x"), "--params", str(bad)])
+        output = " ".join(result.output.split())  # rich wraps long lines
+        assert result.exit_code == 2 and message in output, output
+    _tune_json(bad, cfg, overrides={"model.lambda_zero": 0.3})
+    with pytest.raises(ConfigError, match=r"unknown config key 'model\.lambda_zero'"):
+        cfg.with_overrides(read_tune_overrides(bad, cfg))
+    _tune_json(bad, cfg, model="marn")
+    with pytest.raises(ConfigError, match="searched marn"):
+        read_tune_overrides(bad, cfg)
+    assert not (tmp_path / "x").exists()  # nothing trained on a refused file
 
 
 def test_bad_input_fails_before_ray_starts(dataset, cfg, tmp_path):
     import ray
 
-    bad_range = cfg.model_copy(update={"tune": cfg.tune.model_copy(update={"lambda0_range": (0.0, 1.0)})})
-    with pytest.raises(ValueError, match=r"tune\.lambda0_range must satisfy 0 < low <= high"):
-        tune_hyperparameters(dataset, bad_range, tmp_path)
+    with pytest.raises(ConfigError, match=r"tune\.lambda0_range: .*0 < low <= high"):
+        cfg.with_overrides({"tune.lambda0_range": (0.0, 1.0)})  # a config validator now, not tune.py's
     unknown = cfg.model_copy(update={"train": cfg.train.model_copy(update={"model": "nope"})})
     with pytest.raises(ValueError, match="unknown model 'nope'"):
         train_distributed(dataset, unknown, tmp_path)

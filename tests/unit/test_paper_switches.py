@@ -47,7 +47,7 @@ def _fake_search(paper, work, row: str, lambda0: float, **model_changes) -> None
     path.parent.mkdir(parents=True)
     report = {
         "model": cfg.train.model,
-        "search": {"lr_range": [0.1, 0.1]},
+        "search": {"lr_range": [0.1, 0.1], "max_epochs": 2},  # a tune.json from before "overrides"
         "model_config": {**cfg.model.model_dump(mode="json"), **model_changes},
         "best": {"lambda0": lambda0, "lr": 0.1},
         "best_valid_auc": 0.8,
@@ -66,6 +66,8 @@ def test_each_row_trains_with_its_own_variants_lambda0(scripts, tmp_path):  # no
     lambda0 = {row: cfg.model.lambda0 for row, cfg in configs.items()}
     assert lambda0 == {**searched, "lr": CONFIG.model.lambda0, "marn_w_raw": 0.05}
     assert configs["marn_w_raw"].model.d1_weights == "raw"
+    horizon = {row: cfg.train.lambda_horizon_epochs for row, cfg in configs.items()}
+    assert horizon == {**dict.fromkeys(rows, 2), "lr": None}  # each search's own; lr has no schedule
     assert configs["marn_lambda_grl"].model.lambda_role == "reversal"
 
 
