@@ -61,7 +61,7 @@ def test_forged_feedback_changes_no_count_and_no_canary_decision(request):
     cfg, items = built["cfg"], built["items"][:10]
     # Honest traffic first: every genuine click counts once.
     genuine = []
-    for user in built["users"][:30]:
+    for user in built["users"][:20]:
         answer = _predict(url, user, items)
         for item in items[:3]:
             body = {
@@ -76,8 +76,8 @@ def test_forged_feedback_changes_no_count_and_no_canary_decision(request):
     before = _ab(url)
     weights = before["weights"]
     decision_before = canary_decision(before, "marn", "dupn", cfg.serve.canary)
-    attackers = [u for u in (f"attacker-{k}" for k in range(400)) if assign_arm(u, weights) == "marn"][:20]
-    assert len(attackers) == 20
+    attackers = [u for u in (f"attacker-{k}" for k in range(400)) if assign_arm(u, weights) == "marn"][:10]
+    assert len(attackers) == 10
     _, fields, digests, mac = token.split(".")
     attempts: dict[str, list[dict[str, Any]]] = {
         "invalid_body": [],
