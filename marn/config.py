@@ -99,7 +99,9 @@ class ModelConfig(Strict):
     attention_hidden: tuple[int, ...] = (80, 40)  # candidate-attention MLP, DIN's sizes
     hidden: tuple[int, ...] = (128, 64)  # prediction MLP: [128, 64] Amazon, [512, 256] Taobao (paper 4.1)
     discriminator_hidden: int = Field(0, ge=0)  # 0: the paper's linear M-way discriminators
-    lambda0: float = Field(0.05, ge=0)  # adversarial weight, the paper's best (tuned 0.01..1.8)
+    # The adversarial weight, the paper's best (tuned 0.01..1.8); read by the adversarial variants only (ADV,
+    # DDMA, MARN): a tune result sets it with Config.with_overrides, see marn/tune.py for which model.
+    lambda0: float = Field(0.05, ge=0)
     gamma: float = Field(10.0, gt=0)  # lambda schedule steepness, the paper's untuned value
     # The adversary's open choices (docs/design.md's reading of Eq. 7-10); the faithful one is each default,
     # the other value an ablation row of benchmarks/paper.py.

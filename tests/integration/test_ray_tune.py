@@ -11,7 +11,7 @@ from conftest import TINY_MODEL  # tests/ is on sys.path: pytest imports conftes
 from marn.config import SynthConfig, load_config
 from marn.data.schema import read_dataset
 from marn.data.synth import synthesize
-from marn.tune import apply_best, tune_hyperparameters
+from marn.tune import read_tune_overrides, tune_hyperparameters
 
 pytestmark = pytest.mark.slow
 
@@ -71,5 +71,9 @@ def test_asha_search_writes_tune_json_and_never_sees_test(tmp_path):
     assert "valid_auc" in _keys(recorded)
     assert not {k for k in _keys(recorded) | _keys(trials) if k.startswith("test") or k.endswith("test")}
 
-    tuned = apply_best(cfg, result.best)
+    # What `marn train --params tune.json` applies: the best values and the trials' schedule horizon.
+    assert saved["overrides"] == result.overrides and saved["lambda_horizon_epochs"] == 2
+    train_cfg = cfg.with_overrides({"train.model": "base_maf_adv"})  # train.epochs stays 5
+    tuned = train_cfg.with_overrides(read_tune_overrides(result.path, train_cfg))
     assert tuned.model.lambda0 == result.best["lambda0"] and tuned.train.lr == result.best["lr"]
+    assert (tuned.train.epochs, tuned.train.lambda_horizon_epochs) == (5, 2)
