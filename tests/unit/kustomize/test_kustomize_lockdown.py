@@ -31,6 +31,7 @@ from kustomize_helpers import (
     pod_templates,
     ray_cluster_specs,
     render,
+    serve_config,
     source_docs,
     the,
 )
@@ -532,3 +533,63 @@ def test_every_network_policy_is_there_for_a_flow() -> None:
             != allowed(policies, parties[s], parties[d], port, protocol)
         ]
         assert changed, f"removing NetworkPolicy {policy['metadata']['name']} changes no flow"
+
+
+SERVE_SECRET = "marn-serve"  # key request-id-secret: signs /predict's request ids (serve/tokens.py)
+
+
+@needs_kubectl
+@pytest.mark.parametrize("target", TARGETS)
+def test_every_serving_pod_signs_request_ids_with_the_secret(target: str) -> None:
+    """Every RayService pod can host a router replica, so each reads the one signing key from the Secret
+    (the variable marn reads: serve.secret_env), and no manifest writes a key in."""
+    from marn.config import load_config
+
+    variable = load_config(str(CLUSTER_CONFIG)).serve.secret_env
+    service = the(render(target), "RayService")
+    pods = list(containers(service))
+    assert len(pods) == 3  # head, serve workers, the ledger worker
+    for where, container in pods:
+        assert secret_ref(env_of(container)[variable]) == (SERVE_SECRET, "request-id-secret"), where
+    for doc in render(target):
+        for where, container in containers(doc):
+            assert "value" not in env_of(container).get(variable, {}), f"{where}: a signing key in a manifest"
+
+
+@needs_kubectl
+@pytest.mark.parametrize("target", TARGETS)
+def test_the_ledger_writes_to_its_own_volume_in_one_pinned_pod(target: str) -> None:
+    """The ledger's SQLite file (serve.ledger_path) lies on a read-write claim mounted by exactly one pod
+    group of one pod, and the ab_ledger deployment is pinned there by a custom resource only that group
+    offers; every other serving mount of data is read-only."""
+    from marn.config import load_config
+
+    ledger_path = load_config(str(CLUSTER_CONFIG)).serve.ledger_path
+    assert ledger_path is not None
+    docs = render(target)
+    service = the(docs, "RayService")
+    (cluster,) = ray_cluster_specs(service)
+    writable = []
+    for group in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:
+        spec = group["template"]["spec"]
+        claims = {
+            v["name"]: v["persistentVolumeClaim"] for v in spec["volumes"] if "persistentVolumeClaim" in v
+        }
+        for container in spec["containers"]:
+            for mount in container.get("volumeMounts", []):
+                if mount["name"] in claims and not (
+                    mount.get("readOnly") or claims[mount["name"]].get("readOnly")
+                ):
+                    writable.append((group, mount, claims[mount["name"]]["claimName"]))
+    ((group, mount, claim),) = writable  # one writable claim in all of serving
+    assert ledger_path.is_relative_to(mount["mountPath"])
+    assert the(docs, "PersistentVolumeClaim", claim)["spec"]["accessModes"] == ["ReadWriteOnce"]
+    assert group.get("minReplicas") == group.get("maxReplicas") == 1 and group.get("replicas", 1) == 1
+    offered = yaml.safe_load(yaml.safe_load(group["rayStartParams"]["resources"]))
+    (app,) = serve_config(service)["applications"]
+    ledger = next(d for d in app["deployments"] if d["name"] == "ab_ledger")
+    assert ledger["num_replicas"] == 1
+    (pin,) = ledger["ray_actor_options"]["resources"]
+    assert offered == {pin: 1}
+    others = [g for g in cluster["workerGroupSpecs"] if g is not group]
+    assert all(pin not in g.get("rayStartParams", {}).get("resources", "") for g in others)

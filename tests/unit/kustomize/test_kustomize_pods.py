@@ -99,14 +99,16 @@ def test_rbac_is_least_privilege(target: str) -> None:
 def test_volumes_point_at_the_config_and_the_shared_claim(target: str) -> None:
     docs = render(target)
     config_maps = {d["metadata"]["name"] for d in docs if d["kind"] == "ConfigMap"}
+    claims = {d["metadata"]["name"] for d in docs if d["kind"] == "PersistentVolumeClaim"}
     for doc in docs:
         for where, template in pod_templates(doc):
             volumes = {v["name"]: v for v in template["spec"].get("volumes", [])}
             for volume in volumes.values():
                 if "configMap" in volume:
                     assert volume["configMap"]["name"] in config_maps, f"{where}: no ConfigMap {volume}"
-                if "persistentVolumeClaim" in volume:
-                    assert volume["persistentVolumeClaim"]["claimName"] == "marn-data", where
+                if "persistentVolumeClaim" in volume:  # the shared data, or the A/B ledger's own claim
+                    claim = volume["persistentVolumeClaim"]["claimName"]
+                    assert claim == "marn-data" or (claim == "marn-ledger" and claim in claims), where
             claim_templates = doc["spec"].get("volumeClaimTemplates", [])  # a StatefulSet's own volumes
             volumes |= {c["metadata"]["name"]: {"volumeClaimTemplate": c} for c in claim_templates}
             for container in template["spec"]["containers"]:
