@@ -218,7 +218,7 @@ def train(
     if cfg.distributed.workers > 1:
         from marn.distributed import train_distributed
 
-        result = train_distributed(read_dataset(data), cfg, out)
+        result = train_distributed(read_dataset(data), cfg, out, print_epoch=_print_line)
     else:
         from marn.train import train_model
 
@@ -239,7 +239,7 @@ def tune(
     from marn.tune import tune_hyperparameters
 
     cfg = load_cli_config(config, {"tune": _drop_none({"trials": trials})})
-    result = tune_hyperparameters(read_dataset(data), cfg, out)
+    result = tune_hyperparameters(read_dataset(data), cfg, out, console=console)
     best = ", ".join(f"{name} {value:.4g}" for name, value in result.best.items())
     console.print(
         f"best of {cfg.tune.trials} trials: {best} (valid AUC {result.best_valid_auc:.4f}) -> {out}"
@@ -254,15 +254,21 @@ def embed(
     config: ConfigOption = None,
 ) -> None:
     """Embed every item image (Ray Data; GPU actors when Ray sees GPUs) and title; reruns reuse the cache."""
+    from marn.progress import phase_bars
     from marn.stages import embed_stage
 
     cfg = load_cli_config(config, {"embed": _drop_none({"backbone": backbone, "weights": weights})})
-    summary = embed_stage(data, cfg)
+    with phase_bars(console) as progress:
+        summary = embed_stage(data, cfg, progress=progress)
     console.print(
         f"{summary['items']:,} items: {summary['computed']:,} images embedded, {summary['reused']:,} reused, "
         f"{summary['missing']:,} without an image; {summary['images_per_s']:.1f} images/s on "
         f"{summary['device']} ({summary['backbone']}) -> {summary['image_path']}"
     )
+
+
+def _print_line(line: str) -> None:
+    console.print(line, highlight=False, soft_wrap=True)
 
 
 def _print_metrics(metrics: dict) -> None:

@@ -12,7 +12,8 @@ from __future__ import annotations
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -42,13 +43,15 @@ def train_distributed(
     samples: Samples | None = None,
     show_progress: bool = False,
     fault_hook: FaultHook | None = None,
+    print_epoch: Callable[[str], None] | None = None,
 ) -> TrainResult:
     """Train ``cfg.train.model`` with Ray Train on ``cfg.distributed.workers`` workers; write the files
     ``train_model`` writes (``model.pt``, ``metrics.json`` plus ``workers``) into ``out_dir``.
 
     ``samples``: prebuilt DIN samples (the pipeline's come from Feast); None builds them from ``dataset``.
     ``show_progress``: rank 0's progress bar, in the worker log. ``fault_hook``: for fault-tolerance tests
-    only, see :data:`FaultHook`; it must be picklable.
+    only, see :data:`FaultHook`; it must be picklable. ``print_epoch``: gets one line per epoch on the driver
+    (epoch, the workers' mean train loss, valid AUC, seconds) as the workers report it (``marn.progress``).
     Each call is a new Ray Train run (its own directory under the storage path), so a rerun never resumes
     from an older run's checkpoints.
     """
@@ -81,28 +84,49 @@ def train_distributed(
             "show_progress": show_progress,
             "fault_hook": fault_hook,
         }
-        trainer = TorchTrainer(
-            _train_worker,
-            train_loop_config=loop_config,
-            scaling_config=ScalingConfig(
-                num_workers=dist.workers,
-                use_gpu=dist.use_gpu,
-                resources_per_worker={"CPU": dist.cpus_per_worker},
-            ),
-            run_config=RunConfig(
-                name=run_name,
-                storage_path=str(storage),
-                failure_config=FailureConfig(max_failures=dist.max_failures),
-                checkpoint_config=CheckpointConfig(num_to_keep=CHECKPOINTS_KEPT),
-            ),
-        )
-        result = trainer.fit()
+        with _epoch_lines(print_epoch) as callbacks:
+            trainer = TorchTrainer(
+                _train_worker,
+                train_loop_config=loop_config,
+                scaling_config=ScalingConfig(
+                    num_workers=dist.workers,
+                    use_gpu=dist.use_gpu,
+                    resources_per_worker={"CPU": dist.cpus_per_worker},
+                ),
+                run_config=RunConfig(
+                    name=run_name,
+                    storage_path=str(storage),
+                    failure_config=FailureConfig(max_failures=dist.max_failures),
+                    checkpoint_config=CheckpointConfig(num_to_keep=CHECKPOINTS_KEPT),
+                    callbacks=callbacks,
+                ),
+            )
+            result = trainer.fit()
         if result.checkpoint is None:
             raise RuntimeError(f"Ray Train run {storage / run_name} finished without a checkpoint")
         state, resumed_from = read_checkpoint(result.checkpoint)
 
     extra = {"workers": dist.workers, "resumed_from_epochs": resumed_from, "ray_run": str(storage / run_name)}
     return save_run(model, state.best_state, list(state.history), inputs, cfg, out_dir, started, extra)
+
+
+@contextmanager
+def _epoch_lines(print_epoch: Callable[[str], None] | None) -> Iterator[list[Any]]:
+    """The Train callbacks that bring each epoch to ``print_epoch`` on the driver (none without one)."""
+    if print_epoch is None:
+        yield []
+        return
+    from ray.util.queue import Queue
+
+    from marn.progress import EpochPrinter
+    from marn.ray_progress import EpochsToQueue
+
+    queue = Queue(actor_options={"num_cpus": 0})  # a mailbox: it must not take a worker's CPU
+    try:
+        with EpochPrinter(queue, print_epoch):
+            yield [EpochsToQueue(queue)]
+    finally:
+        queue.shutdown()
 
 
 def shard(data: EncodedSamples, rank: int, world_size: int, seed: int) -> EncodedSamples:

@@ -27,7 +27,7 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,6 +48,10 @@ TITLE_EMBEDDINGS = "title_embeddings.parquet"
 RESIZE_RATIO = 256 / 224  # torchvision's evaluation transform: shorter side to 256, centre crop 224
 _FLUSH_ROWS = 1024  # computed vectors written to a cache part at a time: what an interruption can lose
 _HASH_CHUNK = 1 << 20
+
+# progress(phase, done, total): "hash images" counts items (read and hashed here), "embed images" distinct
+# images embedded by the actor pool, tallied by the driver as each batch comes back.
+ProgressHook = Callable[[str, int, int], None]
 
 
 @dataclass(frozen=True)
@@ -282,7 +286,11 @@ class ImageEmbedder:
 
 
 def _embed_with_ray(
-    todo: pd.DataFrame, cfg: EmbedConfig, cache: VectorCache, show_progress: bool
+    todo: pd.DataFrame,
+    cfg: EmbedConfig,
+    cache: VectorCache,
+    show_progress: bool,
+    progress: ProgressHook | None = None,
 ) -> tuple[dict[str, np.ndarray | None], str, float]:
     """Embed ``todo`` (content_hash, path) on an actor pool; results also go to ``cache``, part by part.
 
@@ -299,13 +307,18 @@ def _embed_with_ray(
     progress_bars = context.enable_progress_bars
     context.enable_progress_bars = show_progress
     try:
-        return _run_pool(todo, cfg, cache, device, use_gpu)
+        return _run_pool(todo, cfg, cache, device, use_gpu, progress)
     finally:
         context.enable_progress_bars = progress_bars
 
 
 def _run_pool(
-    todo: pd.DataFrame, cfg: EmbedConfig, cache: VectorCache, device: str, use_gpu: bool
+    todo: pd.DataFrame,
+    cfg: EmbedConfig,
+    cache: VectorCache,
+    device: str,
+    use_gpu: bool,
+    progress: ProgressHook | None = None,
 ) -> tuple[dict[str, np.ndarray | None], str, float]:
     import ray.data
 
@@ -334,6 +347,8 @@ def _run_pool(
     pending: dict[str, np.ndarray | None] = {}
     done: dict[int, int] = {}  # actor pid -> images embedded
     first_start, last_end = np.inf, -np.inf
+    if progress is not None:
+        progress("embed images", 0, len(records))  # the clock starts with the pool: its start-up counts
     for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
         for key, vector, ok, undecodable in zip(
             batch["content_hash"], batch["embedding"], batch["ok"], batch["undecodable"], strict=True
@@ -344,6 +359,8 @@ def _run_pool(
                 pending[str(key)] = None
         for pid in batch["pid"].tolist():
             done[pid] = done.get(pid, 0) + 1
+        if progress is not None:
+            progress("embed images", sum(done.values()), len(records))
         first_start = min(first_start, float(batch["started"].min()))
         last_end = max(last_end, float(batch["ended"].max()))
         if len(pending) >= _FLUSH_ROWS:
@@ -372,11 +389,13 @@ def embed_items(
     cache_dir: Path,
     word_vectors: str | None = None,
     show_progress: bool = True,
+    progress: ProgressHook | None = None,
 ) -> EmbedSummary:
     """Write ``image_embeddings.parquet`` and ``title_embeddings.parquet`` into ``data_dir``.
 
     ``word_vectors``: a GloVe file or folder for :func:`marn.data.text.load_word_vectors`; None: the default
-    GloVe 6B 50-d package. Raises FileNotFoundError for a missing items table or weights file.
+    GloVe 6B 50-d package. ``show_progress``: Ray Data's own bars. ``progress``: see :data:`ProgressHook`.
+    Raises FileNotFoundError for a missing items table or weights file.
     """
     from marn.encoders import BACKBONES  # torch: only when the stage runs
 
@@ -399,7 +418,7 @@ def embed_items(
             cfg.backbone,
         )
     paths = _image_paths(data_dir, items)
-    hashes = _hash_images(paths)  # item row -> content hash, None without a readable file
+    hashes = _hash_images(paths, progress)  # item row -> content hash, None without a readable file
     cache = VectorCache(Path(cache_dir) / identity, dim)
     cached = cache.load()
     wanted = {h for h in hashes if h is not None}
@@ -416,7 +435,7 @@ def embed_items(
             len(wanted) - len(todo),
         )
         with ray_session(ray_cfg):
-            computed, device, images_per_s = _embed_with_ray(todo, cfg, cache, show_progress)
+            computed, device, images_per_s = _embed_with_ray(todo, cfg, cache, show_progress, progress)
         cache.compact()
     vectors = {**cached, **computed}
 
@@ -485,16 +504,23 @@ def _image_paths(data_dir: Path, items: pd.DataFrame) -> list[Path | None]:
     return [resolve_image_uri(data_dir, uri) for uri in uris.tolist()]
 
 
-def _hash_images(paths: list[Path | None]) -> list[str | None]:
+def _hash_images(paths: list[Path | None], progress: ProgressHook | None = None) -> list[str | None]:
     """Content hash per item row; None when the item has no image_uri or its file cannot be read."""
     hashes: list[str | None] = []
+    if progress is not None:
+        progress("hash images", 0, len(paths))
     for path in paths:
-        if path is None or not path.is_file():
-            hashes.append(None)
-            continue
-        try:
-            hashes.append(content_hash(path))
-        except OSError as err:
-            log.warning("embed: cannot read %s: %s", path, err)
-            hashes.append(None)
+        hashes.append(_hash_or_none(path))
+        if progress is not None:
+            progress("hash images", len(hashes), len(paths))
     return hashes
+
+
+def _hash_or_none(path: Path | None) -> str | None:
+    if path is None or not path.is_file():
+        return None
+    try:
+        return content_hash(path)
+    except OSError as err:
+        log.warning("embed: cannot read %s: %s", path, err)
+        return None

@@ -16,12 +16,15 @@ import logging
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from marn.config import Config
 from marn.registry import GateDecision, RegisteredModel, champion, gate, register_model, registered_version
+
+if TYPE_CHECKING:
+    from marn.embed import ProgressHook
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +53,9 @@ def validate_stage(data_dir: Path, cfg: Config, report_html: Path) -> dict[str, 
     return {"valid": True, "seconds": result.elapsed_s}
 
 
-def embed_stage(data_dir: Path, cfg: Config) -> dict[str, Any]:
-    """Image vectors (backbone per config) and title vectors into the dataset directory, cached by content."""
+def embed_stage(data_dir: Path, cfg: Config, progress: ProgressHook | None = None) -> dict[str, Any]:
+    """Image vectors (backbone per config) and title vectors into the dataset directory, cached by content.
+    ``progress``: see :data:`marn.embed.ProgressHook` (``marn embed`` draws it)."""
     from marn.embed import embed_items
 
     summary = embed_items(
@@ -61,6 +65,7 @@ def embed_stage(data_dir: Path, cfg: Config) -> dict[str, Any]:
         cache_dir=work_path(cfg, cfg.embed.cache_dir, "embed-cache"),
         word_vectors=cfg.features.word_vectors,
         show_progress=False,
+        progress=progress,
     )
     return _jsonable(asdict(summary))
 

@@ -24,6 +24,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from marn.config import Config, ModelConfig, TrainConfig
+from marn.curves import CURVE, write_training_curve
 from marn.data.item_features import ItemFeatures, build_item_features
 from marn.data.samples import Samples, build_samples
 from marn.data.schema import Dataset
@@ -285,7 +286,8 @@ def save_run(
     started: float,
     extra: dict[str, Any] | None = None,
 ) -> TrainResult:
-    """Best weights -> test scores -> ``metrics.json`` (with ``extra`` keys) and ``model.pt`` in ``out_dir``.
+    """Best weights -> test scores -> ``metrics.json`` (with ``extra`` keys), ``model.pt`` and
+    ``training_curve.png`` (:mod:`marn.curves`) in ``out_dir``.
 
     Shared by :func:`train_model` and the Ray Train driver, so both write the same files.
     ``started``: the ``time.perf_counter()`` of the run's start, for ``wall_s``.
@@ -331,6 +333,7 @@ def save_run(
     )
     metrics_path = out_dir / METRICS
     metrics_path.write_text(json.dumps(metrics, indent=2, allow_nan=True) + "\n")
+    write_training_curve(metrics["history"], out_dir / CURVE, f"{cfg.train.model}: training curve")
     return TrainResult(metrics, checkpoint, metrics_path)
 
 

@@ -20,9 +20,11 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -33,6 +35,9 @@ from marn.data.schema import Dataset
 from marn.data.tensors import EncodedSamples, ItemCatalog
 from marn.ray_runtime import ray_session
 from marn.train import EpochResult, FitState, fit, prepare_inputs, seed_everything
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 TUNE_FILE = "tune.json"
 METRIC = "valid_auc"  # maximised; a validation metric, never a test one
@@ -50,12 +55,17 @@ class TuneResult:
 
 
 def tune_hyperparameters(
-    dataset: Dataset, cfg: Config, out_dir: str | Path, samples: Samples | None = None
+    dataset: Dataset,
+    cfg: Config,
+    out_dir: str | Path,
+    samples: Samples | None = None,
+    console: Console | None = None,
 ) -> TuneResult:
     """Search lambda0 and lr (log-uniform in ``cfg.tune``'s ranges; low == high fixes one) for
     ``cfg.tune.model`` with ASHA; write ``tune.json`` into ``out_dir``.
 
     ``samples``: prebuilt DIN samples (the pipeline's come from Feast); None builds them from ``dataset``.
+    ``console``: shows the trials as results arrive (:class:`marn.ray_progress.TrialTable`).
     """
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
@@ -73,7 +83,7 @@ def tune_hyperparameters(
     storage = (out_dir / "ray").resolve()  # Ray wants an absolute path
     run_name = f"tune-{search.model}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
 
-    with ray_session(cfg.ray):
+    with ray_session(cfg.ray), _trial_reporter(console) as callbacks:
         trainable = tune.with_resources(
             tune.with_parameters(
                 _trial,
@@ -98,7 +108,9 @@ def tune_hyperparameters(
                 search_alg=BasicVariantGenerator(random_state=np.random.default_rng(search.seed)),
                 scheduler=ASHAScheduler(max_t=search.max_epochs, grace_period=search.grace_epochs),
             ),
-            run_config=tune.RunConfig(name=run_name, storage_path=str(storage), verbose=0),
+            run_config=tune.RunConfig(
+                name=run_name, storage_path=str(storage), verbose=0, callbacks=callbacks
+            ),
         )
         grid = tuner.fit()
         trials = [_trial_summary(result, search.max_epochs) for result in grid]
@@ -181,6 +193,18 @@ def read_tune_overrides(path: str | Path, cfg: Config) -> dict[str, Any]:
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ConfigError(f"{path}: not a tune result (not JSON: {err})") from None
     return result_overrides(report, cfg, str(path))
+
+
+@contextmanager
+def _trial_reporter(console: Console | None) -> Iterator[list[Any]]:
+    """Tune callbacks that show the trials on ``console`` while the search runs (none without one)."""
+    if console is None:
+        yield []
+        return
+    from marn.ray_progress import TrialTable
+
+    with TrialTable(console, SEARCHED) as table:
+        yield [table]
 
 
 def _log_uniform(tune: Any, bounds: tuple[float, float]) -> Any:

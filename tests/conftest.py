@@ -10,11 +10,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
 
 from marn.config import FeaturesConfig, ModelConfig, load_config
+from marn.curves import POINT_COLOR
 from marn.data.item_features import ItemFeatures, build_item_features
 from marn.data.samples import build_samples
 from marn.data.schema import read_dataset
@@ -126,3 +128,16 @@ def tiny_settings() -> Callable[[Path], dict[str, Any]]:
         return settings
 
     return make
+
+
+def count_points(png: Path) -> int:
+    """Epoch markers in a training-curve PNG (marn.curves): connected blobs of POINT_COLOR."""
+    from PIL import Image
+    from scipy import ndimage
+
+    with Image.open(png) as image:
+        assert image.format == "PNG"
+        rgb = np.asarray(image.convert("RGB")).astype(int)
+    target = np.array([int(POINT_COLOR[i : i + 2], 16) for i in (1, 3, 5)])
+    _, blobs = ndimage.label(np.abs(rgb - target).sum(axis=-1) < 60)
+    return blobs

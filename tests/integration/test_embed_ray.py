@@ -58,10 +58,18 @@ def test_embed_caches_by_content_and_feeds_item_features(tmp_path, ray_running, 
     cfg = EmbedConfig(backbone="mobilenet_v2", weights=None, image_size=64, batch_size=16, actors=1)
     cache_dir = tmp_path / "cache"
 
-    def run():
-        return embed_items(data, cfg, RayConfig(), cache_dir, word_vectors=str(glove), show_progress=False)
+    def run(progress=None):
+        return embed_items(
+            data, cfg, RayConfig(), cache_dir, word_vectors=str(glove), show_progress=False, progress=progress
+        )
 
-    first = run()
+    calls = []
+    first = run(lambda phase, done, total: calls.append((phase, done, total)))
+    # Progress as the driver tallies the actor pool's batches as they come back (39 distinct images; Ray
+    # bundles its 13-row blocks into batches of at least 16): a rising count, more than one step
+    embedded = [done for phase, done, total in calls if phase == "embed images" and total == 39]
+    assert len(embedded) >= 3 and embedded == sorted(set(embedded)) and (embedded[0], embedded[-1]) == (0, 39)
+    assert calls[: len(items) + 1] == [("hash images", k, 40) for k in range(41)]
     assert (first.items, first.with_image, first.missing) == (40, 40, 0)
     assert (first.computed, first.reused, first.dim, first.device) == (39, 0, DIM, "cpu")
     assert first.images_per_s > 0

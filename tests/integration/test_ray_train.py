@@ -11,8 +11,10 @@ import signal
 from pathlib import Path
 
 import pytest
+from conftest import count_points  # tests/ is on sys.path: pytest imports conftest from there
 
 from marn.config import Config, RayConfig, SynthConfig, load_config
+from marn.curves import CURVE
 from marn.data.schema import Dataset, read_dataset
 from marn.data.synth import synthesize
 from marn.distributed import train_distributed
@@ -55,8 +57,14 @@ def _cfg(tmp_path: Path, epochs: int) -> Config:
 
 def test_two_workers_write_what_train_model_writes(tmp_path, dataset, ray_running):
     cfg = _cfg(tmp_path, epochs=3)
-    result = train_distributed(dataset, cfg, tmp_path / "run")
+    lines: list[str] = []
+    result = train_distributed(dataset, cfg, tmp_path / "run", print_epoch=lines.append)
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    # One line per epoch on the driver, from the workers' reports, with rank 0's validation AUC
+    assert [line.split("  ")[0] for line in lines] == ["epoch 1", "epoch 2", "epoch 3"]
+    for line, epoch in zip(lines, metrics["history"], strict=True):
+        assert f"valid AUC {epoch['valid_auc']:.4f}" in line and "train loss 0." in line
+    assert count_points(tmp_path / "run" / CURVE) == 2 * 3  # the curve beside metrics.json
     assert metrics == json.loads(json.dumps(result.metrics))
     assert metrics["workers"] == 2 and metrics["resumed_from_epochs"] == []
     assert [h["epoch"] for h in metrics["history"]] == [1, 2, 3]

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
 import pytest
 from conftest import TINY_MODEL  # tests/ is on sys.path: pytest imports conftest from there
+from rich.console import Console
 
 from marn.config import SynthConfig, load_config
 from marn.data.schema import read_dataset
@@ -48,7 +50,8 @@ def test_asha_search_writes_tune_json_and_never_sees_test(tmp_path):
             },
         },
     )
-    result = tune_hyperparameters(read_dataset(tmp_path / "data"), cfg, tmp_path / "tune")
+    console = Console(file=io.StringIO(), width=160)  # not a terminal: one line per result
+    result = tune_hyperparameters(read_dataset(tmp_path / "data"), cfg, tmp_path / "tune", console=console)
 
     saved = json.loads(result.path.read_text())
     assert result.path == tmp_path / "tune" / "tune.json"
@@ -63,6 +66,13 @@ def test_asha_search_writes_tune_json_and_never_sees_test(tmp_path):
     assert all(1 <= t["epochs"] <= 2 and t["stopped_early"] == (t["epochs"] < 2) for t in trials)
     assert [h["epoch"] for h in trials[0]["history"]] == list(range(1, trials[0]["epochs"] + 1))
     assert result.best_valid_auc == max(t["valid_auc"] for t in trials)
+    # The live trial report: a line per epoch result as it arrived, then each trial's end
+    lines = console.file.getvalue().splitlines()
+    for t in trials:
+        own = [line for line in lines if line.startswith(f"trial {t['trial_id']} ")]
+        assert all(f"epochs {h['epoch']} " in line for line, h in zip(own, t["history"], strict=False))
+        assert len(own) == t["epochs"] + 1 and own[-1].endswith("TERMINATED")
+        assert f"valid AUC {t['history'][-1]['valid_auc']:.4f}" in own[-1]
     assert 0.0 <= result.best_valid_auc <= 1.0
 
     # Nothing Ray recorded for any trial mentions a test metric: the trials never had the test split.
