@@ -106,6 +106,11 @@ def test_ratios_divide_by_the_full_feature_din(bench):
     assert out["din_ids_vs_deepctr_infer_p50"] == pytest.approx(2.5)
     assert rows[0].cost_vs_din == pytest.approx(1.0)
     assert rows[-1].cost_vs_din is None
+    # DeepCTR's faster row is the denominator of every goal
+    rows.append(bench.Row(bench.DEEPCTR_DIN_PLAIN, train_samples_per_s=2000.0, infer_p50_ms=4.0))
+    out = bench.ratios(rows)
+    assert out["din_ids_vs_deepctr_train"] == pytest.approx(1.5)
+    assert out["marn_vs_deepctr_train"] == pytest.approx(0.2)
 
 
 def test_deepctr_din_trains_on_the_same_batches(bench, settings, tiny_world):
