@@ -288,6 +288,12 @@ class ConfigError(ValueError):
     """A config file that cannot be used; the message names the file and every bad key."""
 
 
+def work_path(cfg: Config, configured: Path | None, default: str) -> Path:
+    """A configured location (``feast.repo_dir``, ``embed.cache_dir`` ...), or its default under
+    ``paths.work_dir``."""
+    return Path(configured) if configured is not None else cfg.paths.work_dir / default
+
+
 def default_config_path() -> Path:
     """The packaged ``configs/local.yaml`` that the commands read without ``--config`` (package data, so it
     is found from an installed wheel too; packages install unzipped, so this is a real file)."""

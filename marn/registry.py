@@ -2,7 +2,7 @@
 
 Layout (a directory; a bucket or a PVC in the cluster)::
 
-    REGISTRY/<model>/v0001/model.pt         the checkpoint (``marn.train.load_checkpoint`` reads it)
+    REGISTRY/<model>/v0001/model.pt         the checkpoint (``marn.train.load_trained`` reads it)
     REGISTRY/<model>/v0001/metrics.json     test metrics as the training run wrote them
     REGISTRY/<model>/v0001/card.json        model card: config, data snapshot, metrics, gate decision
     REGISTRY/<model>/champion.json          {"version": "v0001", ...}: what serving loads
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import subprocess
 import tempfile
@@ -31,6 +30,8 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+from marn.data.files import content_hash, write_text_atomic
 
 CARD = "card.json"
 CHAMPION = "champion.json"
@@ -177,7 +178,9 @@ def register_model(
     }
     (staging / CARD).write_text(json.dumps(card, indent=2) + "\n")
     staging.rename(root / version)
-    _write_atomic(root / CHAMPION, json.dumps({"version": version, "auc": card["metrics"].get("auc")}) + "\n")
+    write_text_atomic(
+        root / CHAMPION, json.dumps({"version": version, "auc": card["metrics"].get("auc")}) + "\n"
+    )
     return RegisteredModel(model, version, root / version)
 
 
@@ -190,23 +193,9 @@ def data_snapshot(
     for name in tables_to_hash:
         path = data_dir / f"{name}.parquet"
         if path.exists():
-            tables[name] = _sha256(path)
+            tables[name] = content_hash(path)
     digest = hashlib.sha256(json.dumps(tables, sort_keys=True).encode()).hexdigest()
     return {"data_dir": str(data_dir.resolve()), "tables": tables, "version": digest[:16]}
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _git_commit() -> str | None:

@@ -31,6 +31,9 @@ import pyarrow.parquet as pq
 EVENTS, ITEMS, USERS, ITEM_STATS = "events", "items", "users", "item_stats"
 TABLE_FILES = {name: f"{name}.parquet" for name in (EVENTS, ITEMS, USERS, ITEM_STATS)}
 REQUIRED_TABLES = (EVENTS, ITEMS)
+# What the embed stage adds to a dataset directory: item_id, embedding (list<float32>)
+IMAGE_EMBEDDINGS = "image_embeddings.parquet"
+TITLE_EMBEDDINGS = "title_embeddings.parquet"
 
 # Behaviour types of the paper (click, add-to-cart, purchase) plus explicit ratings (MovieLens) and
 # reviews (Amazon), which the DIN protocol treats as positive interactions.
