@@ -38,7 +38,8 @@ import pyarrow.parquet as pq
 
 from marn.config import EmbedConfig, RayConfig
 from marn.data.schema import ITEMS, read_table, resolve_image_uri
-from marn.data.text import WordVectors, load_word_vectors, tokenize
+from marn.data.text.tokenize import tokenize
+from marn.data.text.word_vectors import WordVectors, load_word_vectors
 from marn.ray_runtime import ray_session
 
 log = logging.getLogger(__name__)

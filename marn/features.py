@@ -88,7 +88,7 @@ from marn.data.samples import (
 )
 from marn.data.schema import TS, Dataset, read_dataset
 from marn.data.stats import STAT_PREFIX, earliest_time, item_stat_table, snapshot_slots, stat_names
-from marn.data.text import tokenize_titles
+from marn.data.text.tokenize import tokenize_titles
 from marn.embed import IMAGE_EMBEDDINGS, TITLE_EMBEDDINGS
 
 if TYPE_CHECKING:

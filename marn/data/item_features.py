@@ -24,14 +24,13 @@ import torch
 from PIL import Image
 
 from marn.config import FeaturesConfig
-from marn.data.schema import Dataset, resolve_image_uri
+from marn.data.schema import IMAGE_EMBEDDINGS, Dataset, resolve_image_uri
 from marn.data.stats import StatDiscretizer
 from marn.data.tensors import ItemCatalog
-from marn.data.text import build_title_vocabulary, encode_titles, load_word_vectors
+from marn.data.text.vocab import build_title_vocabulary, encode_titles
+from marn.data.text.word_vectors import load_word_vectors
 
 log = logging.getLogger(__name__)
-
-IMAGE_EMBEDDINGS = "image_embeddings.parquet"  # item_id (str), embedding (list<float>)
 
 
 @dataclass(frozen=True)

