@@ -86,10 +86,9 @@ from marn.data.samples import (
     history_stat_columns,
     sample_targets,
 )
-from marn.data.schema import TS, Dataset, read_dataset
+from marn.data.schema import IMAGE_EMBEDDINGS, TITLE_EMBEDDINGS, TS, Dataset, read_dataset
 from marn.data.stats import STAT_PREFIX, earliest_time, item_stat_table, snapshot_slots, stat_names
 from marn.data.text.tokenize import tokenize_titles
-from marn.embed import IMAGE_EMBEDDINGS, TITLE_EMBEDDINGS
 
 if TYPE_CHECKING:
     from feast import FeatureService, FeatureStore, FeatureView

@@ -24,7 +24,7 @@ from marn.config import Config
 from marn.registry import GateDecision, RegisteredModel, champion, gate, register_model, registered_version
 
 if TYPE_CHECKING:
-    from marn.embed import ProgressHook
+    from marn.embed.stage import ProgressHook
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +55,8 @@ def validate_stage(data_dir: Path, cfg: Config, report_html: Path) -> dict[str, 
 
 def embed_stage(data_dir: Path, cfg: Config, progress: ProgressHook | None = None) -> dict[str, Any]:
     """Image vectors (backbone per config) and title vectors into the dataset directory, cached by content.
-    ``progress``: see :data:`marn.embed.ProgressHook` (``marn embed`` draws it)."""
-    from marn.embed import embed_items
+    ``progress``: see :data:`marn.embed.stage.ProgressHook` (``marn embed`` draws it)."""
+    from marn.embed.stage import embed_items
 
     summary = embed_items(
         data_dir,

@@ -17,14 +17,14 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-import marn.embed as embed
+import marn.embed.stage as stage
 from marn.config import EmbedConfig, FeaturesConfig, RayConfig, SynthConfig
 from marn.data.item_features import build_item_features
 from marn.data.schema import read_dataset, write_table
 from marn.data.stats import StatDiscretizer
 from marn.data.synth import synthesize
 from marn.data.tensors import ItemCatalog
-from marn.embed import embed_items
+from marn.embed.stage import embed_items
 from marn.ray_runtime import ray_session
 
 pytestmark = pytest.mark.slow
@@ -86,7 +86,7 @@ def test_embed_caches_by_content_and_feeds_item_features(tmp_path, ray_running, 
         yield
 
     with monkeypatch.context() as patch:
-        patch.setattr(embed, "ray_session", refuse)
+        patch.setattr(stage, "ray_session", refuse)
         second = run()
     assert (second.computed, second.reused, second.missing) == (0, 39, 0)
     again = vectors_by_item(second.image_path)

@@ -18,21 +18,14 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-import marn.embed as embed
+import marn.embed.stage as stage
 from marn.config import EmbedConfig, RayConfig
-from marn.data.schema import write_table
-from marn.data.text.word_vectors import WordVectors
-from marn.embed import (
-    IMAGE_EMBEDDINGS,
-    TITLE_EMBEDDINGS,
-    ImageEmbedder,
-    VectorCache,
-    cache_identity,
-    content_hash,
-    embed_items,
-    list_column,
-    title_vectors,
-)
+from marn.data.files import content_hash
+from marn.data.schema import IMAGE_EMBEDDINGS, TITLE_EMBEDDINGS, write_table
+from marn.data.text.word_vectors import WordVectors, title_vectors
+from marn.embed.cache import VectorCache, cache_identity, list_column
+from marn.embed.images import ImageEmbedder
+from marn.embed.stage import embed_items
 
 DIM = 1280  # mobilenet_v2
 
@@ -66,7 +59,7 @@ def no_ray(monkeypatch):
         raise AssertionError("the embed stage started Ray although everything was cached")
         yield
 
-    monkeypatch.setattr(embed, "ray_session", refuse)
+    monkeypatch.setattr(stage, "ray_session", refuse)
 
 
 @pytest.fixture
@@ -200,7 +193,7 @@ def test_fully_cached_run_counts_missing_images_and_does_not_start_ray(tmp_path,
         }
     )
 
-    with caplog.at_level(logging.WARNING, logger="marn.embed"):
+    with caplog.at_level(logging.WARNING, logger="marn.embed.stage"):
         summary = embed_items(data, cfg, RayConfig(), cache_dir, word_vectors=str(glove), show_progress=False)
 
     assert "random projections, not ImageNet features" in caplog.text

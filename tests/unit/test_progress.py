@@ -19,10 +19,12 @@ from conftest import count_points  # tests/ is on sys.path: pytest imports conft
 from PIL import Image
 from rich.console import Console
 
-import marn.embed as embed
+import marn.embed.stage as stage
 from marn.config import EmbedConfig, RayConfig, load_config
 from marn.curves import CURVE, write_training_curve
+from marn.data.files import content_hash
 from marn.data.schema import Dataset, write_table
+from marn.embed.cache import VectorCache, cache_identity
 from marn.progress import epoch_line, epoch_rows, phase_bars
 from marn.ray_progress import TrialTable
 from marn.train import METRICS, train_model
@@ -59,17 +61,15 @@ def test_embed_reports_hashing_progress_with_a_rate(tmp_path, monkeypatch):
         ),
     )
     cfg = EmbedConfig(image_size=64)
-    cache = embed.VectorCache(
-        tmp_path / "cache" / embed.cache_identity(cfg.backbone, None, cfg.image_size), 1280
-    )
-    cache.add({embed.content_hash(images / f"{k}.png"): np.zeros(1280, np.float32) for k in range(3)})
+    cache = VectorCache(tmp_path / "cache" / cache_identity(cfg.backbone, None, cfg.image_size), 1280)
+    cache.add({content_hash(images / f"{k}.png"): np.zeros(1280, np.float32) for k in range(3)})
 
     @contextmanager
     def refuse(_cfg):
         raise AssertionError("everything was cached, yet Ray was started")
         yield
 
-    monkeypatch.setattr(embed, "ray_session", refuse)
+    monkeypatch.setattr(stage, "ray_session", refuse)
     glove = tmp_path / "glove.txt"
     glove.write_text("a 1 2\n")
     calls = []
@@ -80,7 +80,7 @@ def test_embed_reports_hashing_progress_with_a_rate(tmp_path, monkeypatch):
             calls.append((phase, done, total))
             bars(phase, done, total)
 
-        embed.embed_items(
+        stage.embed_items(
             tmp_path, cfg, RayConfig(), tmp_path / "cache", word_vectors=str(glove), progress=progress
         )
 
