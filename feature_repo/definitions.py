@@ -1,9 +1,9 @@
-"""Adapter for the ``feast`` CLI and feature server: the objects of marn.features.feature_definitions as
+"""Adapter for the ``feast`` CLI and feature server: the objects of marn.features.repo.feature_definitions as
 module globals (Feast collects the Feast objects it finds at module level of the repo's Python files).
 
 Tables come from ``MARN_FEATURE_TABLES`` (default ``data/`` beside this file; a relative path is taken
 relative to this directory), the config from ``MARN_CONFIG`` (default: built-in). Build the tables first
-with ``marn.features.build_feature_tables`` (``materialize_features`` does it for the generated repo).
+with ``marn.features.tables.build_feature_tables`` (``materialize_features`` does it for the generated repo).
 """
 
 from __future__ import annotations
@@ -12,15 +12,13 @@ import os
 from pathlib import Path
 
 from marn.config import load_config
-from marn.features import (
-    DUPN_SERVICE,
+from marn.features.repo import DUPN_SERVICE, MARN_SERVICE, feature_definitions
+from marn.features.tables import (
     ITEM_ATTRIBUTES,
     ITEM_EMBEDDINGS,
     ITEM_STATS,
-    MARN_SERVICE,
     REPRESENTATIONS_VIEW,
     USER_SEQUENCES,
-    feature_definitions,
 )
 
 _REPO = Path(__file__).resolve().parent

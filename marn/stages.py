@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from marn.config import Config
+from marn.config import Config, work_path  # work_path: also imported from here by serve/
 from marn.registry import GateDecision, RegisteredModel, champion, gate, register_model, registered_version
 
 if TYPE_CHECKING:
@@ -30,11 +30,6 @@ log = logging.getLogger(__name__)
 
 SERVE_CONFIG = "serve_config.yaml"
 DATASET_REF = "dataset.json"  # a Dataset artifact: which data directory, and a hash of its tables
-
-
-def work_path(cfg: Config, configured: Path | None, default: str) -> Path:
-    """A configured location, or its default under ``paths.work_dir``."""
-    return Path(configured) if configured is not None else cfg.paths.work_dir / default
 
 
 def registry_dir(cfg: Config) -> Path:
@@ -74,7 +69,8 @@ def features_stage(data_dir: Path, cfg: Config, samples_dir: Path) -> dict[str, 
     """Feast apply + materialize, then DIN samples by point-in-time retrieval, into ``samples_dir``."""
     from marn.data.samples import write_samples
     from marn.data.schema import read_dataset
-    from marn.features import materialize_features, samples_from_feature_store
+    from marn.features.materialize import materialize_features
+    from marn.features.point_in_time import samples_from_feature_store
 
     repo_dir = work_path(cfg, cfg.feast.repo_dir, "feast")
     summary = materialize_features(data_dir, cfg, repo_dir)
@@ -162,13 +158,13 @@ def register_stage(run_dir: Path, data_dir: Path, evaluation: dict[str, Any], cf
     than the champion it replaced are deleted. The replaced one stays: scorers started before the flip
     serve it until they restart (a restarted scorer loads the new champion), and one whose view was
     deleted anyway computes the representations from its own weights (the same scores, slower)."""
-    from marn.features import delete_item_representations
+    from marn.features.representations import delete_item_representations, serves_representations
 
     decision = GateDecision(**evaluation["gate"])
     replaced: set[str] = set()
 
     def publish(staged: RegisteredModel) -> dict[str, Any]:
-        if staged.model != "marn":
+        if not serves_representations(staged.model):
             return {}
         current = champion(registry_dir(cfg), staged.model)
         replaced.update([current.version] if current is not None else [])
@@ -180,7 +176,7 @@ def register_stage(run_dir: Path, data_dir: Path, evaluation: dict[str, Any], cf
         "version": registered.version,
         "path": str(registered.path.resolve()),
     }
-    if registered.model == "marn":
+    if serves_representations(registered.model):
         out["item_representations"] = registered.card["item_representations"]
         out["deleted_representations"] = delete_item_representations(
             work_path(cfg, cfg.feast.repo_dir, "feast"), registered.model, {registered.version, *replaced}
@@ -197,7 +193,7 @@ def publish_item_representations(checkpoint: Path, cfg: Config, version: str | N
 
     import torch
 
-    from marn.features import write_item_representations
+    from marn.features.representations import write_item_representations
     from marn.train import load_trained
 
     trained = load_trained(checkpoint)

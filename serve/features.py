@@ -23,14 +23,14 @@ from typing import Any
 
 import numpy as np
 
-from marn.features import (
+from marn.features.repo import open_store
+from marn.features.tables import (
     HISTORY_COLUMNS,
     ITEM_ATTRIBUTES,
     ITEM_EMBEDDINGS,
     ITEM_STATS,
     REP_COLUMN,
     USER_SEQUENCES,
-    open_store,
 )
 
 log = logging.getLogger(__name__)

@@ -7,7 +7,7 @@ with the boundaries the model was trained with. An item Feast does not know has 
 MARN (paper 4.9.2): rep = s + c splits exactly into a part of every modality but the statistics, which
 registration precomputes into Feast, and the statistics' part, added here from the item's current counts
 (``MARN.represent_from_static``). The precomputed part is read only from the view of this scorer's own
-model version (marn.features.representations_view), so a registration while it runs changes nothing it
+model version (marn.features.tables.representations_view), so a registration while it runs changes nothing it
 reads; should its version's view be deleted under it, it computes that part from its own weights. The
 online path then runs only APGRU, candidate attention and the prediction MLP, with the GRU run once per
 user rather than once per candidate. Other models (the DUPN baseline) run their full forward on the
@@ -31,9 +31,9 @@ import torch
 from marn.data.schema import BEHAVIORS
 from marn.data.stats import STAT_PREFIX
 from marn.data.tensors import PAD, Vocab, gap_buckets
-from marn.features import REP_COLUMN, representations_view
+from marn.features.representations import serves_representations
+from marn.features.tables import REP_COLUMN, representations_view
 from marn.models.layers import ItemModalities, ItemStates
-from marn.models.marn import MARN
 from marn.registry import registered_version
 from marn.train import load_trained
 from serve.features import EMPTY_HISTORY, FeatureFetcher, UserHistory
@@ -71,7 +71,7 @@ class ArmScorer:
         self.fetcher, self.max_history, self.max_cold_items = fetcher, max_history, max_cold_items
         self.behaviors = Vocab(BEHAVIORS)
         self._cold: dict[str, int] = {}  # item id the model never saw -> code added by ItemModalities.extend
-        self.uses_representations = isinstance(self.model, MARN) and self.model.variant.sequence == "apgru"
+        self.uses_representations = serves_representations(self.name)
         self.version = version
         if self.uses_representations:
             self.version = version if version is not None else registered_version(checkpoint)

@@ -17,7 +17,8 @@ user_id, item_id, label, ts, hist_item_ids, hist_behaviors, hist_ts, then the po
 history position) for every statistic, each read from the newest snapshot stamped strictly before the
 sample's time. A negative gets its item's statistics as of its positive's time; history items get theirs as
 of the sample's time too, as serving reads every item's current statistics at request time.
-:func:`marn.features.samples_from_feature_store` builds the same columns through Feast's point-in-time join.
+:func:`marn.features.point_in_time.samples_from_feature_store` builds the same columns through Feast's
+point-in-time join.
 """
 
 from __future__ import annotations

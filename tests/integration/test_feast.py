@@ -20,20 +20,17 @@ from marn.data.schema import Dataset, read_dataset, write_table
 from marn.data.stats import stats_as_of
 from marn.data.synth import synthesize
 from marn.data.tensors import ItemCatalog, encode_samples, fit_statistics
-from marn.features import (
-    AS_OF_SHIFT,
-    DUPN_SERVICE,
+from marn.features.materialize import FeatureSummary, materialize_features
+from marn.features.online import online_features
+from marn.features.point_in_time import AS_OF_SHIFT, samples_from_feature_store
+from marn.features.repo import DUPN_SERVICE, MARN_SERVICE
+from marn.features.representations import write_item_representations
+from marn.features.tables import (
     ITEM_EMBEDDINGS,
     ITEM_REPRESENTATIONS,
-    MARN_SERVICE,
     USER_SEQUENCES,
-    FeatureSummary,
-    materialize_features,
-    online_features,
     representations_view,
-    samples_from_feature_store,
     table_path,
-    write_item_representations,
 )
 
 pytestmark = pytest.mark.slow

@@ -21,7 +21,9 @@ import yaml
 from marn.config import load_config
 from marn.data.schema import read_dataset
 from marn.data.synth import synthesize
-from marn.features import REDIS_PASSWORD_ENV, materialize_features, online_features
+from marn.features.materialize import materialize_features
+from marn.features.online import online_features
+from marn.features.repo import REDIS_PASSWORD_ENV
 from marn.registry import GateDecision, champion, register_model
 from marn.stages import publish_item_representations, registry_dir
 from marn.train import train_model

@@ -28,7 +28,7 @@ from marn.data.schema import read_dataset
 from marn.data.stats import earliest_time, item_stat_table, stat_names, stats_before
 from marn.data.synth import synthesize
 from marn.data.tensors import encode_samples
-from marn.features import materialize_features
+from marn.features.materialize import materialize_features
 from marn.registry import GateDecision, champion, register_model
 from marn.stages import publish_item_representations, registry_dir, work_path
 from marn.train import load_trained, predict, train_model

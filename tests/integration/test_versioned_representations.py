@@ -26,13 +26,9 @@ import torch
 from marn.config import Config
 from marn.data.schema import read_dataset
 from marn.data.synth import synthesize
-from marn.features import (
-    MARN_SERVICE,
-    materialize_features,
-    open_store,
-    representation_tables,
-    representations_view,
-)
+from marn.features.materialize import materialize_features
+from marn.features.repo import MARN_SERVICE, open_store
+from marn.features.tables import representation_tables, representations_view
 from marn.registry import GateDecision, champion
 from marn.stages import register_stage, registry_dir, work_path
 from marn.train import load_trained, train_model

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from marn.config import load_config
-from marn.features import (
+from marn.features.repo import (
     REDIS_PASSWORD_ENV,
     open_store,
     redis_connection_with_password,

@@ -428,7 +428,7 @@ def test_the_base_ships_no_secret_values() -> None:
 @needs_kubectl
 @pytest.mark.parametrize("target", TARGETS)
 def test_redis_requires_the_password_from_the_secret(target: str) -> None:
-    from marn.features import REDIS_PASSWORD_ENV
+    from marn.features.repo import REDIS_PASSWORD_ENV
 
     docs = render(target)
     (redis,) = [c for _, c in containers(the(docs, "StatefulSet", "marn-redis"))]
@@ -460,7 +460,7 @@ def test_no_config_map_or_command_carries_a_password(target: str) -> None:
 
 
 def test_the_pipeline_passes_the_redis_password_as_the_variable_marn_reads() -> None:
-    from marn.features import REDIS_PASSWORD_ENV
+    from marn.features.repo import REDIS_PASSWORD_ENV
     from pipelines import marn_pipeline
 
     source = Path(marn_pipeline.__file__).read_text()
