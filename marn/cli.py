@@ -163,7 +163,7 @@ def validate(
     config: ConfigOption = None,
 ) -> None:
     """Run the Great Expectations suites; exit 0 when clean, 1 with a readable report otherwise."""
-    from marn.validate import validate_dataset
+    from marn.validate.dataset import validate_dataset
 
     cfg = load_cli_config(config)
     result = validate_dataset(data, cfg.validation)

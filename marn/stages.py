@@ -38,7 +38,8 @@ def registry_dir(cfg: Config) -> Path:
 
 def validate_stage(data_dir: Path, cfg: Config, report_html: Path) -> dict[str, Any]:
     """The data gate: raise DataValidationError (failing the run) on bad data; the HTML report either way."""
-    from marn.validate import DataValidationError, validate_dataset
+    from marn.validate.dataset import validate_dataset
+    from marn.validate.report import DataValidationError
 
     result = validate_dataset(data_dir, cfg.validation)
     report_html.parent.mkdir(parents=True, exist_ok=True)

@@ -27,7 +27,7 @@ from marn.cli import app
 from marn.config import ValidateConfig
 from marn.data.recbole import ORDER_ORIGIN, FieldType, import_recbole, read_atomic_file
 from marn.data.schema import read_dataset
-from marn.validate import validate_dataset
+from marn.validate.dataset import validate_dataset
 
 MINI = Path(__file__).resolve().parents[1] / "fixtures" / "recbole-mini"
 

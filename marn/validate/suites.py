@@ -1,41 +1,25 @@
-"""Data validation of a canonical dataset with Great Expectations (GX Core 1.x) before anything trains on it.
-
-Two layers, one report:
-
-- Structure, checked here from the parquet files and their arrow schemas (cheap, and GX cannot run on a
-  column that is absent or has the wrong type): every required table file exists and is readable, every
-  required column exists, ids are strings, timestamps are UTC timestamps, counts are numeric.
-- Values, checked by one GX expectation suite per table, run once on the whole table through an ephemeral
-  context: nulls, ranges, allowed sets, uniqueness, and events pointing at unknown items.
-
-Both layers produce :class:`Failure` entries naming table, column and expectation, with a few bad rows, so
-a pipeline step can stop on failure (:func:`check_dataset`) and publish ``to_html()`` as an artifact.
-"""
+"""Value checks: one Great Expectations suite per table, run once on the whole table through an ephemeral
+context: nulls, ranges, allowed sets, uniqueness, events pointing at unknown items, statistics that count
+events from their own future."""
 
 from __future__ import annotations
 
-import html
-import json
 import logging
-import math
-import time
-from collections.abc import Collection
-from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime, timedelta
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from marn.config import ValidateConfig
 from marn.data import schema
 from marn.data.stats import STAT_PREFIX
+from marn.validate.report import Failure, json_value
 
 log = logging.getLogger(__name__)
+
 
 # A helper column added to the events frame: True where item_id is known to items (or null, which the
 # not-null expectation reports), computed with one hash lookup per distinct id. GX then checks one boolean
@@ -51,277 +35,6 @@ _KEY_COLUMNS = {
     schema.USERS: ("user_id",),
     schema.ITEM_STATS: ("item_id", "ts"),
 }
-
-_STRING, _TIMESTAMP, _INTEGER, _NUMBER = "string", "UTC timestamp", "integer", "number"
-
-
-@dataclass
-class Failure:
-    """One failed expectation. ``column`` is None for table-level checks (file, row count); it joins the
-    columns of a compound check with commas. Each example is a bad row as ``{"row": position in the file,
-    key columns..., failing column}`` with JSON values."""
-
-    table: str
-    column: str | None
-    expectation: str
-    unexpected_count: int
-    total_rows: int
-    examples: list[dict[str, Any]] = field(default_factory=list)
-    message: str = ""
-
-    @property
-    def where(self) -> str:
-        return self.table if self.column is None else f"{self.table}.{self.column}"
-
-    def to_text(self) -> str:
-        text = f"{self.where}: {self.expectation}"
-        if self.unexpected_count:  # structural failures (file, column, type) have no row count
-            text += f" — {self.unexpected_count} of {self.total_rows} rows"
-        if self.message:
-            text += f" ({self.message})"
-        if self.examples:
-            text += "; examples: " + "; ".join(json.dumps(e, default=str) for e in self.examples)
-        return text
-
-
-@dataclass
-class ValidationReport:
-    """The outcome of :func:`validate_dataset`; ``success`` is True exactly when ``failures`` is empty."""
-
-    success: bool
-    failures: list[Failure]
-    row_counts: dict[str, int]  # rows per table that could be read
-    elapsed_s: float
-    data_dir: str = ""
-    now: str = ""  # the reference time for "not in the future", ISO 8601
-
-    def to_text(self) -> str:
-        status = "PASSED" if self.success else f"FAILED ({len(self.failures)} failed expectation(s))"
-        counts = ", ".join(f"{t}={n}" for t, n in self.row_counts.items()) or "no tables read"
-        lines = [f"data validation {status}: {self.data_dir} [{counts}] in {self.elapsed_s:.2f}s"]
-        lines += [f"  {f.to_text()}" for f in self.failures]
-        return "\n".join(lines)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)  # examples already hold only JSON types (see _json_value)
-
-    def to_html(self) -> str:
-        """A self-contained page (inline CSS, no scripts); every data value is escaped."""
-        e = html.escape
-        status = "PASSED" if self.success else "FAILED"
-        color = "#1a7f37" if self.success else "#cf222e"
-        counts = "".join(f"<tr><td>{e(t)}</td><td>{n}</td></tr>" for t, n in self.row_counts.items())
-        rows = []
-        for f in self.failures:
-            examples = "\n".join(json.dumps(x, default=str) for x in f.examples)
-            rows.append(
-                "<tr>"
-                f"<td>{e(f.table)}</td><td>{e(f.column or '')}</td><td>{e(f.expectation)}</td>"
-                f"<td>{f.unexpected_count}</td><td>{f.total_rows}</td><td>{e(f.message)}</td>"
-                f"<td><pre>{e(examples)}</pre></td>"
-                "</tr>"
-            )
-        failures = (
-            "<table><tr><th>table</th><th>column</th><th>expectation</th><th>unexpected</th><th>rows</th>"
-            "<th>details</th><th>examples</th></tr>" + "".join(rows) + "</table>"
-            if rows
-            else "<p>All expectations met.</p>"
-        )
-        return (
-            "<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>MARN data validation</title>"
-            "<style>body{font-family:sans-serif;margin:1.5em}table{border-collapse:collapse;margin:.5em 0}"
-            "td,th{border:1px solid #ccc;padding:4px 8px;text-align:left;vertical-align:top}"
-            "pre{margin:0;white-space:pre-wrap;font-size:85%}</style></head><body>"
-            f"<h1>Data validation: <span style='color:{color}'>{status}</span></h1>"
-            f"<p>Dataset <code>{e(self.data_dir)}</code>, checked against now={e(self.now)}, "
-            f"{len(self.failures)} failed expectation(s), {self.elapsed_s:.2f} s.</p>"
-            f"<h2>Rows</h2><table><tr><th>table</th><th>rows</th></tr>{counts}</table>"
-            f"<h2>Failures</h2>{failures}</body></html>\n"
-        )
-
-
-class DataValidationError(Exception):
-    """The dataset failed validation; ``report`` holds every failure."""
-
-    def __init__(self, report: ValidationReport) -> None:
-        super().__init__(report.to_text())
-        self.report = report
-
-
-def check_dataset(data_dir: str | Path, cfg: ValidateConfig, now: datetime | None = None) -> ValidationReport:
-    """Validate and raise DataValidationError on any failure (pipelines stop here)."""
-    report = validate_dataset(data_dir, cfg, now)
-    if not report.success:
-        raise DataValidationError(report)
-    return report
-
-
-def validate_dataset(
-    data_dir: str | Path, cfg: ValidateConfig, now: datetime | None = None
-) -> ValidationReport:
-    """Validate every table of the canonical dataset in ``data_dir``; never raises on bad data."""
-    start = time.perf_counter()
-    data_dir = Path(data_dir)
-    now_ts = _utc(now if now is not None else datetime.now(UTC))
-    latest = now_ts + timedelta(seconds=cfg.future_slack_s)
-    failures: list[Failure] = []
-    frames: dict[str, pd.DataFrame] = {}
-    usable: dict[str, set[str]] = {}  # per table: columns present with the right type
-
-    for table in (schema.EVENTS, schema.ITEMS, schema.USERS, schema.ITEM_STATS):
-        loaded = _load(data_dir, table, failures, _derivable(table, usable))
-        if loaded is not None:
-            frames[table], usable[table] = loaded
-
-    suites = _build_suites(frames, usable, cfg, _utc(cfg.earliest_ts), latest)
-    if suites:
-        failures += _run_gx(suites, cfg.max_bad_examples)
-
-    return ValidationReport(
-        success=not failures,
-        failures=failures,
-        row_counts={t: len(df) for t, df in frames.items()},
-        elapsed_s=time.perf_counter() - start,
-        data_dir=str(data_dir),
-        now=now_ts.isoformat(),
-    )
-
-
-# --- structure ------------------------------------------------------------------------------------------
-
-
-def _derivable(table: str, usable: dict[str, set[str]]) -> set[str]:
-    """Required columns that ``table`` may lack because :func:`marn.data.schema.read_dataset` derives them:
-    items.first_seen, from events with a usable item_id and ts (events are loaded first). The derived
-    values are the events' own ts, which the events suite checks, so nothing more is checked for them."""
-    if table == schema.ITEMS and {"item_id", "ts"} <= usable.get(schema.EVENTS, set()):
-        return {schema.FIRST_SEEN}
-    return set()
-
-
-def _load(
-    data_dir: Path, table: str, failures: list[Failure], derivable: Collection[str] = ()
-) -> tuple[pd.DataFrame, set[str]] | None:
-    """Read one table and check its columns' presence and types; None when it is absent or unreadable.
-
-    A missing column in ``derivable`` is no failure (see :func:`_derivable`)."""
-    path = data_dir / schema.TABLE_FILES[table]
-    if not path.exists():
-        if table in schema.REQUIRED_TABLES:
-            failures.append(
-                Failure(table, None, "expect_table_file_to_exist", 0, 0, message=f"{path} is missing")
-            )
-        return None
-    try:
-        arrow_schema = pq.read_schema(path)
-        expected = _expected_types(table, arrow_schema.names)
-        columns = _columns_to_read(table, arrow_schema, expected)
-        df = _read(path, columns, [c for c in columns if _is_string(arrow_schema.field(c).type)])
-    except (pa.ArrowException, OSError) as err:
-        failures.append(
-            Failure(table, None, "expect_table_file_to_be_readable", 0, 0, message=f"{path}: {err}")
-        )
-        return None
-
-    usable = set(df.columns)
-    for column, kind in expected.items():
-        if column not in arrow_schema.names:
-            if column in derivable:
-                log.info("%s.%s is absent: read_dataset derives it from events.parquet", table, column)
-                continue
-            message = f"required column missing; have {arrow_schema.names}"
-            if table == schema.ITEMS and column == schema.FIRST_SEEN:
-                message += "; it cannot be derived either: events.parquet has no usable item_id and ts"
-            failures.append(Failure(table, column, "expect_column_to_exist", 0, len(df), message=message))
-            continue
-        arrow_type = arrow_schema.field(column).type
-        if not _type_ok(arrow_type, kind):
-            usable.discard(column)  # value expectations would fail obscurely on the wrong type
-            failures.append(
-                Failure(
-                    table,
-                    column,
-                    "expect_column_values_to_be_of_type",
-                    len(df),
-                    len(df),
-                    message=f"expected {kind}, got {arrow_type}",
-                )
-            )
-    return df, usable
-
-
-def _read(path: Path, columns: list[str], strings: list[str]) -> pd.DataFrame:
-    """Read ``columns`` with the ``strings`` among them as pandas categoricals.
-
-    GX null-tests and factorizes each column several times (its batch fingerprint alone hashes the whole
-    frame), which on integer codes is several times cheaper than on Python strings. Encoding once after
-    combining the chunks is the cheap way there: parquet's own ``read_dictionary`` builds one dictionary
-    per row group and pandas then unifies them, which was 5x slower than a plain read at 10M events.
-    """
-    table = pq.read_table(path, columns=columns)
-    for name in strings:
-        # large_string: one chunk of a string column must stay under 2 GiB of characters
-        encoded = table[name].cast(pa.large_string()).combine_chunks().dictionary_encode()
-        table = table.set_column(table.schema.get_field_index(name), name, encoded)
-    return table.to_pandas()
-
-
-def _expected_types(table: str, names: list[str]) -> dict[str, str]:
-    """Required columns (the contract's, see schema.REQUIRED_SCHEMAS) and present optional ones, each with
-    the kind of type it must have. Nullable contract columns (brand_id, title, ...) must still exist."""
-    types = {f.name: _kind(f.type) for f in schema.REQUIRED_SCHEMAS[table]}
-    if table == schema.EVENTS and schema.EVENTS_LABEL.name in names:
-        types[schema.EVENTS_LABEL.name] = _INTEGER
-    if table == schema.ITEM_STATS:
-        types |= {c: _NUMBER for c in names if c.startswith(STAT_PREFIX)}
-    return types
-
-
-# Free-text and optional-reference columns of items: only their presence and type are checked, so their
-# values are not read (titles alone can be most of the file).
-_TYPE_ONLY = {schema.ITEMS: {"brand_id", "shop_id", "title", "image_uri"}}
-
-
-def _columns_to_read(table: str, arrow_schema: pa.Schema, expected: dict[str, str]) -> list[str]:
-    """The columns some value expectation looks at; users' profile columns and extras are not read."""
-    skip = _TYPE_ONLY.get(table, set())
-    columns = [c for c in arrow_schema.names if c in expected and c not in skip]
-    if table == schema.ITEMS:  # static numeric statistics (price, runtime, ...): any numeric extra column
-        columns += [
-            f.name
-            for f in arrow_schema
-            if f.name not in expected and (pa.types.is_integer(f.type) or pa.types.is_floating(f.type))
-        ]
-    return list(dict.fromkeys(columns))  # a file may repeat a name; read it once
-
-
-def _is_string(arrow_type: pa.DataType) -> bool:
-    return pa.types.is_string(arrow_type) or pa.types.is_large_string(arrow_type)
-
-
-def _kind(arrow_type: pa.DataType) -> str:
-    if pa.types.is_timestamp(arrow_type):
-        return _TIMESTAMP
-    if pa.types.is_integer(arrow_type):
-        return _INTEGER
-    return _STRING if pa.types.is_string(arrow_type) else _NUMBER
-
-
-def _type_ok(arrow_type: pa.DataType, kind: str) -> bool:
-    if pa.types.is_dictionary(arrow_type):
-        arrow_type = arrow_type.value_type
-    if pa.types.is_null(arrow_type):
-        return True  # an all-null column has no type of its own; the not-null checks speak for it
-    if kind == _STRING:
-        return _is_string(arrow_type)
-    if kind == _TIMESTAMP:
-        return pa.types.is_timestamp(arrow_type) and arrow_type.tz in ("UTC", "Etc/UTC", "+00:00", "Z")
-    if kind == _INTEGER:
-        return pa.types.is_integer(arrow_type)
-    return pa.types.is_integer(arrow_type) or pa.types.is_floating(arrow_type)
-
-
-# --- values ---------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -341,7 +54,7 @@ class _Suite:
     checks: list[_Check]
 
 
-def _build_suites(
+def build_suites(
     frames: dict[str, pd.DataFrame],
     usable: dict[str, set[str]],
     cfg: ValidateConfig,
@@ -552,7 +265,7 @@ def _stat_columns(items: pd.DataFrame) -> list[str]:
     return [c for c in schema.item_stat_columns(items) if not pd.api.types.is_bool_dtype(items[c])]
 
 
-def _run_gx(suites: list[_Suite], max_examples: int) -> list[Failure]:
+def run_gx(suites: list[_Suite], max_examples: int) -> list[Failure]:
     """Run one GX suite per table on an ephemeral context and turn failed results into Failures."""
     gx = _import_gx()
     from great_expectations.data_context.types.base import ProgressBarsConfig
@@ -628,30 +341,4 @@ def _failure(s: _Suite, check: _Check, result: dict, error: str, max_examples: i
 
 def _row(df: pd.DataFrame, index: Any, columns: list[str]) -> dict[str, Any]:
     row = df.loc[index, columns]
-    return {"row": _json_value(index), **{c: _json_value(row[c]) for c in columns}}
-
-
-def _json_value(value: Any) -> Any:
-    """Bad values come from bad data: make each one JSON-safe (timestamps as ISO text, NaN/NaT as null)."""
-    if value is None or value is pd.NaT:
-        return None
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None if math.isnan(value) else str(value)  # strict JSON has no NaN or Infinity
-    if isinstance(value, (pd.Timestamp, datetime)):
-        return value.isoformat()
-    if isinstance(value, (str, int, float, bool)):
-        return value
-    try:
-        if pd.isna(value):
-            return None
-    except (TypeError, ValueError):
-        pass
-    return str(value)
-
-
-def _utc(value: datetime) -> pd.Timestamp:
-    """Naive datetimes (e.g. from a YAML config without offset) are taken as UTC."""
-    ts = pd.Timestamp(value)
-    return ts.tz_localize("UTC") if ts.tzinfo is None else ts.tz_convert("UTC")
+    return {"row": json_value(index), **{c: json_value(row[c]) for c in columns}}
