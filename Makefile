@@ -43,7 +43,7 @@ test-unit: $(STAMP)  ## fast unit tests only
 	$(BIN)/python -m pytest tests/unit -m "not slow"
 
 bench: $(STAMP)  ## model speed table (train samples/s, inference latency) incl. DeepCTR-Torch's DIN
-	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/model_speed.py --threads 1 --json benchmarks/results/model-speed.json
+	OMP_NUM_THREADS=1 $(BIN)/python -m benchmarks.model_speed --threads 1 --json benchmarks/results/model-speed.json
 
 # The paper's experiments read the research data from ../shared (never copied here); work goes to PAPER_WORK.
 SHARED     ?= ../shared
@@ -54,11 +54,11 @@ paper: $(STAMP)  ## Tables 2-5, Figures 4-6 on ../shared MovieLens (hours on 2 c
 		--src $(SHARED)/datasets/movielens-100k --media $(SHARED)/datasets/movielens-100k-media --out $(PAPER_WORK)/data
 	test -f $(PAPER_WORK)/data/image_embeddings.parquet || $(BIN)/marn embed --data $(PAPER_WORK)/data \
 		--weights $(SHARED)/models/mobilenet_v2-b0353104.pth --config configs/paper-movielens.yaml
-	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/paper.py run --data $(PAPER_WORK)/data --work $(PAPER_WORK)
+	OMP_NUM_THREADS=1 $(BIN)/python -m benchmarks.paper run --data $(PAPER_WORK)/data --work $(PAPER_WORK)
 	$(MAKE) paper-report
 
 paper-report: $(STAMP)  ## rewrite benchmarks/results/paper-movielens.{md,json} and figures from finished runs
-	$(BIN)/python benchmarks/paper.py report --data $(PAPER_WORK)/data --work $(PAPER_WORK)
+	$(BIN)/python -m benchmarks.paper report --data $(PAPER_WORK)/data --work $(PAPER_WORK)
 
 lint: $(STAMP)  ## ruff check + format check
 	$(BIN)/ruff check .

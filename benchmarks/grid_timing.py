@@ -1,7 +1,7 @@
 """How long the paper grid takes when every run trains to convergence: one seed of every model, timed.
 
-    python benchmarks/grid_timing.py --data DATA --work WORK            # every paper model, seed 1
-    python benchmarks/grid_timing.py --data DATA --work WORK --models marn,din --max-epochs 30
+    python -m benchmarks.grid_timing --data DATA --work WORK            # every paper model, seed 1
+    python -m benchmarks.grid_timing --data DATA --work WORK --models marn,din --max-epochs 30
 
 Each model trains exactly as ``benchmarks/paper.py run`` trains it (``paper.train_one``: the paper config,
 early stopping on validation AUC with the config's patience, one thread), except that the epoch cap is
@@ -25,8 +25,7 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
-from paper import DEFAULT_CONFIG, hardware, paper_models, row_config, train_one
-
+from benchmarks.paper import DEFAULT_CONFIG, hardware, paper_models, row_config, train_one
 from marn.config import Config, load_config
 from marn.data.schema import read_dataset
 from marn.train import RunInputs, prepare_inputs

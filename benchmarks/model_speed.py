@@ -1,8 +1,8 @@
 """Training throughput and inference latency of every registered model, plus DeepCTR-Torch's DIN as an outside
 reference, on one fixed synthetic batch stream in one process.
 
-    python benchmarks/model_speed.py                      # 2000 users, 1000 items, 30 batches of 256
-    python benchmarks/model_speed.py --batches 5 --warmup 2 --users 300 --items 200 --json speed.json
+    python -m benchmarks.model_speed                      # 2000 users, 1000 items, 30 batches of 256
+    python -m benchmarks.model_speed --batches 5 --warmup 2 --users 300 --items 200 --json speed.json
 
 What is timed (the same for every model, ours and DeepCTR's):
 - training: forward, BCE (+ ``aux_loss``), ``zero_grad``, backward, ``Adagrad(lr=0.1,
@@ -41,13 +41,13 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from deepctr_models import deepctr_version, din_network, input_matrix
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from benchmarks.deepctr_models import deepctr_version, din_network, input_matrix
 from marn.config import FeaturesConfig, ModelConfig, SamplesConfig, SynthConfig
 from marn.data.item_features import ItemFeatures, build_item_features
 from marn.data.samples import build_samples

@@ -3,8 +3,8 @@
     marn data import movielens --src ../shared/datasets/movielens-100k \\
         --media ../shared/datasets/movielens-100k-media --out DATA
     marn embed --data DATA --weights ../shared/models/mobilenet_v2-b0353104.pth   # the paper used VGG16
-    python benchmarks/paper.py run --data DATA --work WORK       # resumable: finished runs are kept
-    python benchmarks/paper.py report --data DATA --work WORK    # tables, figures, results JSON
+    python -m benchmarks.paper run --data DATA --work WORK       # resumable: finished runs are kept
+    python -m benchmarks.paper report --data DATA --work WORK    # tables, figures, results JSON
 
 Stages of ``run``, each skipped when its outputs exist (stop it any time and run it again):
 1. **tune**: Ray Tune searches lambda0 on the validation split separately for each adversarial variant
@@ -44,9 +44,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from paper_report import REFERENCES, SWITCH_ROWS, TABLE2, TABLE3, write_report
 
+from benchmarks.paper_report.report import write_report
+from benchmarks.paper_report.runs import REFERENCES, SWITCH_ROWS, TABLE2, TABLE3
 from marn.config import Config, load_config
+from marn.data.files import write_text_atomic
 from marn.data.schema import Dataset, read_dataset
 from marn.data.stats import earliest_time, item_stat_table
 from marn.data.tensors import PAD, EncodedSamples, stat_codes
@@ -255,7 +257,7 @@ def train_one(inputs: RunInputs, cfg: Config, row: str, seed: int, out_dir: str)
     model_name = run_cfg.train.model
     seed_everything(seed)
     if model_name in REFERENCES:
-        from deepctr_models import build_deepctr
+        from benchmarks.deepctr_models import build_deepctr
 
         model = build_deepctr(
             model_name, inputs.catalog, inputs.features, run_cfg.model, cfg.samples.max_history
@@ -351,7 +353,6 @@ def run_experiment(
 
 def _guarded_train_one(inputs: RunInputs, cfg: Config, model: str, seed: int, out_dir: str) -> dict[str, Any]:
     """``train_one`` whose failure is reported as a value, so one broken model does not stop the grid."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent))  # workers import deepctr_models from here
     try:
         return train_one(inputs, cfg, model, seed, out_dir)
     except Exception as err:
@@ -408,14 +409,12 @@ def _record_invocation(work: Path, args: argparse.Namespace) -> None:
 
 
 def _command(args: argparse.Namespace) -> str:
-    return " ".join(["python", "benchmarks/paper.py", *sys.argv[1:]])
+    return " ".join(["python", "-m", "benchmarks.paper", *sys.argv[1:]])
 
 
 def _write_json(path: Path, value: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(value, indent=2) + "\n")
-    tmp.replace(path)  # never a half-written file, even when the run is stopped
+    write_text_atomic(path, json.dumps(value, indent=2) + "\n")  # never half-written, even when stopped
 
 
 class _timed:

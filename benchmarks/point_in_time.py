@@ -1,6 +1,6 @@
 """What point-in-time statistics change, on one dataset: a few models, popularity alone, held-out items.
 
-    python benchmarks/point_in_time.py --data DATA --work WORK [--config configs/paper-movielens.yaml]
+    python -m benchmarks.point_in_time --data DATA --work WORK [--config configs/paper-movielens.yaml]
         [--before DIR]   # finished runs of the same models from before the change (DIR/MODEL/metrics.json)
 
 1. Trains ``--models`` (default lr, popularity, base_ids, marn, din) for one seed with ``marn.train``, each
@@ -55,8 +55,7 @@ def train_all(
 def popularity_ranker(data: Path, config: Path) -> dict[str, Any]:
     """AUC of the samples ranked by their candidate's raw point-in-time count, and Table 5's recall of
     that ranking over the held-out items."""
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    from paper import cold_inputs  # the held-out split of the paper benchmark
+    from benchmarks.paper import cold_inputs  # the held-out split of the paper benchmark
 
     dataset = read_dataset(data)
     cfg = load_config(config)

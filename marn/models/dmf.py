@@ -46,10 +46,12 @@ from marn.models.layers import (
     MLP,
     MODALITIES,
     CandidateAttention,
+    HistoryBucket,
     ItemModalities,
     ItemStates,
     batch_items,
-    gather_items,
+    encode_histories,
+    recent_window,
     run_gru,
     sequence_mask,
 )
@@ -75,11 +77,18 @@ class GRUAttentionUser(nn.Module):
         self.attention = CandidateAttention(h, cfg.attention_hidden, normalize=True)
         self.predict = MLP(h + item_dim, cfg.hidden, out_dim=1, dropout=cfg.dropout)  # paper 4.1: fixed
 
-    def forward(self, history: torch.Tensor, candidate: torch.Tensor, hist_len: torch.Tensor) -> torch.Tensor:
-        """(B, L, D) history reps, (B, D) candidate rep, (B,) lengths -> (B,) logits."""
-        states = run_gru(self.gru, history, hist_len)  # (B, L, H), zeros on padding
-        mask = sequence_mask(hist_len, history.shape[1])  # (B, L)
-        user = self.attention(states, self.query(candidate), mask)  # (B, H), zeros for an empty history
+    def forward(
+        self,
+        history: torch.Tensor,
+        candidate: torch.Tensor,
+        hist_len: torch.Tensor,
+        which: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """(K, L, D) reps of K distinct histories, (K,) their lengths, (B, D) candidate reps and ``which``
+        (B,), the history of each candidate (None: K = B) -> (B,) logits."""
+        states = run_gru(self.gru, history, hist_len)  # (K, L, H), zeros on padding
+        mask = sequence_mask(hist_len, history.shape[1])  # (K, L)
+        user = self.attention(states, self.query(candidate), mask, which)  # (B, H), zeros if no history
         return self.predict(torch.cat([user, candidate], dim=1)).squeeze(-1)  # (B,)
 
 
@@ -103,9 +112,13 @@ class FusionCTRModel(CTRModel):
         raise NotImplementedError
 
     def forward(self, batch: dict[str, torch.Tensor], progress: float = 1.0) -> ModelOutput:
+        batch = recent_window(batch)
         unique, inverse = batch_items(batch)
-        candidate, history = gather_items(self.represent(unique), inverse)  # (B, D), (B, L, D)
-        return ModelOutput(self.user(history, candidate, batch["hist_len"]))
+        _, logits = encode_histories(batch, inverse, self.represent(unique), self._logits)
+        return ModelOutput(logits)  # (B,)
+
+    def _logits(self, bucket: HistoryBucket) -> torch.Tensor:
+        return self.user(bucket.reps, bucket.candidate, bucket.lengths, bucket.which)  # (B_b,)
 
 
 # --------------------------------------------------------------------------------------------------------

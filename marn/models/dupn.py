@@ -48,11 +48,13 @@ from marn.models.layers import (
     MLP,
     MODALITIES,
     BehaviorProperty,
+    HistoryBucket,
     ItemModalities,
     ItemStates,
     batch_items,
     distinct_histories,
     distinct_states,
+    encode_histories,
     masked_softmax,
     packing_pays,
     recent_window,
@@ -203,9 +205,19 @@ class DUPN(CTRModel):
         return candidate, take_rows(states, which), weights
 
     def forward(self, batch: dict[str, torch.Tensor], progress: float = 1.0) -> ModelOutput:
-        candidate, states, weights = self.perceive(batch)
-        user = torch.einsum("bl,blh->bh", weights, states)  # (B, H); zeros for an empty history
+        batch = recent_window(batch)
+        unique, inverse = batch_items(batch)
+        vectors = self.embedding(unique).flatten(1)  # (U, M, D) -> (U, E)
+        candidate, user = encode_histories(batch, inverse, vectors, self._user)  # (B, E), (B, H)
         return ModelOutput(self.predict(torch.cat([user, candidate], dim=1)).squeeze(-1))  # (B,)
+
+    def _user(self, bucket: HistoryBucket) -> torch.Tensor:
+        """One length bucket of distinct histories -> the user vectors (B_b, H) of its candidates; as
+        :meth:`perceive`, which keeps every intermediate."""
+        props = self.behavior(bucket.column("hist_behavior"), bucket.column("hist_gap"))  # (K_b, L_b, P)
+        states = self.lstm(bucket.reps, props, bucket.lengths)  # (K_b, L_b, H), 0 on padding
+        weights = self.attention(states, props, bucket.candidate, bucket.mask, bucket.which)  # (B_b, L_b)
+        return torch.einsum("bl,blh->bh", weights, take_rows(states, bucket.which))  # (B_b, H); 0 if empty
 
     @torch.no_grad()
     def score_users(

@@ -8,7 +8,7 @@ P behaviour-property width.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -500,3 +500,97 @@ def distinct_histories(
     k = int(which.max()) + 1 if len(which) else 0
     rows = torch.full((k,), len(which), device=which.device).scatter_reduce_(0, which, positions, "amin")
     return rows, which
+
+
+def by_length(
+    hist_len: torch.Tensor,
+    which: torch.Tensor,
+    run: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor],
+    floor: int = 8,
+    min_rows: int = 16,
+) -> torch.Tensor:
+    """Run a sequence encoder per length bucket of K distinct histories and put the B samples' outputs
+    back in batch order.
+
+    ``hist_len`` (K,) the histories' lengths, ``which`` (B,) the history of each sample. Histories fall in
+    power-of-two length ranges ((0, floor], (floor, 2 floor], ...; a range with fewer than ``min_rows``
+    histories joins the next longer one), and ``run(rows, samples, which, steps)`` gets one range: its
+    histories ``rows`` (K_b,), the samples that read them ``samples`` (B_b,), each sample's history as a
+    position in ``rows`` (B_b,), and the range's longest history ``steps`` (>= 1). It returns (B_b, ...).
+
+    Exact for an encoder over left-aligned histories that ignores padding (the RNNs here, masked
+    attention): a bucket only drops all-padding columns. It pays because a padded RNN costs every column
+    of every row: with lengths spread over 1..50, one call runs about 3 times the real steps, buckets
+    about 1.4 times.
+    """
+    if len(hist_len) < 2 * min_rows:  # one bucket (serving a request, a small batch): no reordering
+        steps = max(int(hist_len.max()), 1) if len(hist_len) else 1
+        rows, samples = (torch.arange(len(t), device=t.device) for t in (hist_len, which))
+        return run(rows, samples, which, steps)
+    ranges = torch.ceil(torch.log2(hist_len.clamp(min=1).double() / floor)).clamp(min=0).long()  # (K,)
+    bucket_of = torch.empty_like(ranges)
+    groups: list[torch.Tensor] = []
+    pending = ranges.new_empty(0)
+    present = torch.unique(ranges).tolist()  # ascending
+    for r in present:
+        pending = torch.cat([pending, (ranges == r).nonzero().squeeze(1)])
+        if len(pending) >= min_rows or r == present[-1]:
+            bucket_of[pending] = len(groups)
+            groups.append(pending)
+            pending = pending[:0]
+    position = torch.empty_like(ranges)  # (K,) each history's place in its bucket
+    outputs, order = [], []
+    sample_bucket = bucket_of[which]  # (B,)
+    for b, rows in enumerate(groups):
+        samples = (sample_bucket == b).nonzero().squeeze(1)  # (B_b,)
+        position[rows] = torch.arange(len(rows), device=rows.device)
+        steps = max(int(hist_len[rows].max()), 1)
+        outputs.append(run(rows, samples, position[which[samples]], steps))
+        order.append(samples)
+    restore = torch.empty_like(which)
+    restore[torch.cat(order)] = torch.arange(len(which), device=which.device)
+    return take_rows(torch.cat(outputs), restore)  # (B, ...)
+
+
+@dataclass(frozen=True)
+class HistoryBucket:
+    """One length bucket of a batch's distinct histories (see :func:`encode_histories`)."""
+
+    reps: torch.Tensor  # (K_b, L_b, D) the histories' item vectors, L_b = their longest
+    rows: torch.Tensor  # (K_b,) a batch row holding each history
+    lengths: torch.Tensor  # (K_b,)
+    candidate: torch.Tensor  # (B_b, D) the vectors of the candidates that read these histories
+    which: torch.Tensor  # (B_b,) each candidate's history, a position in ``rows``
+    batch: dict[str, torch.Tensor]
+
+    @property
+    def mask(self) -> torch.Tensor:
+        return sequence_mask(self.lengths, self.reps.shape[1])  # (K_b, L_b)
+
+    def column(self, name: str) -> torch.Tensor:
+        """A history column of the batch (``hist_behavior``, ``hist_gap``, ...) for these histories."""
+        return self.batch[name][self.rows, : self.reps.shape[1]]  # (K_b, L_b, ...)
+
+
+def encode_histories(
+    batch: dict[str, torch.Tensor],
+    inverse: torch.Tensor,
+    vectors: torch.Tensor,
+    encode: Callable[[HistoryBucket], torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sequence part of a model, once per distinct history and per length bucket.
+
+    ``batch`` (its recent window), ``inverse`` (B, 1 + L) from :func:`batch_items`, ``vectors`` (U, D) one
+    per distinct state, and ``encode``, the model's sequence encoder on one :class:`HistoryBucket` ->
+    (B_b, ...). Returns the candidates' vectors (B, D) and ``encode``'s outputs in batch order (B, ...).
+    """
+    candidate = take_rows(vectors, inverse[:, 0])  # (B, D)
+    histories, which = distinct_histories(batch, inverse)  # (K,), (B,): a positive and its negative share one
+    hist_len = batch["hist_len"][histories]  # (K,)
+
+    def run(rows: torch.Tensor, samples: torch.Tensor, own: torch.Tensor, steps: int) -> torch.Tensor:
+        at = histories[rows]  # (K_b,)
+        reps = take_rows(vectors, inverse[at, 1 : steps + 1])  # (K_b, L_b, D)
+        return encode(HistoryBucket(reps, at, hist_len[rows], take_rows(candidate, samples), own, batch))
+
+    return candidate, by_length(hist_len, which, run)

@@ -27,6 +27,7 @@ BaseModel = one modality or a fusion of them, a plain GRU whose last state is th
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -42,10 +43,11 @@ from marn.models.layers import (
     MLP,
     MODALITIES,
     BehaviorProperty,
+    HistoryBucket,
     ItemModalities,
     ItemStates,
     batch_items,
-    distinct_histories,
+    encode_histories,
     grad_reverse,
     last_state,
     masked_softmax,
@@ -91,6 +93,44 @@ class ItemParts:
     d0_logits: torch.Tensor | None = None  # (U, M, M) D0 on each c^m
     ds_input: torch.Tensor | None = None  # (U, M, D) Ds' input S_m(e^m), e^m detached; training
     adv_input: torch.Tensor | None = None  # (U, M, D) D1's input: c^m, I's own input detached; training
+
+
+@dataclass
+class FactoredParts:
+    """:meth:`MARN.decompose`'s intermediates where they are computed: the item's own modalities (IDs,
+    image, title) once per distinct item, the statistics once per state, and rep combined per state.
+
+    A batch holds many states of few items (the same item on many days) and only the statistics differ
+    between them, so the per-item parts are never copied out per state: training reads them here, with
+    each item counted once per real state that holds it (:meth:`MARN.adversary`). :meth:`expand` gives
+    the per-state :class:`ItemParts` the tests and figures read."""
+
+    inverse: torch.Tensor  # (U,) each state's row of ``per_item``
+    per_item: dict[str, torch.Tensor | None] | None  # (U_i, M', ...) the M' modalities other than stats
+    per_state: dict[str, torch.Tensor | None] | None  # (U, 1, ...) the statistics
+    slots: tuple[torch.Tensor | None, torch.Tensor | None]  # the modality index of each part's slots
+    s: torch.Tensor  # (U, D)
+    rep: torch.Tensor  # (U, D)
+    c: torch.Tensor | None = None  # (U, D)
+
+    def parts(self) -> list[tuple[dict[str, torch.Tensor | None], torch.Tensor]]:
+        """The computed parts with their slots' modality indices: per item first, then per state."""
+        pairs = zip((self.per_item, self.per_state), self.slots, strict=True)
+        return [(part, at) for part, at in pairs if part is not None and at is not None]
+
+    def expand(self) -> ItemParts:
+        """Every intermediate per state, (U, M, ...), as if all were computed per state."""
+        keys = ("e", "specific", "atten", "invariant", "w", "d0_logits", "ds_input", "adv_input")
+        merged: dict[str, torch.Tensor | None] = {}
+        for key in keys:
+            pieces = [
+                (take_rows(part[key], self.inverse) if part is self.per_item else part[key])
+                for part, _ in self.parts()
+                if part[key] is not None
+            ]
+            merged[key] = torch.cat(pieces, 1) if pieces else None
+        e, specific, atten = merged.pop("e"), merged.pop("specific"), merged.pop("atten")
+        return ItemParts(e, specific, atten, self.s, self.rep, c=self.c, **merged)
 
 
 def _over_batch_mean(w: torch.Tensor) -> torch.Tensor:
@@ -274,50 +314,50 @@ class MARN(CTRModel):
     # -- item representations ---------------------------------------------------------------------------
 
     def decompose(self, states: ItemStates) -> ItemParts:
-        """U item states -> every intermediate of paper 3.1-3.3 for these states (see ItemParts).
+        """U item states -> every intermediate of paper 3.1-3.3 for these states (see ItemParts)."""
+        return self.factor(states).expand()
 
-        A batch holds many states of few items (the same item on many days), and only the statistics differ
-        between them: every per-modality quantity (e^m, s^m, atten^m, c^m, D0's w^m) of the other
-        modalities is computed once per distinct item and gathered, the statistics' once per state. s and c
-        then combine them per state, exactly as if all were computed per state.
-        """
+    def factor(self, states: ItemStates) -> FactoredParts:
+        """U item states -> their intermediates, computed once per distinct item for every modality but
+        the statistics and once per state for the statistics; s, c and rep per state.
+
+        s is a sum over modalities and c a max over them, so both combine the per-item and per-state
+        parts exactly as if every part were computed per state."""
         items, inverse = torch.unique(states.items, return_inverse=True)  # (U_i,), (U,)
-        per_modality: list[dict[str, torch.Tensor | None]] = []
-        rest = [k for k, m in enumerate(self.embedding.modalities) if m != "stats"]
+        modalities = self.embedding.modalities
+        rest = [k for k, m in enumerate(modalities) if m != "stats"]
+        per_item = per_state = None
         if rest:
-            no_stats = ItemStates(items, states.stats[:0])
-            e = self.embedding(no_stats, [self.embedding.modalities[k] for k in rest])  # (U_i, M', D_e)
-            per_item = self._parts(e, rest)
-            per_modality.append(
-                {k: None if v is None else take_rows(v, inverse) for k, v in per_item.items()}
-            )
-        if "stats" in self.embedding.modalities:  # always the last modality (MODALITIES order)
-            index = [self.embedding.modalities.index("stats")]
-            per_modality.append(self._parts(self.embedding(states, ["stats"]), index))
-        p = {
-            key: None if per_modality[0][key] is None else torch.cat([part[key] for part in per_modality], 1)
-            for key in per_modality[0]
-        }  # each (U, M, ...)
-        specific, atten = p["specific"], p["atten"]
-        s = (atten * specific).sum(1) if atten is not None else specific.sum(1)  # (U, D) MAF or CONC
-        if self.variant.adversarial == "none":
-            return ItemParts(p["e"], specific, atten, s, rep=s)
-        c = (p["w"][..., None] * p["invariant"]).amax(dim=1)  # (U, D) elementwise max over w^m c^m
-        if self.cfg.pool_weights == "per_item":
-            c = c * self._per_item_scale(p["w"].sum(1, keepdim=True))  # max_m of (M w^m / sum_k w^k) c^m
-        return ItemParts(
-            p["e"],
-            specific,
-            atten,
-            s,
-            rep=s + c,
-            invariant=p["invariant"],
-            w=p["w"],
-            c=c,
-            d0_logits=p["d0_logits"],
-            ds_input=p["ds_input"],
-            adv_input=p["adv_input"],
+            e = self.embedding(ItemStates(items, states.stats[:0]), [modalities[k] for k in rest])
+            per_item = self._parts(e, rest)  # (U_i, M', ...)
+        if "stats" in modalities:  # always the last modality (MODALITIES order)
+            per_state = self._parts(self.embedding(states, ["stats"]), [modalities.index("stats")])
+        device = states.items.device
+        slots = (
+            torch.tensor(rest, device=device) if rest else None,
+            torch.tensor([modalities.index("stats")], device=device) if per_state is not None else None,
         )
+
+        def per_state_of(values_of: Callable[[dict[str, torch.Tensor | None]], torch.Tensor]) -> list:
+            """A (U, ...) tensor of each computed part: the per-item ones gathered to their states."""
+            out = []
+            if per_item is not None:
+                out.append(take_rows(values_of(per_item), inverse))
+            if per_state is not None:
+                out.append(values_of(per_state))
+            return out
+
+        def fused(p: dict[str, torch.Tensor | None]) -> torch.Tensor:  # (N, D): MAF's or CONC's sum
+            return (p["specific"] if p["atten"] is None else p["atten"] * p["specific"]).sum(1)
+
+        s = sum(per_state_of(fused))  # (U, D)
+        if self.variant.adversarial == "none":
+            return FactoredParts(inverse, per_item, per_state, slots, s, rep=s)
+        pooled = per_state_of(lambda p: (p["w"][..., None] * p["invariant"]).amax(1))  # (U, D) each
+        c = pooled[0] if len(pooled) == 1 else torch.maximum(*pooled)  # (U, D) max_m w^m c^m
+        if self.cfg.pool_weights == "per_item":  # max_m of (M w^m / sum_k w^k) c^m
+            c = c * self._per_item_scale(sum(per_state_of(lambda p: p["w"].sum(1, keepdim=True))))
+        return FactoredParts(inverse, per_item, per_state, slots, s, rep=s + c, c=c)
 
     def _per_item_scale(self, w_sum: torch.Tensor) -> torch.Tensor:
         """M / sum_m w^m (U, 1): a positive factor per item, so it commutes with the max over modalities."""
@@ -384,6 +424,90 @@ class MARN(CTRModel):
                 ds_input = grad_reverse(ds_input, -extractor_scale)  # S_m's gradient scaled, not reversed
             losses["ds"] = self._modality_ce(self.d1(ds_input))
         return losses
+
+    def adversary(
+        self, states: ItemStates, parts: FactoredParts, extractor_scale: float = 1.0
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Training's path to :meth:`adversarial_losses` and :meth:`adversarial_diagnostics` (equal to them
+        on ``parts.expand()``, tested): each per-item slot is scored once and counts once per real state
+        that holds the item, and the diagnostics reuse the losses' logits. ({}, {}) without DDMA/ADV."""
+        if self.variant.adversarial == "none":
+            return {}, {}
+        computed = parts.parts()
+        if any(p["adv_input"] is None for p, _ in computed):
+            raise ValueError("the adversarial losses need the parts of a model in training mode")
+        real = states.items != PAD  # (U,) padding rows carry no modality
+        n_items = len(parts.per_item["e"]) if parts.per_item is not None else 0
+        rows = [torch.bincount(parts.inverse[real], minlength=n_items), real]  # real states per item / state
+        rows = [
+            r.to(parts.rep.dtype)
+            for r, p in zip(rows, (parts.per_item, parts.per_state), strict=True)
+            if p is not None
+        ]
+        n_real = real.sum().clamp_min(1)
+        entries = n_real * self.embedding.n_modalities
+
+        def mean(values: list[torch.Tensor]) -> torch.Tensor:
+            """Per-part (N, K) values -> their mean over the real (state, modality) entries."""
+            return sum((v * r[:, None]).sum() for v, r in zip(values, rows, strict=True)) / entries
+
+        def ce(logits: list[torch.Tensor]) -> list[torch.Tensor]:  # each (N, K, M) -> (N, K)
+            return [
+                F.cross_entropy(x.flatten(0, 1), at.expand(len(x), -1).flatten(), reduction="none").view(
+                    x.shape[:2]
+                )
+                for x, (_, at) in zip(logits, computed, strict=True)
+            ]
+
+        def accuracy(logits: list[torch.Tensor]) -> torch.Tensor:
+            return mean(
+                [(x.argmax(-1) == at).to(x.dtype) for x, (_, at) in zip(logits, computed, strict=True)]
+            )
+
+        w = [p["w"] for p, _ in computed]  # each (N, K), constants
+        w_mean = mean(w).clamp_min(torch.finfo(parts.rep.dtype).tiny)
+        d1_w = w if self.cfg.d1_weights == "raw" else [x / w_mean for x in w]
+        adv_inputs = [p["adv_input"] for p, _ in computed]
+        if self.d1_weighting == "input":
+            weighted = [x[..., None] * a for x, a in zip(d1_w, adv_inputs, strict=True)]
+            losses = {"adv": mean(ce([self.d1(grad_reverse(a, extractor_scale)) for a in weighted]))}
+            with torch.no_grad():
+                adv_logits = [self.d1(a) for a in adv_inputs]
+        else:
+            adv_logits = [self.d1(grad_reverse(a, extractor_scale)) for a in adv_inputs]  # each (N, K, M)
+            losses = {"adv": mean([c * x for c, x in zip(ce(adv_logits), d1_w, strict=True)])}
+        with torch.no_grad():
+            diagnostics = {"d1_ce": mean(ce(adv_logits)), "d1_acc": accuracy(adv_logits)}
+        if self.variant.adversarial == "adv":
+            return losses, diagnostics
+        d0_logits = [p["d0_logits"] for p, _ in computed]
+        ds_inputs = [p["ds_input"] for p, _ in computed]  # S_m(e^m), e^m detached
+        if extractor_scale != 1.0:
+            ds_inputs = [grad_reverse(x, -extractor_scale) for x in ds_inputs]  # S_m's share scaled
+        ds_logits = [self.d1(x) for x in ds_inputs]
+        losses |= {"d0": mean(ce(d0_logits)), "ds": mean(ce(ds_logits))}
+        with torch.no_grad():
+            diagnostics |= {"d0_acc": accuracy(d0_logits), "ds_acc": accuracy(ds_logits)}
+            diagnostics |= self._weight_means(parts, real, n_real, w_mean)
+        return losses, diagnostics
+
+    def _weight_means(
+        self, parts: FactoredParts, real: torch.Tensor, n_real: torch.Tensor, w_mean: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """Per modality, the mean over real states of w^m raw, over the batch mean, and (per-item pool
+        weights only) as the max-pool uses them."""
+        w = torch.cat(
+            [take_rows(p["w"], parts.inverse) if p is parts.per_item else p["w"] for p, _ in parts.parts()], 1
+        )  # (U, M) a small gather: M numbers per state
+        kinds = {"w_raw": w, "w_norm": w / w_mean}
+        if self.cfg.pool_weights != "raw":
+            kinds["w_pool"] = self.pool_weights(w)
+        names = self.embedding.modalities
+        return {
+            f"{kind}_{m}": (weights[:, k] * real).sum() / n_real
+            for kind, weights in kinds.items()
+            for k, m in enumerate(names)
+        }
 
     @torch.no_grad()
     def adversarial_diagnostics(self, states: ItemStates, parts: ItemParts) -> dict[str, torch.Tensor]:
@@ -492,29 +616,28 @@ class MARN(CTRModel):
     def forward(self, batch: dict[str, torch.Tensor], progress: float = 1.0) -> ModelOutput:
         batch = recent_window(batch)  # the recurrent loop costs per step: skip all-padding columns
         unique, inverse = batch_items(batch)
-        parts = self.decompose(unique)
+        parts = self.factor(unique)
         weight = adversarial_weight(progress, self.cfg.lambda0, self.cfg.gamma)
         as_reversal = self.cfg.lambda_role == "reversal"  # lambda scales the extractors' share only
-        losses = {}
+        losses, diagnostics = {}, {}
         if self.training:
-            losses = self.adversarial_losses(unique, parts, weight if as_reversal else 1.0)
-        candidate = take_rows(parts.rep, inverse[:, 0])  # (B, D)
-        rows, which = distinct_histories(batch, inverse)  # (K,), (B,): a positive and its negative share one
-        history = take_rows(parts.rep, inverse[rows, 1:])  # (K, L, D)
-        hist_len = batch["hist_len"][rows]  # (K,)
-        if self.variant.sequence == "apgru":
-            mask = sequence_mask(hist_len, history.shape[1])  # (K, L)
-            props = self.behavior(batch["hist_behavior"][rows], batch["hist_gap"][rows])  # (K, L, P)
-            user = self.sequence(history, props, mask, candidate, which)  # (B, H)
-        else:
-            user = take_rows(last_state(run_gru(self.sequence, history, hist_len), hist_len), which)  # (B, H)
+            losses, diagnostics = self.adversary(unique, parts, weight if as_reversal else 1.0)
+        candidate, user = encode_histories(batch, inverse, parts.rep, self._user)  # (B, D), (B, H)
         logits = self.predict(torch.cat([user, candidate], dim=1)).squeeze(-1)  # (B,)
         if not losses:
             return ModelOutput(logits)
-        aux = {name: loss.detach() for name, loss in losses.items()}
-        aux |= self.adversarial_diagnostics(unique, parts)
+        aux = {name: loss.detach() for name, loss in losses.items()} | diagnostics
         total = sum(losses.values())
         return ModelOutput(logits, aux_loss=total if as_reversal else weight * total, aux=aux)
+
+    def _user(self, bucket: HistoryBucket) -> torch.Tensor:
+        """User vectors (B_b, H) of one length bucket of distinct histories: APGRU + candidate attention,
+        or (BaseModel) a plain GRU's last state."""
+        if self.variant.sequence == "gru":
+            states = run_gru(self.sequence, bucket.reps, bucket.lengths)  # (K_b, L_b, H)
+            return take_rows(last_state(states, bucket.lengths), bucket.which)  # (B_b, H)
+        props = self.behavior(bucket.column("hist_behavior"), bucket.column("hist_gap"))  # (K_b, L_b, P)
+        return self.sequence(bucket.reps, props, bucket.mask, bucket.candidate, bucket.which)  # (B_b, H)
 
     # -- serving (paper 4.9.2) -----------------------------------------------------------------------------
 

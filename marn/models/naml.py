@@ -43,7 +43,7 @@ from marn.config import ModelConfig
 from marn.data.item_features import ItemFeatures
 from marn.data.tensors import ItemCatalog
 from marn.models.dmf import FusionCTRModel, GRUAttentionUser
-from marn.models.layers import MLP, MODALITIES, ItemStates, masked_softmax, sequence_mask
+from marn.models.layers import MLP, MODALITIES, ItemStates, masked_softmax, sequence_mask, take_rows
 from marn.models.marn import PerModalityLinear
 
 NAML_QUERY_DIM = 200  # NAML's attention query size (views, words and clicked news alike)
@@ -93,10 +93,19 @@ class NAMLUser(nn.Module):
         self.attention = AdditiveAttention(item_dim, query_dim)
         self.predict = MLP(2 * item_dim, cfg.hidden, out_dim=1, dropout=cfg.dropout)  # paper 4.1: fixed
 
-    def forward(self, history: torch.Tensor, candidate: torch.Tensor, hist_len: torch.Tensor) -> torch.Tensor:
-        """(B, L, D), (B, D), (B,) -> (B,) logits."""
-        mask = sequence_mask(hist_len, history.shape[1])  # (B, L)
-        user, _ = self.attention(history, mask)  # (B, D), zeros for an empty history
+    def forward(
+        self,
+        history: torch.Tensor,
+        candidate: torch.Tensor,
+        hist_len: torch.Tensor,
+        which: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """(K, L, D) histories, (B, D) candidates, (K,) lengths, ``which`` (B,) each candidate's history
+        (None: K = B) -> (B,) logits. The user vector does not depend on the candidate: once per history."""
+        mask = sequence_mask(hist_len, history.shape[1])  # (K, L)
+        user, _ = self.attention(history, mask)  # (K, D), zeros for an empty history
+        if which is not None:
+            user = take_rows(user, which)  # (B, D)
         return self.predict(torch.cat([user, candidate], dim=1)).squeeze(-1)  # (B,)
 
 

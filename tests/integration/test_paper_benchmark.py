@@ -24,7 +24,8 @@ MODELS = ("lr", "base_ids", "marn")  # the report's figures and Tables 4-5 need 
 
 def _paper(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "paper.py"), *args],
+        [sys.executable, "-m", "benchmarks.paper", *args],
+        cwd=REPO,  # benchmarks is a package of the repository root
         capture_output=True,
         text=True,
         timeout=600,
@@ -92,7 +93,7 @@ def test_results_json_has_the_promised_shape(finished):
     for scores in [*results["models"].values(), *results["references"].values()]:
         assert len(scores["auc"]) == len(scores["user_auc"]) == 2
         assert all(0 < v < 1 for v in scores["auc"] + scores["user_auc"])
-    assert results["command"].startswith("python benchmarks/paper.py run")
+    assert results["command"].startswith("python -m benchmarks.paper run")
     assert len(results["commit"]) == 40 and "cores" in results["hardware"]
     assert results["wall_s"] > 0 and set(results["wall_s_by_stage"]) == {"tune", "runs", "cold"}
     assert 0.01 <= results["lambda0"] <= 1.8

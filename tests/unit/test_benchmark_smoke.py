@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import importlib.util
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-_SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "model_speed.py"
 _MEASURED = (
     "train_samples_per_s",
     "train_ms_per_batch",
@@ -24,16 +21,9 @@ _MEASURED = (
 
 @pytest.fixture(scope="module")
 def bench():
-    """The script as a module (benchmarks/ is not a package; the script imports its sibling deepctr_models,
-    as ``python benchmarks/model_speed.py`` would with benchmarks/ first on sys.path)."""
-    spec = importlib.util.spec_from_file_location("benchmarks_model_speed", _SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve their module through sys.modules
-    with pytest.MonkeyPatch.context() as patch:
-        patch.syspath_prepend(str(_SCRIPT.parent))
-        spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    from benchmarks import model_speed
+
+    return model_speed
 
 
 @pytest.fixture(scope="module")

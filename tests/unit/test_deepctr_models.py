@@ -6,7 +6,6 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -22,15 +21,12 @@ if importlib.util.find_spec("deepctr_torch") is None:
         allow_module_level=True,
     )
 
-_BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
-
 
 @pytest.fixture(scope="module")
 def deepctr():
-    """benchmarks/deepctr_models.py (benchmarks/ is not a package: its scripts import it as a sibling)."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.syspath_prepend(str(_BENCHMARKS))
-        yield importlib.import_module("deepctr_models")
+    from benchmarks import deepctr_models
+
+    return deepctr_models
 
 
 def _width(tiny_world) -> int:

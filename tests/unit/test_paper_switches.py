@@ -6,21 +6,24 @@ from __future__ import annotations
 import json
 
 import pytest
-from test_paper_tables import _summary, scripts  # noqa: F401  (the fixture loading both scripts)
+from test_paper_tables import _summary
 
+from benchmarks import paper
+from benchmarks.paper_report.figures import figure_losses
+from benchmarks.paper_report.markdown import instrumentation_table
+from benchmarks.paper_report.runs import LABELS, SWITCH_ROWS, Summary, instrumentation, stopped_early
 from marn.config import load_config
 from marn.models.marn import VARIANTS
 
 CONFIG = load_config(None, {"train": {"lr": 0.1}})
 
 
-def test_every_switch_row_is_marn_with_only_its_switches_flipped(scripts):  # noqa: F811
-    paper, report = scripts
+def test_every_switch_row_is_marn_with_only_its_switches_flipped():
     rows = paper.grid_rows()
     assert rows[: len(paper.paper_models())] == paper.paper_models()
     marn = paper.row_config(CONFIG, "marn")
-    for row, (model, switches) in report.SWITCH_ROWS.items():
-        assert row in rows and row in report.LABELS
+    for row, (model, switches) in SWITCH_ROWS.items():
+        assert row in rows and row in LABELS
         cfg = paper.row_config(CONFIG, row)
         assert cfg.train.model == model == "marn"
         changed = {k for k, v in cfg.model.model_dump().items() if v != marn.model.model_dump()[k]}
@@ -30,8 +33,7 @@ def test_every_switch_row_is_marn_with_only_its_switches_flipped(scripts):  # no
         paper.grid_rows(["marn_typo"])
 
 
-def test_lambda0_is_searched_per_adversarial_variant(scripts):  # noqa: F811
-    paper, _ = scripts
+def test_lambda0_is_searched_per_adversarial_variant():
     for model in ("base_maf_adv", "base_maf_ddma", "marn"):
         assert paper.lambda0_source(model) == model
     assert paper.lambda0_source("marn_w_raw") == "marn"
@@ -56,8 +58,7 @@ def _fake_search(paper, work, row: str, lambda0: float, **model_changes) -> None
     path.write_text(json.dumps(report))
 
 
-def test_each_row_trains_with_its_own_variants_lambda0(scripts, tmp_path):  # noqa: F811
-    paper, _ = scripts
+def test_each_row_trains_with_its_own_variants_lambda0(tmp_path):
     searched = {"base_maf_adv": 0.7, "base_maf_ddma": 0.2, "marn": 0.05, "marn_lambda_grl": 1.3}
     for row, value in searched.items():
         _fake_search(paper, tmp_path, row, value)
@@ -71,8 +72,7 @@ def test_each_row_trains_with_its_own_variants_lambda0(scripts, tmp_path):  # no
     assert configs["marn_lambda_grl"].model.lambda_role == "reversal"
 
 
-def test_a_search_of_other_model_settings_is_refused(scripts, tmp_path):  # noqa: F811
-    paper, _ = scripts
+def test_a_search_of_other_model_settings_is_refused(tmp_path):
     _fake_search(paper, tmp_path, "marn", 0.05, reversal_reaches="embedding")  # searched before a switch
     with pytest.raises(ValueError, match="reversal_reaches"):
         paper.tuned_configs(None, CONFIG, ["marn"], tmp_path)
@@ -89,19 +89,17 @@ def _steps(n: int, logged: bool) -> list[dict[str, float]]:
     return rows
 
 
-def test_figure_6a_trends_the_unweighted_d1_loss_and_still_reads_old_runs(scripts, tmp_path):  # noqa: F811
-    _, report = scripts
-    new = report.figure_losses(tmp_path / "new.png", {"steps_per_epoch": 20, "steps": _steps(60, True)})
+def test_figure_6a_trends_the_unweighted_d1_loss_and_still_reads_old_runs(tmp_path):
+    new = figure_losses(tmp_path / "new.png", {"steps_per_epoch": 20, "steps": _steps(60, True)})
     assert new["loss"] == "d1_ce" and new["adv_last_tenth"] > new["adv_first_tenth"]  # w-weighted adv falls
-    old = report.figure_losses(tmp_path / "old.png", {"steps_per_epoch": 20, "steps": _steps(60, False)})
+    old = figure_losses(tmp_path / "old.png", {"steps_per_epoch": 20, "steps": _steps(60, False)})
     assert old["loss"] == "adv" and old["adv_last_tenth"] < old["adv_first_tenth"]
     for name in ("new.png", "old.png"):
         assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
 
 
-def test_instrumentation_at_the_best_epoch_and_early_stopping(scripts):  # noqa: F811
-    _, report = scripts
-    logged = _summary(report, "marn", [0.8, 0.81])
+def test_instrumentation_at_the_best_epoch_and_early_stopping():
+    logged = _summary("marn", [0.8, 0.81])
     logged.best_rows.extend(
         {
             "epoch": 2,
@@ -114,20 +112,20 @@ def test_instrumentation_at_the_best_epoch_and_early_stopping(scripts):  # noqa:
         }
         for ce in (1.2, 1.4)
     )
-    assert report.instrumentation(logged) == {
+    assert instrumentation(logged) == {
         "d1_ce": [1.2, 1.4],
         "d1_acc": [0.5, 0.5],
         "d0_acc": [1.0, 1.0],
         "ds_acc": [0.9, 0.9],
         "w_norm_ids": [0.9, 0.9],
     }
-    old = _summary(report, "base_maf_ddma", [0.8, 0.81])
+    old = _summary("base_maf_ddma", [0.8, 0.81])
     old.best_rows.extend({"epoch": 2, "valid_auc": 0.8, "adv": 0.01} for _ in range(2))
-    assert report.instrumentation(old) == {}
-    table = report.instrumentation_table({"marn": logged, "base_maf_ddma": old}, ["base_maf_ddma", "marn"])
+    assert instrumentation(old) == {}
+    table = instrumentation_table({"marn": logged, "base_maf_ddma": old}, ["base_maf_ddma", "marn"])
     assert "| MARN | 1.300 | 0.500 | 1.000 | 0.900 | 0.900 |" in table and "DDMA" not in table
-    assert report.instrumentation_table({"base_maf_ddma": old}, ["base_maf_ddma"]) == ""
+    assert instrumentation_table({"base_maf_ddma": old}, ["base_maf_ddma"]) == ""
     # _summary's runs: 2 epochs, best 2: the cap ended them, not early stopping
-    assert report.stopped_early(logged, patience=1) == [False, False]
-    stopped = report.Summary("x", [0.8], [0.8], [3], [1.0], [1], [[0.8, 0.7, 0.7]])
-    assert report.stopped_early(stopped, patience=2) == [True]
+    assert stopped_early(logged, patience=1) == [False, False]
+    stopped = Summary("x", [0.8], [0.8], [3], [1.0], [1], [[0.8, 0.7, 0.7]])
+    assert stopped_early(stopped, patience=2) == [True]

@@ -1,50 +1,27 @@
-"""benchmarks/paper.py and paper_report.py: the held-out-items data, the tables and the claim checks."""
+"""benchmarks/paper.py and benchmarks/paper_report/: the held-out-items data, tables and claim checks."""
 
 from __future__ import annotations
-
-import importlib.util
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from benchmarks import paper
+from benchmarks.paper_report.claims import table_claims
+from benchmarks.paper_report.markdown import cold_markdown, model_table, popularity_markdown
+from benchmarks.paper_report.runs import TABLE2, TABLE3, Summary
+from benchmarks.paper_report.significance import auc_standard_error, welch
 from marn.data.tensors import PAD, EncodedSamples
 from marn.models import model_names
 
-_BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 
-
-def _load(name: str):
-    """A benchmark script as a module (benchmarks/ is not a package; scripts import their siblings)."""
-    spec = importlib.util.spec_from_file_location(name, _BENCHMARKS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve their module through sys.modules
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture(scope="module")
-def scripts():
-    with pytest.MonkeyPatch.context() as patch:
-        patch.syspath_prepend(str(_BENCHMARKS))
-        report = _load("paper_report")
-        paper = _load("paper")
-    yield paper, report
-    for name in ("paper", "paper_report"):
-        sys.modules.pop(name, None)
-
-
-def test_the_grid_is_every_registered_model_once(scripts):
-    paper, _ = scripts
+def test_the_grid_is_every_registered_model_once():
     models = paper.paper_models()
     assert sorted(models) == sorted(model_names())
     assert len(models) == len(set(models)) == 18  # the paper's 17 and the popularity reference
 
 
-def test_cold_items_are_a_seeded_share_of_real_item_codes(scripts):
-    paper, _ = scripts
+def test_cold_items_are_a_seeded_share_of_real_item_codes():
     held = paper.cold_items(200, 0.1, seed=3)
     assert len(held) == 20 and held.min() >= 1 and held.max() <= 200
     assert torch.equal(held, torch.sort(held).values) and len(torch.unique(held)) == 20
@@ -54,8 +31,7 @@ def test_cold_items_are_a_seeded_share_of_real_item_codes(scripts):
         paper.cold_items(200, 1.0, seed=3)
 
 
-def test_without_items_drops_candidates_and_cuts_histories(scripts):
-    paper, _ = scripts
+def test_without_items_drops_candidates_and_cuts_histories():
     t = {
         "item": torch.tensor([5, 7, 9]),
         "label": torch.tensor([1.0, 0.0, 1.0]),
@@ -80,59 +56,52 @@ def test_without_items_drops_candidates_and_cuts_histories(scripts):
     assert out.times.tolist() == times[[0, 2]].tolist()
 
 
-def test_welch_matches_a_hand_computation(scripts):
-    _, report = scripts
+def test_welch_matches_a_hand_computation():
     a, b = [0.80, 0.81, 0.82], [0.78, 0.79, 0.77]
     # means 0.81 and 0.78, both variances 1e-4: t = 0.03 / sqrt(2e-4 / 3)
-    result = report.welch(a, b)
+    result = welch(a, b)
     assert result["t"] == pytest.approx(0.03 / np.sqrt(2e-4 / 3))
     assert result["p_one_sided"] == pytest.approx(result["p_two_sided"] / 2)
-    assert report.welch(b, a)["p_one_sided"] == pytest.approx(1 - result["p_two_sided"] / 2)
+    assert welch(b, a)["p_one_sided"] == pytest.approx(1 - result["p_two_sided"] / 2)
 
 
-def _summary(report, name: str, aucs: list[float]):
-    return report.Summary(name, aucs, aucs, [2] * len(aucs), [1.0] * len(aucs), [2] * len(aucs), [[0.6, 0.7]])
+def _summary(name: str, aucs: list[float]):
+    return Summary(name, aucs, aucs, [2] * len(aucs), [1.0] * len(aucs), [2] * len(aucs), [[0.6, 0.7]])
 
 
-def test_claims_follow_the_numbers(scripts):
-    _, report = scripts
-    runs = {
-        name: _summary(report, name, [0.70 + 0.001 * k for k in range(5)])
-        for name in report.TABLE2 + report.TABLE3
-    }
-    runs["marn"] = _summary(report, "marn", [0.75, 0.751, 0.752, 0.753, 0.754])  # far ahead
-    runs["lr"] = _summary(report, "lr", [0.60, 0.601, 0.602, 0.603, 0.604])
-    claims = {c.text: c for c in report.table_claims(runs)}
+def test_claims_follow_the_numbers():
+    runs = {name: _summary(name, [0.70 + 0.001 * k for k in range(5)]) for name in TABLE2 + TABLE3}
+    runs["marn"] = _summary("marn", [0.75, 0.751, 0.752, 0.753, 0.754])  # far ahead
+    runs["lr"] = _summary("lr", [0.60, 0.601, 0.602, 0.603, 0.604])
+    claims = {c.text: c for c in table_claims(runs)}
     best = claims["MARN beats the best other model significantly (Table 2)"]
     assert best.holds is True and "MARN 0.7520" in best.here
     assert claims["Neural models beat LR and FM (group 1)"].holds is False  # FM ties the neural models
     assert claims["MAF beats CONC"].holds is False  # equal runs: not significant
-    runs["base_maf"] = _summary(report, "base_maf", [0.69, 0.691, 0.692, 0.693, 0.694])
-    assert {c.text: c for c in report.table_claims(runs)}["MAF beats CONC"].holds is False
+    runs["base_maf"] = _summary("base_maf", [0.69, 0.691, 0.692, 0.693, 0.694])
+    assert {c.text: c for c in table_claims(runs)}["MAF beats CONC"].holds is False
     del runs["base_conc"]
-    assert {c.text: c for c in report.table_claims(runs)}["MAF beats CONC"].holds is None
+    assert {c.text: c for c in table_claims(runs)}["MAF beats CONC"].holds is None
 
 
-def test_model_table_marks_missing_models(scripts):
-    _, report = scripts
-    table = report.model_table({"marn": _summary(report, "marn", [0.8, 0.82])}, ["marn", "naml"])
+def test_model_table_marks_missing_models():
+    table = model_table({"marn": _summary("marn", [0.8, 0.82])}, ["marn", "naml"])
     lines = table.splitlines()
     assert lines[2].startswith("| MARN | 0.8100 ± 0.0141 |") and "0.8034 / 0.7909 / 0.7486" in lines[2]
     assert lines[3].startswith("| NAML | not run |")
 
 
-def test_popularity_and_cold_tables(scripts):
-    _, report = scripts
+def test_popularity_and_cold_tables():
     levels = [{"level": k, "samples": 10, "min_count": k, "max_count": k + 1} for k in range(10)]
     table = {
         "levels": levels,
         "base_ids": [[0.60]] * 5 + [[0.80]] * 5,
         "marn": [[0.70]] * 5 + [[0.80]] * 5,
     }
-    markdown, (claim,) = report.popularity_markdown(table)
+    markdown, (claim,) = popularity_markdown(table)
     assert "| GAP | +10.0% |" in markdown and claim.holds is True
     table["marn"] = [[0.60]] * 5 + [[0.85]] * 5
-    assert report.popularity_markdown(table)[1][0].holds is False
+    assert popularity_markdown(table)[1][0].holds is False
 
     cold = {
         name: {
@@ -143,19 +112,18 @@ def test_popularity_and_cold_tables(scripts):
         }
         for name, r in (("base_ids", 0.2), ("marn", 0.3))
     }
-    markdown, (claim,) = report.cold_markdown(cold)
+    markdown, (claim,) = cold_markdown(cold)
     assert "| RANDOM (expected) | 20.0% | 100.0% |" in markdown
     assert claim.holds is True and "2 of 2" in claim.here
 
 
-def test_auc_standard_error_matches_hanley_mcneil(scripts):
-    _, report = scripts
+def test_auc_standard_error_matches_hanley_mcneil():
     # Chance AUC with 50 + 50 samples: variance (0.25 + 2 * 49 * (1/3 - 1/4)) / 2500, SE about 0.0580.
-    assert report.auc_standard_error(0.5, 50, 50) == pytest.approx(0.0580, abs=1e-4)
-    assert report.auc_standard_error(0.85, 943, 943) < report.auc_standard_error(0.85, 100, 100)
+    assert auc_standard_error(0.5, 50, 50) == pytest.approx(0.0580, abs=1e-4)
+    assert auc_standard_error(0.85, 943, 943) < auc_standard_error(0.85, 100, 100)
 
 
-def test_held_out_items_are_held_out_of_the_statistics_too(scripts, tmp_path):
+def test_held_out_items_are_held_out_of_the_statistics_too(tmp_path):
     """Table 5's items: dropped from train and valid, and their counts come from test clicks alone, so a
     held-out item's test candidate reads the count of earlier test clicks, never of its removed events."""
     from marn.config import load_config
@@ -164,7 +132,6 @@ def test_held_out_items_are_held_out_of_the_statistics_too(scripts, tmp_path):
     from marn.data.synth import synthesize
     from marn.train import prepare_inputs
 
-    paper, _ = scripts
     cfg = load_config(
         None,
         {

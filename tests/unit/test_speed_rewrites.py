@@ -57,13 +57,22 @@ def _one_by_one(model, batch):
     return torch.cat([model({k: v[i : i + 1] for k, v in batch.items()}).logits for i in range(n)])
 
 
-@pytest.mark.parametrize("name", ["marn", "base_maf", "din"])
+@pytest.mark.parametrize(
+    "name", ["marn", "base_maf", "base_conc", "din", "dupn", "dmf", "mmss", "naml", "naml[naml user]"]
+)
 def test_a_shared_history_gives_the_scores_and_gradients_of_separate_runs(tiny_world, name):
+    from marn.models.naml import NAML
+    from marn.models.registry import build_model
+
     torch.manual_seed(0)
     if name == "din":
         model = DIN(tiny_world.catalog, tiny_world.features, tiny_world.model_cfg)
-    else:
+    elif name == "naml[naml user]":
+        model = NAML(tiny_world.catalog, tiny_world.features, tiny_world.model_cfg, user_encoder="naml")
+    elif name in VARIANTS:
         model = MARN(tiny_world.catalog, tiny_world.features, tiny_world.model_cfg, VARIANTS[name])
+    else:
+        model = build_model(name, tiny_world.catalog, tiny_world.features, tiny_world.model_cfg)
     model = model.double().eval()  # eval: batch statistics (Dice, BatchNorm) would couple the samples
     batch = _paired_batch(tiny_world)
     together = model(batch).logits
@@ -171,3 +180,86 @@ def test_dien_shared_history_gives_the_scores_and_aux_loss_of_separate_runs(tiny
     expanded = model.auxiliary_loss(states[which], history[which], negative[which], mask[which])
     assert (shared - expanded).abs() < 1e-12
     assert (model.auxiliary_loss(states, history, negative, mask) - expanded).abs() > 1e-3  # counts matter
+
+
+@pytest.mark.parametrize("min_rows", [1, 3, 100])
+def test_length_buckets_give_the_user_vectors_and_gradients_of_one_padded_call(min_rows):
+    """APGRU + candidate attention over histories of lengths 0..11, run per power-of-two length bucket
+    (floor 2), against one call over the whole padded width; buckets of fewer than ``min_rows`` merge
+    upward (100: everything in one call)."""
+    from marn.models.layers import by_length, sequence_mask
+    from marn.models.marn import APGRU
+
+    torch.manual_seed(0)
+    apgru = APGRU(input_dim=6, property_dim=3, hidden=5, attention_hidden=(4,)).double()
+    hist_len = torch.tensor([11, 0, 1, 2, 3, 5, 8, 9, 4, 2, 1, 7])  # (K,)
+    k, width = len(hist_len), int(hist_len.max())
+    reps = torch.randn(k, width, 6, dtype=torch.float64, requires_grad=True)
+    props = torch.randn(k, width, 3, dtype=torch.float64)
+    mask = sequence_mask(hist_len, width)
+    which = torch.tensor([3, 0, 0, 11, 5, 1, 2, 7, 7, 6, 9, 10, 4, 8, 8, 3])  # (B,) every history read
+    candidate = torch.randn(len(which), 6, dtype=torch.float64, requires_grad=True)
+    calls = []
+
+    def encode(rows, samples, own, steps):
+        calls.append((len(rows), steps))
+        assert steps == max(int(hist_len[rows].max()), 1)
+        return apgru(reps[rows, :steps], props[rows, :steps], mask[rows, :steps], candidate[samples], own)
+
+    bucketed = by_length(hist_len, which, encode, floor=2, min_rows=min_rows)
+    whole = apgru(reps, props, mask, candidate, which)
+    assert (bucketed - whole).abs().max() < 1e-12
+    expected_calls = {1: 4, 3: 3, 100: 1}[min_rows]  # ranges (0,2], (2,4], (4,8], (8,16]: 5, 2, 3, 2 rows
+    assert len(calls) == expected_calls and sum(n for n, _ in calls) == k
+    g_bucketed = torch.autograd.grad(bucketed.pow(2).sum(), (reps, candidate))
+    g_whole = torch.autograd.grad(whole.pow(2).sum(), (reps, candidate))
+    assert all((a - b).abs().max() < 1e-12 for a, b in zip(g_bucketed, g_whole, strict=True))
+
+
+def test_length_buckets_handle_an_empty_batch():
+    from marn.models.layers import by_length
+
+    out = by_length(
+        torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long), lambda *a: torch.zeros(0, 4)
+    )
+    assert out.shape == (0, 4)
+
+
+@pytest.mark.parametrize(
+    ("name", "switches", "weighting", "scale"),
+    [
+        ("marn", {}, "loss", 1.0),
+        ("marn", {"d1_weights": "raw", "pool_weights": "per_item"}, "loss", 0.3),
+        ("marn", {"reversal_reaches": "embedding"}, "input", 1.0),
+        ("base_maf_adv", {}, "loss", 1.0),
+    ],
+)
+def test_factored_adversary_equals_the_per_state_losses(tiny_world, name, switches, weighting, scale):
+    """Training scores each item's own modalities once and counts them per state: the losses, their
+    gradients and the diagnostics equal those of every state's parts computed and stored separately."""
+    torch.manual_seed(0)
+    cfg = type(tiny_world.model_cfg).model_validate({**tiny_world.model_cfg.model_dump(), **switches})
+    model = MARN(tiny_world.catalog, tiny_world.features, cfg, VARIANTS[name], d1_weighting=weighting)
+    model = model.double().train()
+    unique, _ = batch_items(tiny_world.train.batch(torch.arange(64)))  # PAD and items on several days
+    counts = torch.bincount(unique.items)
+    assert counts[0] == 1 and counts[1:].max() > 1  # the factoring has states to share
+    factored = model.factor(unique)
+    parts = model.decompose(unique)
+    assert (factored.rep - parts.rep).abs().max() < 1e-12
+    losses, diagnostics = model.adversary(unique, factored, scale)
+    expected = model.adversarial_losses(unique, parts, scale)
+    assert set(losses) == set(expected)
+    for key in expected:
+        assert (losses[key] - expected[key]).abs() < 1e-12, key
+    expected_diagnostics = model.adversarial_diagnostics(unique, parts)
+    assert set(diagnostics) == set(expected_diagnostics)
+    for key, value in expected_diagnostics.items():
+        assert (diagnostics[key] - value).abs() < 1e-6, key  # accuracies: float32 means there
+    grads = []
+    for total in (sum(losses.values()) + factored.rep.sum(), sum(expected.values()) + parts.rep.sum()):
+        model.zero_grad()
+        total.backward()
+        grads.append([p.grad for p in model.parameters()])
+    for a, b in zip(*grads, strict=True):
+        assert (a is None) == (b is None) and (a is None or (a - b).abs().max() < 1e-10)
