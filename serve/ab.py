@@ -256,3 +256,117 @@ class FeedbackBody(BaseModel):
     item_id: str = Field(min_length=1, max_length=256)
     clicked: bool
     request_id: str = Field(min_length=1, max_length=64_000)  # serve/tokens.py: about 11 k at 1,000 items
+
+
+# -- response bodies: what the routes return, so /openapi.json documents the real shapes ------------------
+
+
+class Answer(BaseModel):
+    """The base of every response model: the service builds these, and a field it forgets fails loudly."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class PredictResponse(Answer):
+    """POST /predict's answer: one click probability per candidate, in candidate order."""
+
+    arm: str = Field(description="the arm that answered (the assigned one, or the other while it is down)")
+    model_version: str = Field(description="the registry version of that arm's model")
+    scores: list[float] = Field(description="click probabilities in [0, 1], one per candidate, in order")
+    request_id: str = Field(description="HMAC-signed id of this answer; /feedback must send it back")
+
+
+class FeedbackAccepted(Answer):
+    """POST /feedback's 202: the click was counted for the arm that served it."""
+
+    accepted: Literal[True] = True
+    arm: str
+
+
+class FieldProblem(Answer):
+    field: str = Field(description="dotted path of the field in the body ('' for the body itself)")
+    problem: str
+
+
+class Refusal(Answer):
+    reason: str = Field(description="why feedback was refused; counted under GET /ab rejected_feedback")
+
+
+class ErrorBody(Answer):
+    """Every 4xx/5xx: a message, and for some the details (the fields that failed, a refusal's reason)."""
+
+    error: str
+    details: list[FieldProblem] | Refusal | None = None
+
+
+class Health(Answer):
+    ok: bool = Field(description="false until the router has its weights (then /predict answers 503)")
+    arms: list[str]
+    weights: dict[str, float] | None
+
+
+class LatencyPercentiles(Answer):
+    """Milliseconds over the latest requests answered (None before the first)."""
+
+    p50: float | None
+    p95: float | None
+    p99: float | None
+
+
+class ClusterCounts(Answer):
+    """Per-user sums behind the user-clustered CTR variance (serve/sequential.py)."""
+
+    users: int
+    clicks_sq: int
+    feedback_sq: int
+    clicks_x_feedback: int
+
+
+class ArmCounts(Answer):
+    requests: int
+    errors: int
+    latency_ms: LatencyPercentiles
+    feedback: int
+    clicks: int
+    ctr: float | None
+    clusters: ClusterCounts
+
+
+class ArmSummary(ArmCounts):
+    """One arm since the ledger started, plus since the last weight change and its shadow-scored requests."""
+
+    since_weight_change: ArmCounts
+    shadow: ArmCounts
+
+
+class CtrDifference(Answer):
+    """CTR(candidate) - CTR(baseline) since the start, its user-clustered standard error (display only)."""
+
+    candidate: str
+    baseline: str
+    difference: float | None
+    se: float | None
+
+
+class CanaryNext(Answer):
+    action: Literal["advance", "hold", "rollback", "done"]
+    weights: dict[str, float]
+    reason: str
+
+
+class CanaryState(Answer):
+    steps: list[float] = Field(description="the candidate's traffic shares the ramp walks through")
+    next: CanaryNext = Field(description="what `marn serve promote` would do now")
+
+
+class ABSummary(Answer):
+    """GET /ab: the ledger's numbers and this router replica's weights and canary judgement."""
+
+    weights: dict[str, float] | None
+    shadow: bool | None
+    arms: dict[str, ArmSummary]
+    ctr_test: CtrDifference
+    rejected_feedback: dict[str, int] = Field(description="refused feedback by reason (never in the CTR)")
+    events_folded: int = Field(description="events counted without latency sample (router buffer was full)")
+    events_buffered: int = Field(description="events this router replica has not flushed to the ledger yet")
+    canary: CanaryState | None = Field(None, description="absent unless exactly two arms")

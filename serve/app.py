@@ -13,11 +13,13 @@
 ``build_app`` is the import path Serve configs (``marn serve up``, KubeRay's RayService) name:
 ``serve.app:build_app`` with args ``{"config": PATH}``. The HTTP contract is the README's.
 
-The HTTP logic lives in ``RouterCore`` (no Ray), so ``asgi_app`` can serve it in-process for tests; the
-Serve ``Router`` deployment wraps one core around deployment handles.
+The HTTP logic lives in ``RouterCore`` (no Ray) and its routes in ``asgi_app(core)``, a FastAPI app with
+Pydantic request and response models (serve/ab.py): the Serve ``Router`` deployment builds one per replica
+around a core over deployment handles, and tests serve one in-process. Bodies are read bounded (413) and
+parsed hardened (400) before FastAPI validates them against the models (422).
 """
 
-# No `from __future__ import annotations`: FastAPI reads the handlers' annotations (Request) at runtime.
+# No `from __future__ import annotations`: FastAPI reads the route functions' annotations at runtime.
 import asyncio
 import json
 import logging
@@ -27,10 +29,11 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, Protocol
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import ValidationError
+from fastapi.routing import APIRoute
+from fastapi_offline import FastAPIOffline
 from ray import serve
 from ray.serve import Application
 from ray.serve.handle import DeploymentHandle
@@ -38,13 +41,20 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from marn.config import Config, ServeConfig, dump_config, load_config, parse_config
 from serve.ab import (
+    ABSummary,
+    ErrorBody,
+    FeedbackAccepted,
     FeedbackBody,
+    Health,
     PredictBody,
+    PredictResponse,
     RouterSettings,
     assign_arm,
     canary_decision,
     starting_weights,
 )
+from serve.dashboard.history import ABHistory, HistoryRing
+from serve.dashboard.page import add_dashboard
 from serve.ledger_store import (
     Batch,
     EventBuffer,
@@ -92,6 +102,17 @@ def error(status: int, message: str, details: Any = None) -> JSONResponse:
     return ErrorResponse(body, status_code=status)
 
 
+def field_problems(errors: list[dict[str, Any]]) -> list[dict[str, str]]:
+    """Pydantic's errors as {"field", "problem"}, at most MAX_ERROR_DETAILS, each cut to 300 characters."""
+    return [
+        {
+            "field": ".".join(map(str, e["loc"][1:] if e["loc"][:1] == ("body",) else e["loc"]))[:300],
+            "problem": str(e["msg"])[:300],
+        }
+        for e in errors[:MAX_ERROR_DETAILS]
+    ]
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -99,29 +120,26 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return error(422, "invalid request", [str(e.get("msg")) for e in exc.errors()])
+        return error(422, "invalid request", field_problems(list(exc.errors())))
 
 
-api = FastAPI(title="MARN A/B serving", docs_url=None, redoc_url=None)
-install_error_handlers(api)
+# -- the request body: read bounded and parsed hardened before FastAPI validates it against the model ------
 
 
-# -- the request body ------------------------------------------------------------------------------------
-
-
-async def read_body(request: Request, max_bytes: int) -> bytes | JSONResponse:
+async def read_body(request: Request, max_bytes: int) -> bytes:
     """The raw body, read as a stream and refused (413) as soon as it passes ``max_bytes``: a chunked body
-    or a lying Content-Length is never buffered past the cap."""
+    or a lying Content-Length is never buffered past the cap. (Starlette's own body limit answers in plain
+    text; every error here is JSON.)"""
     declared = request.headers.get("content-length")
     if declared is not None and (not declared.isdigit() or len(declared) > 12):
-        return error(400, "invalid Content-Length")
+        raise StarletteHTTPException(400, "invalid Content-Length")
     if declared is not None and int(declared) > max_bytes:
-        return error(413, f"request body over {max_bytes} bytes")
+        raise StarletteHTTPException(413, f"request body over {max_bytes} bytes")
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > max_bytes:
-            return error(413, f"request body over {max_bytes} bytes")
+            raise StarletteHTTPException(413, f"request body over {max_bytes} bytes")
         chunks.append(chunk)
     return b"".join(chunks)
 
@@ -139,12 +157,22 @@ def _constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
-def parse_object(raw: bytes, content_type: str | None) -> dict[str, Any] | JSONResponse:
-    """A JSON object from UTF-8 bytes; 400 for another charset, bad UTF-8, bad JSON, NaN/Infinity, number
-    literals over 40 characters, nesting past the interpreter's recursion limit, or a non-object."""
-    charset = _charset(content_type)
-    if charset not in (None, "utf-8", "utf8"):
-        return error(400, f"the body must be UTF-8 JSON, not {charset[:40]!r}")
+def check_media_type(content_type: str | None) -> None:
+    """415 unless the body is declared ``application/json`` (a missing type too, as FastAPI's strict
+    default: a cross-site form post cannot declare it); 400 for a charset other than UTF-8."""
+    media, *params = (content_type or "").split(";")
+    if media.strip().lower() != "application/json":
+        raise StarletteHTTPException(415, f"the body must be application/json, not {media.strip()[:60]!r}")
+    for param in params:
+        key, _, value = param.partition("=")
+        charset = value.strip().strip('"').lower()
+        if key.strip().lower() == "charset" and charset not in ("utf-8", "utf8"):
+            raise StarletteHTTPException(400, f"the body must be UTF-8 JSON, not {charset[:40]!r}")
+
+
+def parse_object(raw: bytes) -> dict[str, Any]:
+    """A JSON object from UTF-8 bytes; 400 for bad UTF-8, bad JSON, NaN/Infinity, number literals over 40
+    characters, nesting past the interpreter's recursion limit, or a non-object."""
     try:
         text = raw.decode("utf-8")
         data = json.loads(
@@ -154,40 +182,59 @@ def parse_object(raw: bytes, content_type: str | None) -> dict[str, Any] | JSONR
             parse_constant=_constant,
         )
     except UnicodeDecodeError as err:
-        return error(400, f"the body is not UTF-8: {err.reason} at byte {err.start}")
+        raise StarletteHTTPException(
+            400, f"the body is not UTF-8: {err.reason} at byte {err.start}"
+        ) from None
     except RecursionError:
-        return error(400, "malformed JSON: nested too deeply")
+        raise StarletteHTTPException(400, "malformed JSON: nested too deeply") from None
     except ValueError as err:  # json.JSONDecodeError and the literal checks above
-        return error(400, f"malformed JSON: {str(err)[:200]}")
+        raise StarletteHTTPException(400, f"malformed JSON: {str(err)[:200]}") from None
     if not isinstance(data, dict):
-        return error(400, f"expected a JSON object, got {type(data).__name__}")
+        raise StarletteHTTPException(400, f"expected a JSON object, got {type(data).__name__}")
     return data
 
 
-def _charset(content_type: str | None) -> str | None:
-    for param in (content_type or "").split(";")[1:]:
-        key, _, value = param.partition("=")
-        if key.strip().lower() == "charset":
-            return value.strip().strip('"').lower()
-    return None
+class ParsedJSONRequest(Request):
+    """The request with its body already read and parsed: FastAPI validates ``json()`` against the route's
+    Pydantic model (422 with the failing fields) without reading or parsing it again."""
+
+    def __init__(self, request: Request, raw: bytes, data: dict[str, Any]):
+        super().__init__(request.scope, request.receive)
+        self._raw, self._data = raw, data
+
+    async def body(self) -> bytes:
+        return self._raw
+
+    async def json(self) -> Any:
+        return self._data
 
 
-async def read_json(request: Request, schema: type, max_bytes: int = MAX_BODY_BYTES) -> Any:
-    """The request body validated against ``schema``, or the JSONResponse (4xx) that explains why not."""
-    raw = await read_body(request, max_bytes)
-    if isinstance(raw, JSONResponse):
-        return raw
-    data = parse_object(raw, request.headers.get("content-type"))
-    if isinstance(data, JSONResponse):
-        return data
-    try:
-        return schema.model_validate(data)
-    except ValidationError as err:
-        details = [
-            {"field": ".".join(map(str, e["loc"]))[:300], "problem": e["msg"][:300]}
-            for e in err.errors()[:MAX_ERROR_DETAILS]
-        ]
-        return error(422, "invalid request", details)
+def json_body_route(on_refused: Callable[[], None] | None = None) -> type[APIRoute]:
+    """A route class whose body is checked by :func:`check_media_type` (415/400), read with
+    :func:`read_body` (413) and parsed by :func:`parse_object` (400) before FastAPI validates it (422);
+    ``on_refused`` is called for each of those refusals (feedback counts them as ``invalid_body``)."""
+
+    class JSONBodyRoute(APIRoute):
+        def get_route_handler(self) -> Callable[[Request], Awaitable[Response]]:
+            validated = super().get_route_handler()
+
+            async def handler(request: Request) -> Response:
+                try:
+                    check_media_type(request.headers.get("content-type"))
+                    raw = await read_body(request, MAX_BODY_BYTES)
+                    return await validated(ParsedJSONRequest(request, raw, parse_object(raw)))
+                except (StarletteHTTPException, RequestValidationError):
+                    if on_refused is not None:
+                        on_refused()
+                    raise
+
+            return handler
+
+    return JSONBodyRoute
+
+
+def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    return {status: {"model": ErrorBody} for status in statuses}
 
 
 # -- the router, without Ray -------------------------------------------------------------------------------
@@ -205,10 +252,16 @@ ScoreFn = Callable[[str, ScoreRequest], Awaitable[dict[str, Any]]]
 
 
 class RouterCore:
-    """Assignment, scoring with fallback, request ids, feedback checks and the event buffer."""
+    """Assignment, scoring with fallback, request ids, feedback checks, the event buffer and the history."""
 
     def __init__(
-        self, arms: list[str], score: ScoreFn, ledger: LedgerClient, serve_cfg: ServeConfig, secret: bytes
+        self,
+        arms: list[str],
+        score: ScoreFn,
+        ledger: LedgerClient,
+        serve_cfg: ServeConfig,
+        secret: bytes,
+        history: HistoryRing | None = None,
     ):
         self.arms, self.score, self.ledger = list(arms), score, ledger
         self.max_candidates, self.canary = serve_cfg.max_candidates, serve_cfg.canary
@@ -217,6 +270,7 @@ class RouterCore:
         # never the config file's, so the ledger's "since last change" counts go on.
         self.settings: RouterSettings | None = None
         self.buffer = EventBuffer(serve_cfg.max_buffered_events)
+        self.history = history or HistoryRing(self.arms)
         self.flusher: asyncio.Task | None = None
         self.background: set[asyncio.Task] = set()
 
@@ -227,14 +281,13 @@ class RouterCore:
             raise ValueError(f"weights name arms {sorted(unknown)}; this app serves {self.arms}")
         weights = {arm: settings.weights.get(arm, 0.0) for arm in self.arms}  # keep the assignment order
         self.settings = RouterSettings(weights=weights, shadow=settings.shadow)
-        self.buffer.add(("weights", weights, time.time()))
+        now = time.time()
+        self.buffer.add(("weights", weights, now))
+        self.history.weights_changed(weights, now)
         log.info("router weights %s, shadow %s", weights, settings.shadow)
 
-    async def predict(self, request: Request) -> JSONResponse:
+    async def predict(self, body: PredictBody) -> PredictResponse | JSONResponse:
         started = time.perf_counter()
-        body = await read_json(request, PredictBody)
-        if isinstance(body, JSONResponse):
-            return body
         if len(body.candidates) > self.max_candidates:
             return error(
                 422, f"at most {self.max_candidates} candidates a request, got {len(body.candidates)}"
@@ -260,16 +313,21 @@ class RouterCore:
         if answer is None:
             return error(503, "no arm could score this request; retry later")
         # Signed for the arm and version that answered (the fallback's, when the assigned arm was down).
-        answer["request_id"] = self.signer.issue(
+        request_id = self.signer.issue(
             body.user_id, answer["arm"], answer["model_version"], body.candidates, time.time()
         )
-        return JSONResponse(answer)
+        return PredictResponse(
+            arm=answer["arm"],
+            model_version=answer["model_version"],
+            scores=answer["scores"],
+            request_id=request_id,
+        )
 
-    async def feedback(self, request: Request) -> JSONResponse:
-        body = await read_json(request, FeedbackBody)
-        if isinstance(body, JSONResponse):
-            self._reject("invalid_body")
-            return body
+    def invalid_feedback_body(self) -> None:
+        """A /feedback body refused before it reached :meth:`feedback` (4xx): counted, never in the CTR."""
+        self._reject("invalid_body")
+
+    async def feedback(self, body: FeedbackBody) -> FeedbackAccepted | JSONResponse:
         self._start_flusher()
         try:
             served = self.signer.verify(body.request_id, time.time())
@@ -297,15 +355,38 @@ class RouterCore:
             return error(
                 REJECTION_STATUS["replayed"], "feedback for this request and item was already counted"
             )
-        return JSONResponse({"accepted": True, "arm": served.arm}, status_code=202)
+        return FeedbackAccepted(arm=served.arm)
 
-    async def ab(self) -> JSONResponse:
+    async def ab(self) -> ABSummary | JSONResponse:
+        summary = await self._summary()
+        if summary is None:
+            return error(503, "the ledger is unavailable; retry later")
+        if self.history.due(time.time()):
+            self.history.add(summary, time.time())
+        return summary
+
+    async def ab_history(self) -> ABHistory:
+        """The snapshot ring; a fresh snapshot first when the latest is older than the interval (an idle
+        router has no flush loop running to take them)."""
+        if self.history.due(time.time()):
+            await self._snapshot()
+        return self.history.view()
+
+    async def healthz(self) -> Health:
+        weights = self.settings.weights if self.settings else None
+        return Health(ok=self.settings is not None, arms=self.arms, weights=weights)
+
+    # -- internals -----------------------------------------------------------------------------------------
+
+    async def _summary(self) -> ABSummary | None:
+        """The ledger's numbers (after a flush) with this replica's weights and canary judgement; None while
+        the ledger is unavailable."""
         await self._flush()
         try:
             summary = await asyncio.wait_for(self.ledger.summary(), LEDGER_TIMEOUT_S)
         except Exception as err:  # the ledger restarting
             log.warning("ledger unavailable for the summary: %r", err)
-            return error(503, "the ledger is unavailable; retry later")
+            return None
         summary["weights"] = self.settings.weights if self.settings else None  # this replica's
         summary["shadow"] = self.settings.shadow if self.settings else None
         summary["events_buffered"] = len(self.buffer)
@@ -315,13 +396,12 @@ class RouterCore:
                 "steps": list(self.canary.steps),
                 "next": {"action": decision.action, "weights": decision.weights, "reason": decision.reason},
             }
-        return JSONResponse(summary)
+        return ABSummary.model_validate(summary)
 
-    async def healthz(self) -> JSONResponse:
-        weights = self.settings.weights if self.settings else None
-        return JSONResponse({"ok": self.settings is not None, "arms": self.arms, "weights": weights})
-
-    # -- internals -----------------------------------------------------------------------------------------
+    async def _snapshot(self) -> None:
+        summary = await self._summary()
+        if summary is not None:  # the ledger restarting: this interval has no point
+            self.history.add(summary, time.time())
 
     def _refuse(self, reason: str, message: str) -> JSONResponse:
         self._reject(reason)
@@ -376,16 +456,52 @@ class RouterCore:
         while True:
             await asyncio.sleep(FLUSH_EVERY_S)
             await self._flush()
+            if self.history.due(time.time()):
+                await self._snapshot()
 
 
 def asgi_app(core: RouterCore) -> FastAPI:
-    """The same HTTP routes as the Serve router, over ``core`` in this process (tests, tools)."""
-    app = FastAPI(title="MARN A/B serving (in-process)", docs_url=None, redoc_url=None)
+    """The service's HTTP routes over ``core``: each Serve router replica builds one around its core, and
+    tests and tools serve one in this process. OpenAPI at /openapi.json, Swagger UI at /docs (its assets
+    from the fastapi-offline package: no CDN), the dashboard at /dashboard."""
+    app = FastAPIOffline(
+        title="MARN A/B serving",
+        version="1",
+        description="Sticky weighted A/B between the arms; the contract is docs/design.md's.",
+        docs_url="/docs",
+        redoc_url=None,
+        static_url="/docs/static",
+    )
     install_error_handlers(app)
-    app.post("/predict")(core.predict)
-    app.post("/feedback")(core.feedback)
-    app.get("/ab")(core.ab)
-    app.get("/healthz")(core.healthz)
+    app.router.add_api_route(  # the router's method: the app's has no route_class_override
+        "/predict",
+        core.predict,
+        methods=["POST"],
+        response_model=PredictResponse,
+        responses=_errors(400, 413, 415, 422, 503),
+        route_class_override=json_body_route(),
+        summary="Score candidates for a user on the user's arm",
+    )
+    app.router.add_api_route(
+        "/feedback",
+        core.feedback,
+        methods=["POST"],
+        status_code=202,
+        response_model=FeedbackAccepted,
+        responses=_errors(400, 403, 409, 410, 413, 415, 422, 503),
+        route_class_override=json_body_route(core.invalid_feedback_body),
+        summary="Count a click (or a view without one) on an item a /predict answer served",
+    )
+    app.get(
+        "/ab", response_model=ABSummary, responses=_errors(503), summary="Per-arm numbers, the canary's move"
+    )(core.ab)
+    app.get(
+        "/ab/history",
+        response_model=ABHistory,
+        summary="This router replica's ring of /ab snapshots (the dashboard's)",
+    )(core.ab_history)
+    app.get("/healthz", response_model=Health)(core.healthz)
+    add_dashboard(app)
     return app
 
 
@@ -484,9 +600,10 @@ class Ledger:
 
 
 @serve.deployment(max_ongoing_requests=128, health_check_period_s=5)
-@serve.ingress(api)
+@serve.ingress()
 class Router:
-    """Sticky weighted A/B between the arms; ``user_config`` = RouterSettings (weights, shadow)."""
+    """Sticky weighted A/B between the arms; ``user_config`` = RouterSettings (weights, shadow). Its HTTP
+    app is :func:`asgi_app` over this replica's core, built by Serve after ``__init__``."""
 
     def __init__(self, scorers: dict[str, DeploymentHandle], ledger: DeploymentHandle, config: str):
         cfg = parse_config(config)
@@ -499,27 +616,14 @@ class Router:
             resolve_secret(cfg.serve.secret_env),
         )
 
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        return asgi_app(self.core)
+
     async def _score_remote(self, arm: str, work: ScoreRequest) -> dict[str, Any]:
         return await self.scorers[arm].score.remote(work)
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         self.core.reconfigure(user_config)
-
-    @api.post("/predict")
-    async def predict(self, request: Request) -> JSONResponse:
-        return await self.core.predict(request)
-
-    @api.post("/feedback")
-    async def feedback(self, request: Request) -> JSONResponse:
-        return await self.core.feedback(request)
-
-    @api.get("/ab")
-    async def ab(self) -> JSONResponse:
-        return await self.core.ab()
-
-    @api.get("/healthz")
-    async def healthz(self) -> JSONResponse:
-        return await self.core.healthz()
 
 
 def build_app(args: dict[str, str]) -> Application:
