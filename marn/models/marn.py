@@ -145,6 +145,37 @@ def adversarial_weight(progress: float, lambda0: float, gamma: float) -> float:
     return lambda0 * (2.0 / (1.0 + math.exp(-gamma * progress)) - 1.0)
 
 
+class _ReLULinearOfConstant(torch.autograd.Function):
+    """relu(x W + b) for a constant x, from its value already computed with a live x: the same numbers,
+    and a gradient that reaches W and b only. Saves recomputing the product where a loss must not reach
+    the embedding (Ds' input S_m(e^m), D1's input I(e^m) with e^m detached)."""
+
+    @staticmethod
+    def forward(ctx, value, x, weight, bias, per_modality: bool):
+        ctx.save_for_backward(value, x)
+        ctx.per_modality = per_modality
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        value, x = ctx.saved_tensors
+        g = grad * (value > 0).to(grad.dtype)  # through the ReLU
+        if (
+            ctx.per_modality
+        ):  # value (U, K, O) = relu(einsum("uki,kio->uko", x, W) + b), W (K, I, O), b (K, O)
+            return None, None, torch.einsum("uki,uko->kio", x, g), g.sum(0), None
+        flat_g, flat_x = g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1])  # nn.Linear: W (O, I), b (O,)
+        return None, None, flat_g.t() @ flat_x, flat_g.sum(0), None
+
+
+def relu_linear_of_constant(
+    value: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, per_modality: bool
+) -> torch.Tensor:
+    """``value`` = relu(x W + b) (nn.Linear's layout, or PerModalityLinear's with ``per_modality``) as if x
+    were detached: equal to recomputing it from ``x.detach()``, without the product."""
+    return _ReLULinearOfConstant.apply(value.detach(), x.detach(), weight, bias, per_modality)
+
+
 class PerModalityLinear(nn.Module):
     """M independent linear maps applied in one einsum: (U, M, D_in) -> (U, M, D_out)."""
 
@@ -393,7 +424,11 @@ class MARN(CTRModel):
         out["invariant"] = invariant
         if self.training:  # D1 plays "for updating I": I(e^m) again, its input detached, stops the reversal
             reach_e = self.cfg.reversal_reaches == "embedding"
-            out["adv_input"] = invariant if reach_e else torch.relu(self.invariant(e.detach()))
+            out["adv_input"] = (
+                invariant
+                if reach_e
+                else relu_linear_of_constant(invariant, e, self.invariant.weight, self.invariant.bias, False)
+            )
         if self.variant.adversarial == "adv":
             out["w"] = torch.ones(invariant.shape[:2], device=e.device)  # ADV: no importance weights
             return out
@@ -401,7 +436,7 @@ class MARN(CTRModel):
         own = torch.softmax(logits, -1).gather(-1, at[None, :, None].expand(len(e), -1, 1)).squeeze(-1)
         out["d0_logits"], out["w"] = logits, (1.0 - own).detach()  # w^m in [0, 1], a constant
         if self.training:  # Ds: D1's weights on S_m(e^m), the gradient stopped before the embedding layer
-            out["ds_input"] = torch.relu(torch.einsum("uki,kio->uko", e.detach(), weight) + bias)  # (U, K, D)
+            out["ds_input"] = relu_linear_of_constant(specific, e, weight, bias, True)  # (U, K, D)
         return out
 
     def adversarial_losses(

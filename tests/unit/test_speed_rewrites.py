@@ -263,3 +263,34 @@ def test_factored_adversary_equals_the_per_state_losses(tiny_world, name, switch
         grads.append([p.grad for p in model.parameters()])
     for a, b in zip(*grads, strict=True):
         assert (a is None) == (b is None) and (a is None or (a - b).abs().max() < 1e-10)
+
+
+@pytest.mark.parametrize("per_modality", [False, True])
+def test_relu_linear_of_a_constant_reuses_the_value_and_stops_at_the_input(per_modality):
+    from marn.models.marn import relu_linear_of_constant
+
+    torch.manual_seed(0)
+    x = torch.randn(7, 3, 5, dtype=torch.float64, requires_grad=True)
+    if per_modality:
+        weight = torch.randn(3, 5, 4, dtype=torch.float64, requires_grad=True)
+        bias = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+
+        def product(inputs):
+            return torch.einsum("uki,kio->uko", inputs, weight) + bias
+    else:
+        weight = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
+        bias = torch.randn(4, dtype=torch.float64, requires_grad=True)
+
+        def product(inputs):
+            return torch.nn.functional.linear(inputs, weight, bias)
+
+    live = torch.relu(product(x))
+    reused = relu_linear_of_constant(live, x, weight, bias, per_modality)
+    recomputed = torch.relu(product(x.detach()))
+    assert torch.equal(reused, recomputed)
+    probe = torch.randn_like(live)
+    got = torch.autograd.grad((reused * probe).sum(), (weight, bias), retain_graph=True)
+    want = torch.autograd.grad((recomputed * probe).sum(), (weight, bias))
+    assert all((a - b).abs().max() < 1e-12 for a, b in zip(got, want, strict=True))
+    (reused * probe).sum().backward()
+    assert x.grad is None  # nothing reaches the input
