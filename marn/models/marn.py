@@ -409,14 +409,17 @@ class MARN(CTRModel):
         e, s^m, atten^m (MAF), c^m, D0's logits (U, K, M), w^m (U, K), and in training D1's input (adversarial
         variants) and Ds' input (DDMA)."""
         at = torch.tensor(index, device=e.device)
-        weight, bias = self.specific.weight[at], self.specific.bias[at]  # S_m of these modalities
+        # the modalities' own weights; a slice when they are adjacent (always, in MODALITIES order): its
+        # backward writes one block instead of accumulating through an index
+        rows = slice(index[0], index[-1] + 1) if index == list(range(index[0], index[-1] + 1)) else at
+        weight, bias = self.specific.weight[rows], self.specific.bias[rows]  # S_m of these modalities
         specific = torch.relu(torch.einsum("uki,kio->uko", e, weight) + bias)  # (U, K, D) s^m
         out: dict[str, torch.Tensor | None] = {"e": e, "specific": specific, "atten": None}
         out |= {"invariant": None, "w": None, "d0_logits": None, "ds_input": None, "adv_input": None}
         if self.variant.fusion == "maf":
             attention = self.fusion.attention
             out["atten"] = torch.tanh(
-                torch.einsum("uki,kio->uko", specific, attention.weight[at]) + attention.bias[at]
+                torch.einsum("uki,kio->uko", specific, attention.weight[rows]) + attention.bias[rows]
             )  # (U, K, D): one weight per modality and dimension
         if self.variant.adversarial == "none":
             return out
