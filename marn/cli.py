@@ -16,10 +16,10 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from marn.config import Config, ConfigError, default_config_path, load_config
+from marn.progress import progress_bar
 
 HELP = "MARN: multimodal adversarial CTR prediction, end to end."
 
@@ -101,7 +101,7 @@ def synthesize_with_progress(out: Path, cfg: Config):
     """Synthesize the dataset under a progress bar (``marn data synth``, the pipeline and the demo)."""
     from marn.data.synth import synthesize
 
-    with progress_bar() as bar:
+    with progress_bar(console) as bar:
         task = bar.add_task("synthesize users", total=cfg.synth.users)
         return synthesize(out, cfg.synth, progress=lambda done, total: bar.update(task, completed=done))
 
@@ -282,14 +282,3 @@ def _print_metrics(metrics: dict) -> None:
         table.add_row(key, f"{metrics[key]:.4f}", f"{metrics['valid'][key]:.4f}")
     console.print(table)
     console.print("samples: " + json.dumps(metrics["samples"]))
-
-
-def progress_bar() -> Progress:
-    """The commands' one progress bar style."""
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-    )

@@ -25,6 +25,7 @@ from rich.progress import (
     TaskID,
     TextColumn,
     TimeElapsedColumn,
+    TimeRemainingColumn,
 )
 from rich.text import Text
 
@@ -44,18 +45,30 @@ class RateColumn(ProgressColumn):
         return Text(f"{task.completed / seconds:.1f} {self.unit}/s", style="progress.data.speed")
 
 
-@contextmanager
-def phase_bars(console: Console, unit: str = "items") -> Iterator[Callable[[str, int, int], None]]:
-    """A ``progress(phase, done, total)`` hook (marn.embed's ProgressHook) drawing one bar per phase with its
-    rate; the bars stay on screen when the block ends (on a non-terminal console they print once then)."""
-    bar = Progress(
+def progress_bar(
+    console: Console | None = None, *, enabled: bool = True, unit: str | None = None
+) -> Progress:
+    """The one progress-bar style of the commands and the training loop: description, bar, done/total, the
+    mean rate in ``unit``/s when given, elapsed and remaining time. ``console`` None: rich's global one."""
+    rate = [RateColumn(unit)] if unit is not None else []
+    return Progress(
         TextColumn("{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
-        RateColumn(unit),
+        *rate,
         TimeElapsedColumn(),
+        TimeRemainingColumn(),
         console=console,
+        disable=not enabled,
     )
+
+
+@contextmanager
+def phase_bars(console: Console, unit: str = "items") -> Iterator[Callable[[str, int, int], None]]:
+    """A ``progress(phase, done, total)`` hook (marn.embed.stage.ProgressHook) drawing one bar per phase
+    with its rate; the bars stay on screen when the block ends (on a non-terminal console they print once
+    then)."""
+    bar = progress_bar(console, unit=unit)
     tasks: dict[str, TaskID] = {}
 
     def update(phase: str, done: int, total: int) -> None:

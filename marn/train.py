@@ -19,7 +19,6 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import torch
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -32,6 +31,7 @@ from marn.data.stats import StatDiscretizer, earliest_time, item_stat_table
 from marn.data.tensors import EncodedSamples, ItemCatalog, encode_samples, fit_statistics, stat_codes
 from marn.evaluate import auc_by_popularity, ctr_metrics, training_item_counts, unseen_item_recall
 from marn.models import CTRModel, build_model
+from marn.progress import progress_bar
 
 CHECKPOINT = "model.pt"
 METRICS = "metrics.json"
@@ -172,7 +172,7 @@ def fit(
     # The lambda schedule's horizon: explicit, so a run of more epochs than its tuning keeps the tuned
     # schedule (p reaches 1 where it did there and stays there).
     horizon_steps = (cfg.lambda_horizon_epochs or cfg.epochs) * steps_per_epoch
-    with _progress(show_progress) as bar:
+    with progress_bar(enabled=show_progress) as bar:
         task = bar.add_task("train", total=total_steps, completed=step)
         for epoch in range(done + 1, cfg.epochs + 1):
             started, ctr_loss, seen = time.perf_counter(), 0.0, 0
@@ -387,6 +387,8 @@ class TrainedModel:
 
 
 def load_trained(path: str | Path) -> TrainedModel:
+    """Rebuild a trained model from ``model.pt`` (eval mode) with its catalogue, statistic buckets and saved
+    config: the one checkpoint reader (scoring, registration, serving, the benchmarks)."""
     saved = torch.load(path, map_location="cpu", weights_only=True)
     catalog = ItemCatalog.from_dict(saved["catalog"])
     if "statistics" not in saved["features"]:
@@ -400,12 +402,6 @@ def load_trained(path: str | Path) -> TrainedModel:
     )
     model.load_state_dict(saved["state_dict"])
     return TrainedModel(saved["model"], model.eval(), catalog, features.statistics, saved["config"])
-
-
-def load_checkpoint(path: str | Path) -> tuple[CTRModel, dict[str, Any]]:
-    """Rebuild a trained model from ``model.pt``; returns the model (eval mode) and the saved config."""
-    trained = load_trained(path)
-    return trained.model, trained.config
 
 
 def _copy_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -438,14 +434,3 @@ def _sync_buffers(model: CTRModel | DistributedDataParallel) -> None:
     for name, buffer in model.module.named_buffers():
         if name in learnt:
             torch.distributed.broadcast(buffer, src=0)
-
-
-def _progress(enabled: bool) -> Progress:
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        disable=not enabled,
-        transient=False,
-    )

@@ -15,8 +15,9 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.table import Table
 
-from marn.cli import ConfigOption, config_path, console, err_console, load_cli_config, progress_bar
+from marn.cli import ConfigOption, config_path, console, err_console, load_cli_config
 from marn.config import Config
+from marn.progress import progress_bar
 
 if TYPE_CHECKING:
     from serve.control import ServeState
@@ -143,7 +144,7 @@ def serve_replay(
             err_console.print("not running (`marn serve up`), and no --url")
             raise typer.Exit(1)
         url = state.url
-    with progress_bar() as bar:
+    with progress_bar(console) as bar:
         task = bar.add_task("replaying users", total=None)
         result = replay(
             url,

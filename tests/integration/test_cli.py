@@ -40,7 +40,7 @@ def test_models_lists_names_one_a_line():
 
 def test_train_marn_writes_metrics_and_a_checkpoint_that_reloads(tmp_path):
     from marn.models.marn import MARN
-    from marn.train import load_checkpoint
+    from marn.train import load_trained
 
     data, run = tmp_path / "data", tmp_path / "run"
     marn("data", "synth", "--out", str(data), "--users", "200", "--items", "100", "--seed", "5")
@@ -48,7 +48,8 @@ def test_train_marn_writes_metrics_and_a_checkpoint_that_reloads(tmp_path):
     metrics = json.loads((run / "metrics.json").read_text())
     assert {"auc", "user_auc", "logloss", "auc_by_popularity", "unseen_recall"} <= set(metrics)
     assert {"adv", "d0", "ds"} <= set(metrics["history"][0])  # the adversarial losses are logged
-    model, config = load_checkpoint(run / "model.pt")
+    trained = load_trained(run / "model.pt")
+    model, config = trained.model, trained.config
     assert isinstance(model, MARN) and config["train"]["model"] == "marn"
 
 

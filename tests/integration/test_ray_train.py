@@ -19,7 +19,7 @@ from marn.data.schema import Dataset, read_dataset
 from marn.data.synth import synthesize
 from marn.distributed import train_distributed
 from marn.ray_runtime import ray_session
-from marn.train import load_checkpoint, train_model
+from marn.train import load_trained, train_model
 
 pytestmark = pytest.mark.slow
 
@@ -73,7 +73,8 @@ def test_two_workers_write_what_train_model_writes(tmp_path, dataset, ray_runnin
     single = train_model(dataset, cfg, tmp_path / "single", show_progress=False).metrics
     assert set(metrics) - set(single) == {"workers", "resumed_from_epochs", "ray_run"}
     assert metrics["samples"] == single["samples"] and abs(metrics["auc"] - single["auc"]) < 0.1
-    model, config = load_checkpoint(result.checkpoint)
+    trained = load_trained(result.checkpoint)
+    model, config = trained.model, trained.config
     assert config["train"]["model"] == "lr" and not any(k.startswith("module.") for k in model.state_dict())
 
 

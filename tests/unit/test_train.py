@@ -11,7 +11,7 @@ from marn.config import load_config
 from marn.data.samples import build_samples
 from marn.data.schema import Dataset
 from marn.data.tensors import ItemCatalog, encode_samples, fit_statistics
-from marn.train import load_checkpoint, load_trained, predict, train_model
+from marn.train import load_trained, predict, train_model
 
 
 def _popular_items_dataset(n_users=300, n_items=200, seed=0) -> Dataset:
@@ -53,10 +53,11 @@ def test_train_writes_metrics_and_a_checkpoint_that_reproduces_predictions(tmp_p
     assert metrics["auc"] > 0.7  # popularity is learnable from item ids
     losses = [h["train_loss"] for h in metrics["history"]]
     assert losses[-1] < losses[0]
-    model, config = load_checkpoint(result.checkpoint)
+    trained = load_trained(result.checkpoint)
+    model, config = trained.model, trained.config
     assert config["train"]["model"] == "lr"
     samples = build_samples(dataset, _cfg().samples)
-    test = load_trained(result.checkpoint).encode(samples.test)  # the model's own statistic buckets
+    test = trained.encode(samples.test)  # the model's own statistic buckets
     from marn.evaluate import auc
 
     assert auc(test.tensors["label"].numpy(), predict(model, test)) == pytest.approx(metrics["auc"], abs=1e-6)
