@@ -45,7 +45,7 @@ def validate_stage(data_dir: Path, cfg: Config, report_html: Path) -> dict[str, 
     report_html.parent.mkdir(parents=True, exist_ok=True)
     report_html.write_text(result.to_html())
     if not result.success:
-        raise DataValidationError(result.to_text())
+        raise DataValidationError(result)  # it takes the report (its message is the report's text)
     return {"valid": True, "seconds": result.elapsed_s}
 
 

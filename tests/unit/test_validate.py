@@ -14,8 +14,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from marn.config import ValidateConfig
+from marn.config import ValidateConfig, load_config
 from marn.data import schema
+from marn.stages import validate_stage
 from marn.validate.dataset import check_dataset, validate_dataset
 from marn.validate.report import DataValidationError, ValidationReport
 
@@ -289,6 +290,17 @@ def test_optional_tables_are_checked(tmp_path: Path) -> None:
         ("item_stats.item_id", "expect_column_values_to_not_be_null"),
         ("item_stats.n_click", "expect_column_values_to_be_between"),
     }, report.to_text()
+
+
+def test_the_pipeline_gate_writes_the_report_then_raises_with_it(tmp_path: Path) -> None:
+    """marn.stages.validate_stage once passed the report's text where DataValidationError takes the report,
+    so bad data failed the run with an AttributeError instead."""
+    data = _write(tmp_path / "data", _with(_events(), 0, "user_id", None))
+    html = tmp_path / "out" / "report.html"
+    with pytest.raises(DataValidationError, match=r"events\.user_id") as info:
+        validate_stage(data, load_config(None), html)
+    assert not info.value.report.success
+    assert "events" in html.read_text() and "FAILED" in html.read_text()
 
 
 def test_check_dataset_raises_with_report(tmp_path: Path) -> None:
