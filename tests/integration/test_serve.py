@@ -310,6 +310,18 @@ def test_feedback_is_accepted_and_counted_per_arm(world, service):
     assert set(ab["weights"]) == {"marn", "dupn"} and "ctr_test" in ab and "canary" in ab
 
 
+def test_the_serve_router_serves_openapi_docs_and_the_dashboard(service):
+    """The Serve router builds the same app as the in-process tests (tests/unit/test_serve_http.py)."""
+    schema = requests.get(f"{service}/openapi.json", timeout=30).json()
+    assert {"/predict", "/feedback", "/ab", "/ab/history", "/healthz", "/dashboard"} <= set(schema["paths"])
+    docs = requests.get(f"{service}/docs", timeout=30)
+    assert docs.status_code == 200 and "SwaggerUIBundle" in docs.text
+    page = requests.get(f"{service}/dashboard", timeout=30)
+    assert page.status_code == 200 and "script-src 'self'" in page.headers["content-security-policy"]
+    history = requests.get(f"{service}/ab/history", timeout=30).json()
+    assert history["arms"] == ["marn", "dupn"] and history["snapshots"]
+
+
 def _load(url: str, users: list[str], items: list[str], clients: int, seconds: float, max_requests: int):
     """(send time, status) of every request: ``clients`` threads, bounded in time and count."""
     out, lock = [], threading.Lock()
