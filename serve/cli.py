@@ -42,7 +42,8 @@ def serve_up(config: ConfigOption = None) -> None:
     """Start Ray and the A/B app on 127.0.0.1 with the latest registered models; returns when it answers."""
     state = _up(load_cli_config(config), config)
     console.print(
-        f"serving on {state.url}: POST /predict, POST /feedback, GET /ab; Ray dashboard {state.dashboard}"
+        f"serving on {state.url}: POST /predict, POST /feedback, GET /ab; A/B dashboard "
+        f"{state.url}/dashboard, API docs {state.url}/docs; Ray dashboard {state.dashboard}"
     )
 
 
@@ -228,7 +229,8 @@ def serve_demo(cfg: Config, config: Path | None, data: Path) -> None:
         highlight=False,
     )
     console.print(
-        f"the A/B service answered on {state.url} (POST /predict, POST /feedback, GET /ab).\n"
+        f"the A/B service answered on {state.url} (POST /predict, POST /feedback, GET /ab; A/B dashboard "
+        f"{state.url}/dashboard, API docs {state.url}/docs).\n"
         f"next: marn serve replay --data {data}{_config_flag(config)}   |   marn serve status   |   "
         "marn serve down"
     )
