@@ -84,15 +84,16 @@ class AUGRU(nn.Module):
     def forward(self, inputs: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
         h_dim = self.hidden
         x = self.input(inputs.transpose(0, 1))  # (L, B, 3H) for every step at once, time-major
+        # Gate and candidate parts split once, not sliced per step: a slice's backward fills a zero tensor
+        # of the whole step, twice per step and operand; unbinding the split parts backs into one stack.
+        x_gates, x_new = x.split([2 * h_dim, h_dim], dim=-1)  # (L, B, 2H), (L, B, H)
+        w_gates, w_new = (w.t() for w in self.recurrent.weight.split([2 * h_dim, h_dim]))  # (H, 2H), (H, H)
         scale = attention.t()[..., None]  # (L, B, 1)
-        recurrent = self.recurrent.weight.t()  # (H, 3H)
         h = x.new_zeros(x.shape[1], h_dim)  # (B, H)
-        for x_t, a_t in zip(x, scale, strict=True):
-            hh = h @ recurrent  # (B, 3H)
-            r, u = torch.sigmoid(x_t[:, : 2 * h_dim] + hh[:, : 2 * h_dim]).chunk(2, dim=1)  # each (B, H)
-            candidate = torch.tanh(x_t[:, 2 * h_dim :] + r * hh[:, 2 * h_dim :])
-            u = a_t * u
-            h = (1 - u) * h + u * candidate
+        for g_t, n_t, a_t in zip(x_gates, x_new, scale, strict=True):
+            r, u = torch.sigmoid(torch.addmm(g_t, h, w_gates)).chunk(2, dim=1)  # each (B, H)
+            candidate = torch.tanh(n_t + r * (h @ w_new))
+            h = torch.lerp(h, candidate, a_t * u)  # (1 - u') h + u' h~ with u' = a_t u
         return h
 
 
