@@ -248,6 +248,36 @@ class ServeConfig(Strict):
     max_buffered_events: int = Field(100_000, ge=1)  # router events held while the ledger is down
 
 
+class FlipConfig(Strict):
+    """ALT/FLIP (Wang et al., RecSys 2024; ../shared/paper/flip-alt.md): an ID tower from the registry aligned
+    with a frozen sentence encoder (all-MiniLM-L6-v2) reading a prompt of fields known at sample time, then
+    finetuned by one of three strategies. marn/flip/ says what differs from the paper and why."""
+
+    tower: str = "base_ids"  # a registry model that reads IDs only and ends in a ``predict`` MLP
+    strategy: Literal["id", "text", "joint"] = "id"  # finetune the ID tower, the text tower, or both
+    losses: tuple[Literal["icl", "mtm", "mlm"], ...] = ("icl", "mtm", "mlm")  # pretraining losses; () none
+    history_titles: int = Field(3, ge=0)  # newest history items whose segments join the sample's prompt
+    title_tokens: int = Field(24, ge=1)  # word pieces kept of a title (MovieLens titles carry a plot)
+    field_tokens: int = Field(8, ge=1)  # word pieces kept of any other field value
+    projection_dim: int = Field(128, ge=1)  # the ICL heads' output (the note: 128)
+    temperature: float = Field(0.07, gt=0)  # ICL, over L2-normalised vectors
+    mask_ratio: float = Field(0.15, gt=0, lt=1)  # share of the ID fields MTM masks (at least one)
+    dropout: float = Field(0.2, ge=0, lt=1)  # inside the projection heads, as released
+    pretrain_epochs: int = Field(3, ge=1)
+    pretrain_batch_size: int = Field(256, ge=2)  # ICL's negatives are the batch's other rows
+    pretrain_lr: float = Field(1e-3, gt=0)  # AdamW, heads and ID tower (the PLM is frozen)
+    weight_decay: float = Field(1e-3, ge=0)
+    encode_batch_size: int = Field(64, ge=1)  # segments per frozen-encoder forward
+    seed: int = 7
+
+    @field_validator("losses")
+    @classmethod
+    def _distinct_losses(cls, losses: tuple[str, ...]) -> tuple[str, ...]:
+        if len(set(losses)) != len(losses):
+            raise ValueError(f"losses must not repeat, got {losses}")
+        return losses
+
+
 class Config(Strict):
     paths: PathsConfig = PathsConfig()
     synth: SynthConfig = SynthConfig()
@@ -263,6 +293,7 @@ class Config(Strict):
     tune: TuneConfig = TuneConfig()
     pipeline: PipelineConfig = PipelineConfig()
     serve: ServeConfig = ServeConfig()
+    flip: FlipConfig = FlipConfig()  # read only by marn.flip (benchmarks/flip.py)
 
     def with_overrides(self, overrides: Mapping[str, Any]) -> Config:
         """A copy with dotted keys set (``{"model.lambda0": 0.2, "train.lr": 0.05}``): the one way tuned or

@@ -1,0 +1,194 @@
+"""FLIP end to end on one dataset: text cache -> pretraining on training rows -> one finetuning strategy."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from marn.config import Config, FlipConfig
+from marn.data.schema import Dataset
+from marn.data.tensors import EncodedSamples
+from marn.evaluate import ctr_metrics
+from marn.flip.model import FlipJoint, FlipPretrainer, FlipTextTower, Projection, check_tower
+from marn.flip.text import TextCache, TextEncoder, build_text_cache, load_minilm
+from marn.models import CTRModel, build_model
+from marn.progress import progress_bar
+from marn.train import RunInputs, fit, predict, prepare_inputs, save_run, seed_everything
+
+FLIP_METRICS = "flip_metrics.json"
+
+
+@dataclass(frozen=True)
+class FlipInputs:
+    """A run's encoded splits (each with ``flip_user``, the user-segment code) and the text cache."""
+
+    run: RunInputs
+    cache: TextCache
+    encode_s: float
+
+
+def with_user_codes(data: EncodedSamples, cache: TextCache) -> EncodedSamples:
+    return replace(data, tensors={**data.tensors, "flip_user": cache.user_codes(data.users)})
+
+
+def prepare_flip_inputs(dataset: Dataset, cfg: Config, encoder: TextEncoder | None = None) -> FlipInputs:
+    """The run's inputs (marn.train.prepare_inputs) and every prompt segment encoded once (frozen)."""
+    check_tower(cfg.flip.tower)
+    inputs = prepare_inputs(dataset, cfg)
+    started = time.perf_counter()
+    encoder = encoder or load_minilm()
+    flip = cfg.flip
+    cache = build_text_cache(
+        dataset.items,
+        dataset.users,
+        inputs.catalog,
+        encoder,
+        flip.history_titles,
+        flip.title_tokens,
+        flip.field_tokens,
+        flip.encode_batch_size,
+    )
+    splits = {name: with_user_codes(getattr(inputs, name), cache) for name in ("train", "valid", "test")}
+    return FlipInputs(replace(inputs, **splits), cache, time.perf_counter() - started)
+
+
+def pretrain(
+    tower: CTRModel,
+    cache: TextCache,
+    train: EncodedSamples,
+    n_items: int,
+    max_history: int,
+    cfg: FlipConfig,
+    show_progress: bool = True,
+) -> tuple[FlipPretrainer, list[dict[str, float]]]:
+    """Align ``tower`` with the text side on the training rows only (AdamW; the encoder stays frozen).
+    Returns the pretrainer (its ``tower`` is the aligned registry model) and the per-epoch mean losses."""
+    if not cfg.losses:
+        raise ValueError("flip.losses is empty: nothing to pretrain with")
+    torch.manual_seed(cfg.seed)
+    model = FlipPretrainer(tower, cache, n_items, max_history, cfg)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.pretrain_lr, weight_decay=cfg.weight_decay)
+    shuffle, masks = torch.Generator().manual_seed(cfg.seed), torch.Generator().manual_seed(cfg.seed + 1)
+    groups, history = train.request_groups(), []
+    steps = -(-len(train) // cfg.pretrain_batch_size)
+    model.train()
+    with progress_bar(enabled=show_progress) as bar:
+        task = bar.add_task("flip pretrain", total=cfg.pretrain_epochs * steps)
+        for epoch in range(1, cfg.pretrain_epochs + 1):
+            started, sums, seen = time.perf_counter(), dict.fromkeys(cfg.losses, 0.0), 0
+            for index in train.shuffled(shuffle, groups).split(cfg.pretrain_batch_size):
+                if len(index) < 2:
+                    continue  # ICL needs another row to contrast with
+                losses = model.losses(train.batch(index), masks)
+                optimizer.zero_grad(set_to_none=True)
+                sum(losses.values()).backward()
+                optimizer.step()
+                for name, value in losses.items():
+                    sums[name] += value.item() * len(index)
+                seen += len(index)
+                bar.update(task, advance=1, description=f"flip pretrain epoch {epoch}")
+            history.append(
+                {"epoch": epoch, "seconds": time.perf_counter() - started}
+                | {name: total / max(seen, 1) for name, total in sums.items()}
+            )
+    model.eval()
+    return model, history
+
+
+def finetune_model(
+    strategy: str, tower: CTRModel, pretrainer: FlipPretrainer | None, inputs: FlipInputs, cfg: Config
+) -> CTRModel | FlipJoint:
+    """The model a strategy trains: the tower itself ("id"), the text tower ("text") or both ("joint").
+    ``pretrainer`` None: the text projection starts untrained (the no-pretraining rivals)."""
+    if strategy == "id":
+        return tower
+    projection = (
+        pretrainer.text_projection
+        if pretrainer is not None
+        else Projection(inputs.cache.dim, cfg.flip.projection_dim, cfg.flip.dropout)
+    )
+    run = inputs.run
+    text = FlipTextTower(run.catalog, run.features, cfg.model, inputs.cache, projection)
+    if strategy == "text":
+        return text
+    if strategy == "joint":
+        return FlipJoint(tower, text)
+    raise ValueError(f"unknown FLIP strategy {strategy!r}; expected id, text or joint")
+
+
+def run_flip(
+    dataset: Dataset,
+    cfg: Config,
+    out_dir: str | Path,
+    inputs: FlipInputs | None = None,
+    pretrained: bool = True,
+    show_progress: bool = True,
+) -> dict[str, Any]:
+    """Pretrain (unless ``pretrained`` is False: the same tower from random init), finetune with
+    ``cfg.flip.strategy`` (early stopping on validation AUC, marn.train.fit), score the test split once.
+
+    Strategy "id" writes an ordinary registry run (``model.pt`` of ``cfg.flip.tower``, ``metrics.json``):
+    it registers and serves as that model. Every strategy writes ``flip_metrics.json``.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cfg = cfg.with_overrides({"train.model": cfg.flip.tower})
+    started = time.perf_counter()
+    inputs = inputs or prepare_flip_inputs(dataset, cfg)
+    run = inputs.run
+    seed_everything(cfg.train.seed)
+    tower = build_model(cfg.flip.tower, run.catalog, run.features, cfg.model)
+    pretrainer, pretrain_history, pretrain_s = None, [], 0.0
+    if pretrained:
+        clock = time.perf_counter()
+        pretrainer, pretrain_history = pretrain(
+            tower,
+            inputs.cache,
+            run.train,
+            len(run.catalog.items),
+            cfg.samples.max_history,
+            cfg.flip,
+            show_progress,
+        )
+        pretrain_s = time.perf_counter() - clock
+    model = finetune_model(cfg.flip.strategy, tower, pretrainer, inputs, cfg)
+    clock = time.perf_counter()
+    best_state, history = fit(model, run.train, run.valid, cfg.train, show_progress=show_progress)
+    finetune_s = time.perf_counter() - clock
+    summary = {
+        "strategy": cfg.flip.strategy,
+        "tower": cfg.flip.tower,
+        "pretrained": pretrained,
+        "losses": list(cfg.flip.losses) if pretrained else [],
+        "pretrain_history": pretrain_history,
+        "encode_s": inputs.encode_s,
+        "pretrain_s": pretrain_s,
+        "finetune_s": finetune_s,
+        "segments": {"items": len(inputs.cache.item_segments), "users": len(inputs.cache.user_segments)},
+    }
+    if cfg.flip.strategy == "id":
+        metrics = save_run(
+            model, best_state, history, run, cfg, out_dir, started, extra={"flip": summary}
+        ).metrics
+    else:
+        model.load_state_dict(best_state)
+        best = max(history, key=lambda r: r.valid["auc"])
+        test = run.test
+        metrics = {
+            **ctr_metrics(test.users, test.tensors["label"].numpy(), predict(model, test)),
+            "model": f"flip_{cfg.flip.strategy}",
+            "best_epoch": best.epoch,
+            "valid": best.valid,
+            "seed": cfg.train.seed,
+            "wall_s": time.perf_counter() - started,
+            "flip": summary,
+        }
+        torch.save({"strategy": cfg.flip.strategy, "state_dict": best_state}, out_dir / "flip.pt")
+    flip_metrics = {key: metrics[key] for key in ("auc", "user_auc", "logloss", "valid", "best_epoch")}
+    (out_dir / FLIP_METRICS).write_text(json.dumps({**flip_metrics, **summary}, indent=2) + "\n")
+    return metrics

