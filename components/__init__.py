@@ -4,6 +4,7 @@ Lightweight Python components: KFP ships each function's source to the task, so 
 the body, and the project image (``IMAGE``) already has ``marn`` installed (no pip step per task).
 """
 
+from components.courier import courier
 from components.deploy import deploy
 from components.embed import embed
 from components.evaluate import evaluate
@@ -13,6 +14,17 @@ from components.train import train
 from components.tune import tune
 from components.validate import validate
 
-STAGES = ("validate", "embed", "features", "tune", "train", "evaluate", "register", "deploy")
+STAGES = ("validate", "embed", "features", "courier", "tune", "train", "evaluate", "register", "deploy")
 
-__all__ = ["STAGES", "deploy", "embed", "evaluate", "features", "register", "train", "tune", "validate"]
+__all__ = [
+    "STAGES",
+    "courier",
+    "deploy",
+    "embed",
+    "evaluate",
+    "features",
+    "register",
+    "train",
+    "tune",
+    "validate",
+]

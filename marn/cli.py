@@ -267,6 +267,37 @@ def embed(
     )
 
 
+@app.command()
+def courier(
+    data: Annotated[
+        Path, typer.Option(help="Dataset directory with image_embeddings.parquet (writes courier_embeddings)")
+    ],
+    samples: Annotated[
+        Path | None,
+        typer.Option(help="Sample splits of the features stage (train/valid.parquet); default: built here"),
+    ] = None,
+    epochs: Annotated[int | None, typer.Option(help="Maximum epochs")] = None,
+    seed: Annotated[int | None, typer.Option(help="Random seed")] = None,
+    config: ConfigOption = None,
+) -> None:
+    """COURIER: train a head over the poster vectors on the training split's clicks (next click from the
+    earlier ones' images, contrastive) and write courier_embeddings.parquet; models read it with
+    embed.method courier."""
+    from marn.progress import phase_bars
+    from marn.stages import courier_stage
+
+    cfg = load_cli_config(config, {"embed": {"courier": _drop_none({"epochs": epochs, "seed": seed})}})
+    with phase_bars(console, unit="steps") as progress:
+        summary = courier_stage(data, cfg, samples, progress=progress, report=_print_line)
+    recall = ", ".join(f"{name} {value:.4f}" for name, value in summary["recall"].items())
+    console.print(
+        f"{summary['items']:,} items -> {summary['dim']}-d; best epoch {summary['best_epoch']} of "
+        f"{summary['epochs']}; valid recall@{summary['recall_k']}: {recall}; {summary['seconds']:.1f} s "
+        f"({summary['train_seconds']:.1f} s training, {summary['examples_per_s']:,.0f} clicks/s) -> "
+        f"{summary['table_path']}"
+    )
+
+
 def _print_line(line: str) -> None:
     console.print(line, highlight=False, soft_wrap=True)
 

@@ -128,8 +128,37 @@ class RayConfig(Strict):
     object_store_mb: int = Field(512, ge=64)  # local Ray only; Ray's default reserves 30% of RAM
 
 
+class CourierConfig(Strict):
+    """COURIER (Yang et al., Front. Comput. Sci. 2025; ../shared/paper/courier.md): a head over the frozen
+    backbone's poster vectors, trained so that a user's earlier clicks' images reconstruct the next click's
+    image (attention with the candidate as query, InfoNCE over candidates against collapse). The paper's
+    settings were not retrievable: every value below is ours (marn/embed/courier.py says which choices)."""
+
+    dim: int = Field(64, ge=2)  # output vector size (the note's plan: 1280 -> 256 -> 64)
+    hidden: int = Field(256, ge=1)  # the head's hidden width (GELU)
+    history: int = Field(20, ge=1)  # newest earlier clicks used as the reconstruction's keys
+    min_history: int = Field(3, ge=1)  # training clicks with fewer earlier clicks (with a poster) are skipped
+    tau: float = Field(0.07, gt=0)  # InfoNCE temperature over the candidates' scores
+    tau_attention: float = Field(0.07, gt=0)  # softmax temperature of the attention over the history
+    # Negatives per click: items drawn uniformly from the posters, one draw shared by the batch; 0: every
+    # item with a poster (the full-catalogue softmax; the cost per click grows with this number).
+    negatives: int = Field(256, ge=0)
+    batch_size: int = Field(512, ge=1)
+    epochs: int = Field(8, ge=1)
+    patience: int = Field(2, ge=1)  # epochs without validation recall@k gain before stopping
+    lr: float = Field(1e-3, gt=0)  # AdamW
+    weight_decay: float = Field(0.01, ge=0)
+    recall_k: int = Field(20, ge=1)  # the intrinsic metric: validation recall@k of the next click
+    seed: int = 7
+
+
 class EmbedConfig(Strict):
     """The embed stage: one image vector per item (paper 3.1.1) and a mean word vector per title."""
+
+    # Which image vectors the models read: "imagenet", the backbone's (image_embeddings.parquet); "courier",
+    # the COURIER head's over them (courier_embeddings.parquet, written by the courier stage after features).
+    method: Literal["imagenet", "courier"] = "imagenet"
+    courier: CourierConfig = CourierConfig()
 
     # The paper used VGG16 fc7 (cluster config, on GPU workers); MobileNetV2 is the local default because
     # VGG16's ImageNet weights cannot be had offline here and it is slow on 2 cores.

@@ -36,7 +36,8 @@ from marn.data.files import content_hash, write_text_atomic
 CARD = "card.json"
 CHAMPION = "champion.json"
 SOURCE_TABLES = ("events", "items", "users", "item_stats")  # what a dataset arrives with
-DERIVED_TABLES = ("image_embeddings", "title_embeddings")  # what the embed stage adds to it
+# what the embed stage (and the courier stage, embed.method courier) adds to it
+DERIVED_TABLES = ("image_embeddings", "title_embeddings", "courier_embeddings")
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,10 @@ Each KFP component (components/) is one call into this module, and ``marn pipeli
 same components through the KFP local runner, so a stage behaves the same on a laptop and in Kubeflow.
 Order (docs/design.md, "Architecture and data flow")::
 
-    validate -> embed -> features (Feast, samples) -> tune -> train -> evaluate -> register -> deploy
+    validate -> embed -> features (Feast, samples) -> courier -> tune -> train -> evaluate -> register
+    -> deploy
+
+(courier trains only with ``embed.method: courier``; otherwise it passes the dataset on.)
 
 Every summary is JSON-serialisable; the components log its numbers as KFP metrics.
 """
@@ -24,6 +27,9 @@ from marn.config import Config, work_path  # work_path: also imported from here 
 from marn.registry import GateDecision, RegisteredModel, champion, gate, register_model, registered_version
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from marn.embed.courier import ProgressHook as CourierProgress
     from marn.embed.stage import ProgressHook
 
 log = logging.getLogger(__name__)
@@ -83,6 +89,31 @@ def features_stage(data_dir: Path, cfg: Config, samples_dir: Path) -> dict[str, 
         "retrieval_s": time.perf_counter() - started,
         "samples": {split: samples.split(split).num_rows for split in ("train", "valid", "test")},
     }
+
+
+def courier_stage(
+    data_dir: Path,
+    cfg: Config,
+    samples_dir: Path | None = None,
+    progress: CourierProgress | None = None,
+    report: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """COURIER (``embed.method: courier``): a head over the embed stage's poster vectors trained on the
+    training split's clicks; writes courier_embeddings.parquet and courier_metrics.json into ``data_dir``.
+    Samples from ``samples_dir`` (the features stage's), else built here (:func:`build_samples`, the same
+    rows). ``progress``/``report``: a bar per epoch and a line per epoch (``marn courier`` draws them)."""
+    from marn.embed.courier import read_sample_rows, train_courier
+
+    if samples_dir is None:
+        from marn.data.samples import build_samples
+        from marn.data.schema import read_dataset
+
+        samples = build_samples(read_dataset(data_dir), cfg.samples)
+        train, valid = samples.train, samples.valid
+    else:
+        train, valid = (read_sample_rows(samples_dir, split) for split in ("train", "valid"))
+    summary = train_courier(data_dir, train, valid, cfg.embed.courier, progress=progress, report=report)
+    return _jsonable(asdict(summary))
 
 
 def tune_stage(data_dir: Path, samples_dir: Path, cfg: Config, out_dir: Path) -> dict[str, Any]:
@@ -279,6 +310,19 @@ def run_embed(config: str, dataset: str, embedded: str) -> dict[str, Any]:
 
 def run_features(config: str, dataset: str, samples: str) -> dict[str, Any]:
     return features_stage(read_dataset_ref(dataset), _cfg(config), Path(samples))
+
+
+def run_courier(config: str, dataset: str, samples: str, pretrained: str) -> dict[str, Any]:
+    """The courier task: trains only when embed.method is courier; either way ``pretrained`` points at the
+    same data directory, so tune and train (which read it) start after this task."""
+    cfg = _cfg(config)
+    data_dir = read_dataset_ref(dataset)
+    if cfg.embed.method != "courier":
+        log.info("courier: embed.method is %r, nothing to train", cfg.embed.method)
+        summary: dict[str, Any] = {"method": cfg.embed.method, "trained": False}
+    else:
+        summary = {"method": "courier", "trained": True, **courier_stage(data_dir, cfg, Path(samples))}
+    return {**summary, "data_version": write_dataset_ref(pretrained, data_dir)["version"]}
 
 
 def run_tune(config: str, dataset: str, samples: str, trials: str) -> dict[str, Any]:

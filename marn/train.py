@@ -24,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from marn.config import Config, ModelConfig, TrainConfig
 from marn.curves import CURVE, write_training_curve
-from marn.data.item_features import ItemFeatures, build_item_features
+from marn.data.item_features import ItemFeatures, build_item_features, image_table
 from marn.data.samples import Samples, build_samples
 from marn.data.schema import Dataset
 from marn.data.stats import StatDiscretizer, earliest_time, item_stat_table
@@ -266,7 +266,7 @@ def prepare_inputs(
     catalog = ItemCatalog.from_items(dataset.items)
     if features is None:
         statistics = fit_statistics(samples.train, cfg.model.stats_buckets)
-        features = build_item_features(dataset, catalog, cfg.features, statistics)
+        features = build_item_features(dataset, catalog, cfg.features, statistics, image_table(cfg.embed))
     elif features.n_items != len(catalog.items):
         raise ValueError(f"features cover {features.n_items} item codes, the catalogue {len(catalog.items)}")
     train, valid, test = (

@@ -1,5 +1,7 @@
-"""The MARN training pipeline (KFP v2): validate -> embed -> features -> tune -> train -> evaluate -> register
--> deploy, with DUPN trained, gated and registered beside MARN as the A/B baseline.
+"""The MARN training pipeline (KFP v2): validate -> embed -> features -> courier -> tune -> train -> evaluate
+-> register -> deploy, with DUPN trained, gated and registered beside MARN as the A/B baseline. The courier
+task trains COURIER's poster vectors only when the config's embed.method is courier, and passes the dataset
+on otherwise (why it is not a dsl.If branch: see ``marn_pipeline``).
 
 The same definition runs on Kubeflow (``compile_pipeline`` writes the IR YAML, with kfp-kubernetes
 settings: a GPU node for embed, resources, the Redis secret for Feast) and on this machine
@@ -11,7 +13,7 @@ from pathlib import Path
 
 from kfp import compiler, dsl, kubernetes
 
-from components import deploy, embed, evaluate, features, register, train, tune, validate
+from components import courier, deploy, embed, evaluate, features, register, train, tune, validate
 
 PIPELINE_NAME = "marn-ctr"
 DATA_PVC = "marn-data"  # the cluster's shared volume for datasets, Feast tables, runs and the registry
@@ -49,9 +51,15 @@ def marn_pipeline(config: str, data_dir: str, model_name: str = "marn", baseline
     )
     samples = feats.outputs["samples"]
 
-    tuned = _on_cluster(
-        tune(config=config, dataset=embedded.outputs["embedded"], samples=samples), "8", "16Gi"
+    # Always in the DAG, training only with embed.method courier (the method sits in the config string). A
+    # dsl.If on it would need a dsl.OneOf of the two branches' datasets for tune and train to wait on, and
+    # kfp 2.17's local runner fails on an artifact OneOf ("Expected 1 artifact in ArtifactSelectorSpec").
+    pretrained = _on_cluster(
+        courier(config=config, dataset=embedded.outputs["embedded"], samples=samples), "2", "8Gi"
     )
+    dataset = pretrained.outputs["pretrained"]
+
+    tuned = _on_cluster(tune(config=config, dataset=dataset, samples=samples), "8", "16Gi")
 
     registered = []
     for role, name, params in (
@@ -62,7 +70,7 @@ def marn_pipeline(config: str, data_dir: str, model_name: str = "marn", baseline
             config=config,
             model_name=name,
             params=params,
-            dataset=embedded.outputs["embedded"],
+            dataset=dataset,
             samples=samples,
         )
         _on_cluster(trained, "8", "16Gi").set_display_name(f"train-{role}")
@@ -72,7 +80,7 @@ def marn_pipeline(config: str, data_dir: str, model_name: str = "marn", baseline
         kept = register(
             config=config,
             evaluation=scored.outputs["evaluation"],
-            dataset=embedded.outputs["embedded"],
+            dataset=dataset,
             model=trained.outputs["model"],
         )
         registered.append(

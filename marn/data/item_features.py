@@ -2,7 +2,8 @@
 
 - image: a pre-extracted vector per item. ``DATA/image_embeddings.parquet`` (item_id, embedding) when the
   embed stage wrote one (VGG16 fc7, 4096-d, in the paper; any dimension works); otherwise the raw pixels
-  of a small thumbnail, which is cheap and keeps colour and coarse shape.
+  of a small thumbnail, which is cheap and keeps colour and coarse shape. With ``embed.method: courier``,
+  ``DATA/courier_embeddings.parquet`` instead (same columns; :mod:`marn.embed.courier`), and it must exist.
 - title: token codes of the first ``title_len`` words, plus the frozen word vectors they index.
 - stats: not a per-item table. Statistics change over time, so every sample carries its items' values as
   of its own time (:mod:`marn.data.stats`, :func:`marn.data.samples.build_samples`); what belongs to the
@@ -23,8 +24,8 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
-from marn.config import FeaturesConfig
-from marn.data.schema import IMAGE_EMBEDDINGS, Dataset, resolve_image_uri
+from marn.config import EmbedConfig, FeaturesConfig
+from marn.data.schema import COURIER_EMBEDDINGS, IMAGE_EMBEDDINGS, Dataset, resolve_image_uri
 from marn.data.stats import StatDiscretizer
 from marn.data.tensors import ItemCatalog
 from marn.data.text.vocab import build_title_vocabulary, encode_titles
@@ -77,15 +78,25 @@ class ItemFeatures:
         )
 
 
+def image_table(cfg: EmbedConfig) -> str:
+    """The vector table the models read for ``embed.method``: the backbone's or COURIER's."""
+    return COURIER_EMBEDDINGS if cfg.method == "courier" else IMAGE_EMBEDDINGS
+
+
 def build_item_features(
-    dataset: Dataset, catalog: ItemCatalog, cfg: FeaturesConfig, statistics: StatDiscretizer
+    dataset: Dataset,
+    catalog: ItemCatalog,
+    cfg: FeaturesConfig,
+    statistics: StatDiscretizer,
+    vectors: str = IMAGE_EMBEDDINGS,
 ) -> ItemFeatures:
     """Image and title inputs per item code; ``statistics`` from
-    :func:`marn.data.tensors.fit_statistics` on the training samples."""
+    :func:`marn.data.tensors.fit_statistics` on the training samples; ``vectors``: the image table,
+    :func:`image_table` of the run's embed section."""
     items = dataset.items.drop_duplicates("item_id").reset_index(drop=True)
     codes = catalog.items.encode(items["item_id"].astype(str).tolist())  # (n,) row of each item
     n_rows = len(catalog.items)
-    image, image_source = _image_matrix(dataset, items, codes, n_rows, cfg)
+    image, image_source = _image_matrix(dataset, items, codes, n_rows, cfg, vectors)
     title, word_vectors = _title_codes(items, codes, n_rows, cfg)
     return ItemFeatures(image, title, word_vectors, statistics, image_source)
 
@@ -103,16 +114,25 @@ def _title_codes(
 
 
 def _image_matrix(
-    dataset: Dataset, items: pd.DataFrame, codes: np.ndarray, n_rows: int, cfg: FeaturesConfig
+    dataset: Dataset,
+    items: pd.DataFrame,
+    codes: np.ndarray,
+    n_rows: int,
+    cfg: FeaturesConfig,
+    vectors: str = IMAGE_EMBEDDINGS,
 ) -> tuple[np.ndarray, str]:
-    path = dataset.root / IMAGE_EMBEDDINGS if dataset.root is not None else None
-    if cfg.image == "embeddings" or (cfg.image == "auto" and path is not None and path.exists()):
+    path = dataset.root / vectors if dataset.root is not None else None
+    courier = vectors == COURIER_EMBEDDINGS
+    if courier and cfg.image == "pixels":
+        raise ValueError("embed.method is 'courier' but features.image is 'pixels': choose one")
+    if courier or cfg.image == "embeddings" or (cfg.image == "auto" and path is not None and path.exists()):
         if path is None or not path.exists():
+            stage = "the courier stage (marn courier)" if courier else "the embed stage"
             raise FileNotFoundError(
-                f"features.image is 'embeddings' but {path or IMAGE_EMBEDDINGS} does not exist; "
-                "run the embed stage first or set features.image to 'pixels'"
+                f"the image vectors {path or vectors} do not exist; run {stage} first"
+                + ("" if courier else " or set features.image to 'pixels'")
             )
-        return _read_embeddings(path, items, codes, n_rows), "embeddings"
+        return _read_embeddings(path, items, codes, n_rows), "courier" if courier else "embeddings"
     side = cfg.image_pixels
     image = np.zeros((n_rows, 3 * side * side), dtype=np.float32)
     missing = 0

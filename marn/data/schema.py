@@ -34,6 +34,8 @@ REQUIRED_TABLES = (EVENTS, ITEMS)
 # What the embed stage adds to a dataset directory: item_id, embedding (list<float32>)
 IMAGE_EMBEDDINGS = "image_embeddings.parquet"
 TITLE_EMBEDDINGS = "title_embeddings.parquet"
+# The courier stage (marn.embed.courier), same columns as IMAGE_EMBEDDINGS; read when embed.method is courier
+COURIER_EMBEDDINGS = "courier_embeddings.parquet"
 
 # Behaviour types of the paper (click, add-to-cart, purchase) plus explicit ratings (MovieLens) and
 # reviews (Amazon), which the DIN protocol treats as positive interactions.

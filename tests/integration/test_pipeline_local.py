@@ -84,6 +84,7 @@ def test_demo_runs_every_stage_registers_both_arms_and_skips_unchanged_data(tmp_
         "validate",
         "embed",
         "features",
+        "courier",  # with embed.method imagenet (the default) it passes the dataset on
         "tune",
         "train",
         "evaluate",

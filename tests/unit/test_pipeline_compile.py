@@ -31,6 +31,21 @@ def test_every_stage_is_a_component(tmp_path):
     assert {"train-candidate", "train-baseline", "register-candidate", "register-baseline"} <= tasks
 
 
+def test_tune_train_and_register_read_the_courier_tasks_dataset(tmp_path):
+    """The courier task sits between features and tune/train (it trains only with embed.method courier),
+    so every stage that reads the data directory starts after it."""
+    ir, _, _ = _compiled(tmp_path)
+    tasks = ir["root"]["dag"]["tasks"]
+    assert tasks["courier"]["dependentTasks"] == ["embed", "features"]
+    for name, task in tasks.items():
+        dataset = task["inputs"].get("artifacts", {}).get("dataset")
+        if name.startswith(("tune", "train", "register")):
+            assert dataset["taskOutputArtifact"] == {
+                "outputArtifactKey": "pretrained",
+                "producerTask": "courier",
+            }
+
+
 def test_components_call_marn_and_run_in_the_project_image(tmp_path):
     ir, _, _ = _compiled(tmp_path)
     for stage in STAGES:

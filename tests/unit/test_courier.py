@@ -1,0 +1,247 @@
+"""COURIER (marn.embed.courier): the scores, the examples, the table, and that nothing after the training
+cut reaches it (the point-in-time suite's rule, docs/design.md)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from marn.config import ConfigError, EmbedConfig, FeaturesConfig, load_config
+from marn.data.files import write_parquet_atomic
+from marn.data.item_features import build_item_features, image_table
+from marn.data.samples import build_samples
+from marn.data.schema import COURIER_EMBEDDINGS, IMAGE_EMBEDDINGS, Dataset, read_dataset
+from marn.data.stats import daily_item_stats
+from marn.data.synth import synthesize
+from marn.data.tensors import ItemCatalog, fit_statistics
+from marn.embed.cache import list_column
+from marn.embed.courier import (
+    COURIER_METRICS,
+    Posters,
+    click_examples,
+    reconstruction_scores,
+    train_courier,
+)
+
+COURIER = {"dim": 8, "hidden": 16, "history": 6, "min_history": 2, "negatives": 16, "batch_size": 64}
+NO_POSTER = 3  # items left out of the poster table
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> Dataset:
+    root = tmp_path_factory.mktemp("courier")
+    cfg = load_config(None, {"synth": {"users": 120, "items": 60, "events_per_user": 10, "seed": 5}})
+    synthesize(root, cfg.synth)
+    dataset = read_dataset(root)
+    write_posters(root, dataset)
+    return dataset
+
+
+def write_posters(data_dir: Path, dataset: Dataset, width: int = 24) -> None:
+    """Seeded stand-ins for the backbone's vectors; the first NO_POSTER items (by id) have none."""
+    items = sorted(dataset.items["item_id"].astype(str))[NO_POSTER:]
+    vectors = np.random.default_rng(0).normal(size=(len(items), width)).astype(np.float32)
+    table = pa.table(
+        {
+            "item_id": pa.array(items, pa.string()),
+            "embedding": list_column(vectors, width),
+            "content_hash": pa.array([f"hash-{i}" for i in items], pa.string()),
+            "backbone": pa.array(["stand-in"] * len(items), pa.string()),
+        }
+    )
+    write_parquet_atomic(table, Path(data_dir) / IMAGE_EMBEDDINGS)
+
+
+def run_courier(dataset: Dataset, out: Path, epochs: int = 2) -> Path:
+    """Samples from ``dataset``, the posters of the world, COURIER into ``out``; one torch thread."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / IMAGE_EMBEDDINGS).write_bytes((dataset.root / IMAGE_EMBEDDINGS).read_bytes())
+    cfg = load_config(
+        None, {"samples": {"max_history": 8}, "embed": {"courier": {**COURIER, "epochs": epochs}}}
+    )
+    samples = build_samples(dataset, cfg.samples)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # two threads may reorder float sums
+    try:
+        train_courier(out, samples.train, samples.valid, cfg.embed.courier)
+    finally:
+        torch.set_num_threads(threads)
+    return out / COURIER_EMBEDDINGS
+
+
+def test_scores_equal_the_cosine_of_the_attention_reconstruction():
+    generator = torch.Generator().manual_seed(1)
+    history = torch.nn.functional.normalize(torch.randn(3, 5, 4, generator=generator), dim=-1)
+    candidates = torch.nn.functional.normalize(torch.randn(7, 4, generator=generator), dim=-1)
+    keys = torch.tensor([[True] * 5, [True, True, False, False, False], [True] + [False] * 4])
+    keyed = history * keys[:, :, None]
+    dots = torch.einsum("bld,cd->blc", keyed, candidates)
+    scores = reconstruction_scores(dots, keyed @ keyed.transpose(1, 2), keys, 0.2)
+    for b in range(3):
+        kept = history[b][keys[b]]  # (L_b, d)
+        attention = torch.softmax(candidates @ kept.T / 0.2, dim=1)  # (C, L_b)
+        rebuilt = attention @ kept  # r_i
+        expected = torch.nn.functional.cosine_similarity(rebuilt, candidates, dim=1)
+        torch.testing.assert_close(scores[b], expected)
+
+
+def test_examples_keep_positives_with_a_poster_and_the_newest_keys_that_have_one():
+    posters = Posters(
+        np.array(["a", "b", "c", "d"], dtype=object), np.eye(4, dtype=np.float32), [""] * 4, "x"
+    )
+    rows = pa.table(
+        {
+            "label": pa.array([1, 0, 1, 1, 1], pa.int8()),
+            "item_id": ["a", "b", "nope", "d", "c"],
+            "hist_item_ids": [
+                ["b", "gone", "c", "d"],
+                ["a", "c"],
+                ["a", "b"],
+                ["gone"],
+                ["a", "b", "c", "d", "a"],
+            ],
+        }
+    )
+    clicks = click_examples(rows, posters, history=3, min_history=1)
+    assert clicks.targets.tolist() == [0, 2]  # a negative, a target without poster, no key with one: out
+    assert clicks.history.tolist() == [[1, 2, 3], [2, 3, 0]]  # "gone" dropped; newest three kept
+    short = click_examples(rows, posters, history=5, min_history=4)
+    assert short.targets.tolist() == [2] and short.history.tolist() == [[0, 1, 2, 3, 0]]
+    with pytest.raises(ValueError, match="hist_item_ids"):
+        click_examples(rows.drop_columns(["hist_item_ids"]), posters, 3, 1)
+
+
+def test_every_item_with_a_poster_gets_a_unit_vector_in_the_image_table_layout(world, tmp_path):
+    table_path = run_courier(world, tmp_path / "run")
+    table = pq.read_table(table_path)
+    posters = pq.read_table(world.root / IMAGE_EMBEDDINGS)
+    assert table.column_names == posters.column_names  # the models read it through the same path
+    assert table.schema.field("embedding").type == posters.schema.field("embedding").type
+    assert sorted(table.column("item_id").to_pylist()) == sorted(posters.column("item_id").to_pylist())
+    vectors = np.stack(table.column("embedding").to_numpy(zero_copy_only=False))
+    assert vectors.shape == (posters.num_rows, COURIER["dim"])
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, rtol=1e-5)
+    metrics = json.loads((table_path.parent / COURIER_METRICS).read_text())
+    assert set(metrics["recall_at_k"]) == {"courier", "imagenet", "imagenet_pca8", "popularity"}
+    assert metrics["train_examples"] > 0 and metrics["best_epoch"] in (1, 2)
+
+
+def test_an_item_no_one_clicked_gets_the_vector_of_its_poster(world, tmp_path):
+    """A new item with a poster and no events: its row is the head applied to its poster, and giving it
+    another item's poster gives it that item's vector."""
+    items = world.items.copy()
+    twin = sorted(items["item_id"].astype(str))[-1]
+    new_item = items[items["item_id"].astype(str) == twin].assign(item_id="never-clicked")
+    grown = replace(world, items=pd.concat([items, new_item], ignore_index=True))
+    out = tmp_path / "grown"
+    out.mkdir()
+    posters = pq.read_table(world.root / IMAGE_EMBEDDINGS)
+    copy = posters.filter(pa.compute.equal(posters.column("item_id"), twin)).set_column(
+        0, "item_id", pa.array(["never-clicked"], pa.string())
+    )
+    write_parquet_atomic(pa.concat_tables([posters, copy]), out / IMAGE_EMBEDDINGS)
+    cfg = load_config(None, {"samples": {"max_history": 8}, "embed": {"courier": {**COURIER, "epochs": 1}}})
+    samples = build_samples(grown, cfg.samples)
+    train_courier(out, samples.train, samples.valid, cfg.embed.courier)
+    rows = pq.read_table(out / COURIER_EMBEDDINGS).to_pandas().set_index("item_id")["embedding"]
+    np.testing.assert_array_equal(rows["never-clicked"], rows[twin])
+
+
+def test_events_after_the_training_cut_leave_the_table_bit_identical(world, tmp_path):
+    """Each user's training range ends before their validation click. Replacing every user's test click
+    by another item, and new users clicking after the last event, change no training example; a seeded
+    one-thread run then writes the same bytes. Changing one training click does change the table."""
+    events = world.events.assign(ts=pd.to_datetime(world.events["ts"], utc=True))
+    ordered = events.assign(_row=np.arange(len(events))).sort_values(["user_id", "ts", "_row"], kind="stable")
+    last = ordered.groupby("user_id").tail(1).index  # every user's test click
+    items = sorted(world.items["item_id"].astype(str))
+    changed = events.copy()
+    changed.loc[last, "item_id"] = [
+        items[(items.index(i) + 7) % len(items)] for i in events.loc[last, "item_id"]
+    ]
+    end = events["ts"].max()
+    outsiders = pd.DataFrame(
+        [(f"outsider-{k}", items[k], "click", end + pd.Timedelta(hours=k + 1)) for k in range(0, 40, 2)],
+        columns=["user_id", "item_id", "behavior", "ts"],
+    )
+    future = pd.concat([changed, outsiders], ignore_index=True)
+    plain = run_courier(replace(world, item_stats=daily_item_stats(events)), tmp_path / "plain")
+    after = run_courier(
+        replace(world, events=future, item_stats=daily_item_stats(future)), tmp_path / "after"
+    )
+    assert plain.read_bytes() == after.read_bytes()
+
+    # the test can fail: one training click moved to another item changes the vectors
+    first_train = ordered.groupby("user_id").nth(1).index[:5]  # a training target of five users
+    touched = events.copy()
+    touched.loc[first_train, "item_id"] = [
+        items[(items.index(i) + 11) % len(items)] for i in events.loc[first_train, "item_id"]
+    ]
+    moved = run_courier(
+        replace(world, events=touched, item_stats=daily_item_stats(touched)), tmp_path / "moved"
+    )
+    assert not pq.read_table(plain).equals(pq.read_table(moved))
+
+
+def test_training_beats_the_raw_vectors_on_the_next_click(world, tmp_path):
+    table_path = run_courier(world, tmp_path / "long", epochs=6)
+    recall = json.loads((table_path.parent / COURIER_METRICS).read_text())["recall_at_k"]
+    assert recall["courier"] > recall["imagenet"]
+
+
+def test_models_read_the_courier_table_only_with_method_courier(world, tmp_path):
+    table_path = run_courier(world, tmp_path / "read")
+    dataset = replace(world, root=table_path.parent)
+    catalog = ItemCatalog.from_items(dataset.items)
+    samples = build_samples(dataset, load_config(None, {"samples": {"max_history": 8}}).samples)
+    statistics = fit_statistics(samples.train, (10, 100))
+    glove = tmp_path / "glove.txt"
+    glove.write_text("red 0.1 0.2\n")
+    features_cfg = FeaturesConfig(word_vectors=str(glove), title_len=4)
+    assert image_table(EmbedConfig()) == IMAGE_EMBEDDINGS
+    courier = build_item_features(
+        dataset, catalog, features_cfg, statistics, image_table(EmbedConfig(method="courier"))
+    )
+    plain = build_item_features(dataset, catalog, features_cfg, statistics)
+    assert courier.image_source == "courier" and plain.image_source == "embeddings"
+    assert courier.image.shape == (len(catalog.items), COURIER["dim"])
+    assert plain.image.shape == (len(catalog.items), 24)
+    rows = pq.read_table(table_path).to_pandas()
+    codes = catalog.items.encode(rows["item_id"].tolist())
+    np.testing.assert_array_equal(courier.image[codes], np.stack(rows["embedding"].to_numpy()))
+    assert (courier.image[0] == 0).all()  # padding row
+
+    bare = replace(world, root=tmp_path / "bare")
+    (tmp_path / "bare").mkdir()
+    with pytest.raises(FileNotFoundError, match="marn courier"):
+        build_item_features(bare, catalog, features_cfg, statistics, COURIER_EMBEDDINGS)
+    with pytest.raises(ValueError, match="pixels"):
+        build_item_features(
+            dataset,
+            catalog,
+            features_cfg.model_copy(update={"image": "pixels"}),
+            statistics,
+            COURIER_EMBEDDINGS,
+        )
+
+
+def test_config_defaults_to_imagenet_and_rejects_unknown_courier_keys():
+    assert load_config(None).embed.method == "imagenet"
+    with pytest.raises(ConfigError, match=r"embed\.courier\.temperature"):
+        load_config(None, {"embed": {"method": "courier", "courier": {"temperature": 0.1}}})
+    with pytest.raises(ConfigError, match=r"embed\.method"):
+        load_config(None, {"embed": {"method": "clip"}})
+
+
+def test_no_poster_table_is_a_clear_error(world, tmp_path):
+    samples = build_samples(world, load_config(None).samples)
+    with pytest.raises(FileNotFoundError, match="embed stage"):
+        train_courier(tmp_path, samples.train, samples.valid, load_config(None).embed.courier)
