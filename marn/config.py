@@ -284,7 +284,7 @@ class FlipConfig(Strict):
 
     tower: str = "base_ids"  # a registry model that reads IDs only and ends in a ``predict`` MLP
     strategy: Literal["id", "text", "joint"] = "id"  # finetune the ID tower, the text tower, or both
-    losses: tuple[Literal["icl", "mtm", "mlm"], ...] = ("icl", "mtm", "mlm")  # pretraining losses; () none
+    losses: tuple[Literal["icl", "mtm", "mlm"], ...] = ("icl", "mtm", "mlm")  # pretraining losses, 1 or more
     history_titles: int = Field(3, ge=0)  # newest history items whose segments join the sample's prompt
     title_tokens: int = Field(24, ge=1)  # word pieces kept of a title (MovieLens titles carry a plot)
     field_tokens: int = Field(8, ge=1)  # word pieces kept of any other field value

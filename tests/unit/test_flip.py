@@ -241,6 +241,29 @@ def test_the_flip_section_rejects_unknown_keys_repeated_losses_and_non_id_towers
         prepare_flip_inputs(world, config(tower="dcnv2"), encoder)
 
 
+def test_the_benchmark_pairs_arms_by_seed_and_resumes_from_finished_runs(world, encoder, tmp_path):
+    from benchmarks.flip import markdown, run_arms, summarise
+
+    cfg = load_config(None, SETTINGS)
+    runs = run_arms(world, cfg, tmp_path, [1, 2], ["random_init", "flip_id"], encoder)
+    summary = summarise(runs, "python -m benchmarks.flip --seeds 2")
+    (delta,) = summary["comparisons"]
+    assert (delta["arm"], delta["reference"], delta["seeds"]) == ("flip_id", "random_init", [1, 2])
+    expected = [runs["flip_id"][s]["auc"] - runs["random_init"][s]["auc"] for s in (1, 2)]
+    assert delta["deltas"] == expected
+    low, high = delta["ci95"]
+    assert low <= delta["mean"] <= high
+    assert runs["random_init"][1]["pretrain_history"] == [] and runs["flip_id"][1]["pretrain_history"]
+    assert runs["flip_id"][1]["auc"] != runs["flip_id"][2]["auc"]  # the seed reaches the run
+    report = markdown(summary)
+    assert "| flip_id - random_init | 2 |" in report and "--seeds 2" in report
+    (tmp_path / "random_init" / "seed-1" / "flip_metrics.json").write_text('{"auc": 0.25}')
+    resumed = run_arms(world, cfg, tmp_path, [1], ["random_init"], encoder)
+    assert resumed["random_init"][1] == {"auc": 0.25}  # read back, not retrained
+    with pytest.raises(ValueError, match="unknown arm"):
+        run_arms(world, cfg, tmp_path, [1], ["flip_everything"], encoder)
+
+
 @pytest.mark.slow
 def test_minilm_from_the_package_matches_sentence_transformers_and_pretrains(world, tmp_path):
     """The real all-MiniLM-L6-v2: our masked-mean vector of a segment is sentence-transformers' embedding
