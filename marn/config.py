@@ -287,7 +287,7 @@ class FlipConfig(Strict):
     losses: tuple[Literal["icl", "mtm", "mlm"], ...] = ("icl", "mtm", "mlm")  # pretraining losses, 1 or more
     history_titles: int = Field(3, ge=0)  # newest history items whose segments join the sample's prompt
     title_tokens: int = Field(24, ge=1)  # word pieces kept of a title (MovieLens titles carry a plot)
-    field_tokens: int = Field(8, ge=1)  # word pieces kept of any other field value
+    field_tokens: int = Field(16, ge=1)  # word pieces kept of any other value (MovieLens: up to 6 genres)
     projection_dim: int = Field(128, ge=1)  # the ICL heads' output (the note: 128)
     temperature: float = Field(0.07, gt=0)  # ICL, over L2-normalised vectors
     mask_ratio: float = Field(0.15, gt=0, lt=1)  # share of the ID fields MTM masks (at least one)

@@ -67,9 +67,11 @@ def pretrain(
     show_progress: bool = True,
 ) -> tuple[FlipPretrainer, list[dict[str, float]]]:
     """Align ``tower`` with the text side on the training rows only (AdamW; the encoder stays frozen).
-    Returns the pretrainer (its ``tower`` is the aligned registry model) and the per-epoch mean losses."""
+    Labels are removed from the rows first: pretraining cannot read them. Returns the pretrainer (its
+    ``tower`` is the aligned registry model) and the per-epoch mean losses."""
     if not cfg.losses:
         raise ValueError("flip.losses is empty: nothing to pretrain with")
+    train = replace(train, tensors={k: v for k, v in train.tensors.items() if k != "label"})  # unread: gone
     torch.manual_seed(cfg.seed)
     model = FlipPretrainer(tower, cache, n_items, max_history, cfg)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.pretrain_lr, weight_decay=cfg.weight_decay)

@@ -8,6 +8,7 @@ real all-MiniLM-L6-v2 is loaded only by the slow test. Both skip when the packag
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -18,10 +19,12 @@ from marn.config import ConfigError, load_config
 from marn.data.schema import Dataset, read_dataset
 from marn.data.stats import daily_item_stats
 from marn.data.synth import synthesize
+from marn.features.representations import serves_representations
 from marn.flip.model import FlipJoint, FlipPretrainer, field_mask, with_fields_masked
 from marn.flip.run import finetune_model, prepare_flip_inputs, pretrain, run_flip
 from marn.flip.text import TextEncoder, frozen
 from marn.models import build_model
+from marn.registry import GateDecision, champion, register_model
 from marn.train import load_trained, predict
 
 transformers = pytest.importorskip("transformers", reason="FLIP needs transformers (pyproject pins it)")
@@ -55,8 +58,17 @@ def encoder() -> TextEncoder:
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory) -> Dataset:
+def world_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("flip")
+    synthesize(
+        root, load_config(None, {"synth": {"users": 80, "items": 40, "events_per_user": 8, "seed": 5}}).synth
+    )
+    return root
+
+
+@pytest.fixture(scope="module")
+def world(world_dir) -> Dataset:
+    root = world_dir
     synthesize(
         root, load_config(None, {"synth": {"users": 80, "items": 40, "events_per_user": 8, "seed": 5}}).synth
     )
@@ -187,18 +199,38 @@ def test_the_joint_model_mixes_the_towers_and_adds_each_towers_loss_in_training(
         finetune_model("both", tower, None, inputs, cfg)
 
 
-def test_the_finetuned_id_tower_is_the_registry_model_and_serves_from_its_checkpoint(world, inputs, tmp_path):
-    """Strategy "id" writes an ordinary registry run: load_trained (the one reader of registration and
-    serving) rebuilds the registry's base_ids with the finetuned weights, and it scores the same."""
-    run_flip(world, config(strategy="id"), tmp_path, inputs=inputs, show_progress=False)
-    trained = load_trained(tmp_path / "model.pt")
-    assert trained.name == "base_ids"
+def test_the_finetuned_id_tower_registers_and_serves_as_the_registry_model_it_is(
+    world, world_dir, inputs, tmp_path
+):
+    """Strategy "id" writes an ordinary registry run: it registers through register_model, and
+    load_trained (the reader of registration and of the A/B scorer) rebuilds the registry's base_ids with
+    the finetuned weights, scoring the same; it is served by the plain forward path, at base_ids' cost."""
+    run = tmp_path / "run"
+    run_flip(world, config(strategy="id"), run, inputs=inputs, show_progress=False)
+    decision = GateDecision(passed=True, candidate_auc=0.5, reason="test")
+    registered = register_model(tmp_path / "registry", run, world_dir, decision)
+    assert registered.model == "base_ids" and champion(tmp_path / "registry", "base_ids") == registered
+    trained = load_trained(registered.checkpoint)
     plain = build_model("base_ids", inputs.run.catalog, inputs.run.features, config().model)
     assert plain.state_dict().keys() == trained.model.state_dict().keys()  # no FLIP head rides along
-    saved = torch.load(tmp_path / "model.pt", weights_only=True)["state_dict"]
-    plain.load_state_dict(saved)
+    plain.load_state_dict(torch.load(run / "model.pt", weights_only=True)["state_dict"])
     test = inputs.run.test
     np.testing.assert_array_equal(predict(plain.eval(), test), predict(trained.model, test))
+    assert not serves_representations("base_ids") and not hasattr(trained.model, "score_users")
+
+
+def test_pretraining_reads_no_label(inputs):
+    """The same rows with their labels flipped pretrain the tower to the same weights."""
+    run, cfg = inputs.run, config()
+    flipped = replace(run.train, tensors={**run.train.tensors, "label": 1 - run.train.tensors["label"]})
+    states = []
+    for train in (run.train, flipped):
+        torch.manual_seed(3)
+        tower = build_model("base_ids", run.catalog, run.features, cfg.model)
+        pretrain(tower, inputs.cache, train, len(run.catalog.items), 8, cfg.flip, False)
+        states.append(tower.state_dict())
+    for name, value in states[0].items():
+        assert torch.equal(value, states[1][name]), name
 
 
 def outsider_clicks(dataset: Dataset, start: pd.Timestamp, per_user: int = 3) -> pd.DataFrame:
