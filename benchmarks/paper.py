@@ -22,6 +22,9 @@ Stages of ``run``, each skipped when its outputs exist (stop it any time and run
    cut out of train and valid histories, and they are held out of the statistics too (their counts come
    from their test clicks alone, so before those they are 0, as a new item's are); base_ids and MARN are
    trained on that and ranked on the test users who clicked a held-out item (``WORK/cold/MODEL/seed-K``).
+4. **batch32**: a side experiment at the paper's batch size, 32, for MARN and DIN (``BATCH_SIDE_ROWS``), with
+   everything else as in the grid (``WORK/batch32/ROW/seed-K``, ``--side-batch-seeds`` seeds; 0 skips it).
+   The grid runs at 1024 to fit 2 cores; this shows what that choice changes.
 
 The test split is read only by ``save_run`` after a run's epochs are chosen on validation.
 """
@@ -46,7 +49,14 @@ import pandas as pd
 import torch
 
 from benchmarks.paper_report.report import write_report
-from benchmarks.paper_report.runs import REFERENCES, SWITCH_ROWS, TABLE2, TABLE3
+from benchmarks.paper_report.runs import (
+    BATCH_SIDE_ROWS,
+    REFERENCES,
+    SIDE_BATCH_SIZE,
+    SWITCH_ROWS,
+    TABLE2,
+    TABLE3,
+)
 from marn.config import Config, load_config
 from marn.data.files import write_text_atomic
 from marn.data.schema import Dataset, read_dataset
@@ -374,7 +384,8 @@ def run(args: argparse.Namespace) -> int:
     _record_invocation(work, args)
     rows = list(grid_rows(args.models))
     cold_rows = [] if args.no_cold else list(COLD_MODELS)
-    configs = tuned_configs(dataset, cfg, list(dict.fromkeys(rows + cold_rows)), work)
+    side_rows = list(BATCH_SIDE_ROWS) if args.side_batch_seeds else []
+    configs = tuned_configs(dataset, cfg, list(dict.fromkeys(rows + cold_rows + side_rows)), work)
     inputs = prepare_inputs(dataset, cfg)
     seeds = list(range(1, args.seeds + 1))
     failures = run_experiment("runs", inputs, {r: configs[r] for r in rows}, seeds, work)
@@ -385,9 +396,12 @@ def run(args: argparse.Namespace) -> int:
             {"share": args.cold_share, "seed": args.cold_seed, "items": held_out.tolist()},
         )
         failures += run_experiment("cold", held_inputs, {r: configs[r] for r in cold_rows}, seeds, work)
-    if not args.no_references:  # last: the paper's own grid comes first when time is short
+    if not args.no_references:  # after the paper's own grid: it comes first when time is short
         references = {r: row_config(cfg, r) for r in REFERENCES}
         failures += run_experiment("runs", inputs, references, seeds, work)
+    if args.side_batch_seeds:  # last: the costliest runs per sample (32x the optimiser steps)
+        side = {r: configs[r].with_overrides({"train.batch_size": SIDE_BATCH_SIZE}) for r in side_rows}
+        failures += run_experiment("batch32", inputs, side, seeds[: args.side_batch_seeds], work)
     for failure in failures:
         print(f"FAILED {failure}", file=sys.stderr)
     return 1 if failures else 0
@@ -478,6 +492,12 @@ def main(argv: list[str] | None = None) -> int:
     run_p.add_argument("--no-cold", action="store_true", help="skip the held-out-items runs (Table 5)")
     run_p.add_argument("--cold-share", type=float, default=0.1, help="share of items held out of training")
     run_p.add_argument("--cold-seed", type=int, default=7)
+    run_p.add_argument(
+        "--side-batch-seeds",
+        type=int,
+        default=2,
+        help=f"seeds of the batch-{SIDE_BATCH_SIZE} side experiment (0: skip it)",
+    )
     report_p.add_argument(
         "--out",
         type=Path,
@@ -485,6 +505,8 @@ def main(argv: list[str] | None = None) -> int:
         help="paper-movielens.{json,md} and the figures go here",
     )
     args = parser.parse_args(argv)
+    if args.command == "run" and not 0 <= args.side_batch_seeds <= args.seeds:
+        parser.error(f"--side-batch-seeds must lie in [0, --seeds = {args.seeds}]")
     if args.seeds < 2:
         parser.error("--seeds must be at least 2 (mean, standard deviation and the t-test need them)")
     if args.command == "run":

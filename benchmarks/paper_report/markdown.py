@@ -114,3 +114,23 @@ def cold_markdown(table: dict[str, Any]) -> tuple[str, list[Claim]]:
         all(wins),
     )
     return markdown_table(header, rows), [claim]
+
+
+def batch_side_markdown(table: dict[str, Any]) -> str:
+    """One line per (model, batch size): test and user AUC (mean ± std over seeds), epochs, wall time."""
+    rows = []
+    for name, by_batch in table.items():
+        for batch, r in by_batch.items():
+            rows.append(
+                [
+                    LABELS.get(name, name),
+                    batch,
+                    _fmt(r["auc"]),
+                    _fmt(r["user_auc"]),
+                    f"{np.mean(r['epochs_run']):.1f} (best {np.mean(r['best_epoch']):.1f})",
+                    f"{np.mean(r['wall_s']) / 60:.1f}",
+                    str(len(r["auc"])),
+                ]
+            )
+    header = ["model", "batch", "test AUC", "user AUC", "epochs run", "wall min / run", "seeds"]
+    return markdown_table(header, rows)

@@ -31,6 +31,8 @@ TABLE2 = (
 )
 TABLE3 = ("base_ids", "base_image", "base_conc", "base_maf", "base_maf_adv", "base_maf_ddma", "marn")
 REFERENCES = ("deepctr_din", "deepctr_dien")  # DeepCTR-Torch's, beside ours (deepctr_models.py)
+BATCH_SIDE_ROWS = ("marn", "din")  # the side experiment at the paper's batch size (benchmarks/paper.py)
+SIDE_BATCH_SIZE = 32  # the paper's (4.1)
 # MARN with one of its adversary's ModelConfig switches flipped from the faithful default (issue 16): row ->
 # (the registered model it trains, the fields it changes). benchmarks/paper.py trains them beside the tables.
 SWITCH_ROWS: dict[str, tuple[str, dict[str, str]]] = {
@@ -197,6 +199,33 @@ def cold_table(work: Path, seeds: int) -> dict[str, Any] | None:
     held = work / "cold" / "held_out.json"
     out["held_out"] = json.loads(held.read_text()) if held.exists() else None
     return out
+
+
+def batch_side_table(work: Path, seeds: int, grid_batch: int) -> dict[str, Any] | None:
+    """The batch-size side experiment beside the same rows of the grid: per row and batch size, the
+    per-seed test AUC, user AUC, epochs run, best epoch and wall seconds; None before any side run."""
+    side = read_runs(work / f"batch{SIDE_BATCH_SIZE}", BATCH_SIDE_ROWS, seeds)
+    if not side:
+        return None
+    grid = read_runs(work / "runs", list(side), seeds)
+
+    def columns(s: Summary) -> dict[str, list[Any]]:
+        return {
+            "auc": s.auc,
+            "user_auc": s.user_auc,
+            "epochs_run": s.epochs,
+            "best_epoch": s.best_epochs,
+            "wall_s": s.wall_s,
+        }
+
+    return {
+        row: {
+            str(b): columns(runs[row])
+            for b, runs in ((grid_batch, grid), (SIDE_BATCH_SIZE, side))
+            if row in runs
+        }
+        for row in side
+    }
 
 
 def read_tune_reports(work: Path) -> dict[str, dict[str, Any]]:

@@ -76,6 +76,11 @@ def test_the_grid_trains_every_model_and_seed_once(finished):
     assert f"[runs] {len(MODELS)} models x 2 seeds: 0 done, {2 * len(MODELS)} to train" in log
     assert "[cold] 2 models x 2 seeds: 0 done, 4 to train" in log
     assert "[runs] 2 models x 2 seeds: 0 done, 4 to train" in log  # DeepCTR's DIN and DIEN
+    assert "[batch32] 2 models x 2 seeds: 0 done, 4 to train" in log  # MARN and DIN at the paper's batch
+    for model in ("marn", "din"):
+        assert all(
+            (root / "work" / "batch32" / model / f"seed-{s}" / "metrics.json").exists() for s in (1, 2)
+        )
     for model in (*MODELS, "deepctr_din", "deepctr_dien"):
         for seed in (1, 2):
             run = root / "work" / "runs" / model / f"seed-{seed}"
@@ -95,7 +100,10 @@ def test_results_json_has_the_promised_shape(finished):
         assert all(0 < v < 1 for v in scores["auc"] + scores["user_auc"])
     assert results["command"].startswith("python -m benchmarks.paper run")
     assert len(results["commit"]) == 40 and "cores" in results["hardware"]
-    assert results["wall_s"] > 0 and set(results["wall_s_by_stage"]) == {"tune", "runs", "cold"}
+    assert results["wall_s"] > 0 and set(results["wall_s_by_stage"]) == {"tune", "runs", "cold", "batch32"}
+    side = results["batch_side"]
+    assert set(side) == {"marn", "din"} and set(side["marn"]) == {"128", "32"}  # din is not in --models
+    assert set(side["din"]) == {"32"} and len(side["marn"]["32"]["auc"]) == 2
     assert 0.01 <= results["lambda0"] <= 1.8
     assert results["cold"]["marn"]["pool"] > 0 and results["cold"]["marn"]["recall"]
     assert len(results["popularity"]["levels"]) == 10
@@ -106,7 +114,8 @@ def test_report_shows_every_table_and_figure(finished):
     report = (root / "out" / "paper-movielens.md").read_text()
     for heading in ("Table 2 analogue", "Table 3 analogue", "Table 4 analogue", "Table 5 analogue",
                     "Figure 4 analogue", "Figure 5 analogue", "Figure 6a analogue", "Figure 6b analogue",
-                    "The paper's claims", "DeepCTR-Torch"):  # fmt: skip
+                    "The paper's claims", "DeepCTR-Torch",
+                    "Side experiment: the paper's batch size"):  # fmt: skip
         assert heading in report
     assert "| NAML | not run |" in report  # models outside --models are shown as missing, not dropped
     figures = sorted((root / "out" / "paper-movielens").glob("*.png"))

@@ -178,3 +178,33 @@ def test_held_out_items_are_held_out_of_the_statistics_too(tmp_path):
             torch.arange(split.tensors["hist_items"].shape[1])[None, :] < split.tensors["hist_len"][:, None]
         )
         assert not (torch.isin(split.tensors["hist_items"], held_out) & real).any()
+
+
+def test_batch_side_table_reads_both_batch_sizes_per_seed(tmp_path):
+    """The batch-32 side experiment is read beside the grid's rows of the same models, one entry per seed;
+    a model without side runs is left out, and no side run at all gives None."""
+    import json
+
+    from benchmarks.paper_report.markdown import batch_side_markdown
+    from benchmarks.paper_report.runs import SIDE_BATCH_SIZE, batch_side_table
+    from marn.train import METRICS
+
+    assert batch_side_table(tmp_path, seeds=2, grid_batch=1024) is None
+
+    def write(experiment, model, seed, auc, epochs):
+        run = tmp_path / experiment / model / f"seed-{seed}"
+        run.mkdir(parents=True)
+        history = [{"epoch": e, "valid_auc": 0.8 + 0.01 * e} for e in range(1, epochs + 1)]
+        metrics = {"auc": auc, "user_auc": auc - 0.02, "epochs_run": epochs, "wall_s": 60.0 * epochs}
+        (run / METRICS).write_text(json.dumps(metrics | {"best_epoch": epochs - 1, "history": history}))
+
+    for seed in (1, 2):
+        write("runs", "marn", seed, 0.88 + 0.01 * seed, 10)
+        write("runs", "din", seed, 0.87, 5)
+        write(f"batch{SIDE_BATCH_SIZE}", "marn", seed, 0.90, 4)
+    table = batch_side_table(tmp_path, seeds=2, grid_batch=1024)
+    assert list(table) == ["marn"]  # din has no side runs
+    assert table["marn"]["1024"]["auc"] == [0.89, 0.90] and table["marn"]["32"]["epochs_run"] == [4, 4]
+    assert table["marn"]["32"]["best_epoch"] == [3, 3]
+    text = batch_side_markdown(table)
+    assert "| 32 |" in text and "| 1024 |" in text and "0.8950" in text  # the 1024 mean
