@@ -293,7 +293,8 @@ def courier(
     console.print(
         f"{summary['items']:,} items -> {summary['dim']}-d; best epoch {summary['best_epoch']} of "
         f"{summary['epochs']}; valid recall@{summary['recall_k']}: {recall}; {summary['seconds']:.1f} s "
-        f"({summary['train_seconds']:.1f} s training, {summary['examples_per_s']:,.0f} clicks/s) -> "
+        f"({summary['cpu_seconds']:.1f} s CPU; {summary['train_seconds']:.1f} s training, "
+        f"{summary['examples_per_s']:,.0f} clicks/s) -> "
         f"{summary['table_path']}"
     )
 

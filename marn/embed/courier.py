@@ -108,7 +108,8 @@ class CourierSummary:
     best_epoch: int  # 1-based; the head written is this epoch's
     recall: dict[str, float | None]  # validation recall@k: courier, imagenet, imagenet_pca, popularity
     recall_k: int
-    seconds: float  # the whole stage
+    seconds: float  # the whole stage, wall clock
+    cpu_seconds: float  # the whole stage, this process's CPU time (all threads): comparable on a busy machine
     train_seconds: float  # training steps only
     steps_per_s: float
     examples_per_s: float
@@ -212,7 +213,7 @@ def train_courier(
     """Train the head on ``train_rows`` (a training sample split), select its epoch by recall@k on
     ``valid_rows``, and write the table and metrics into ``data_dir`` (see the module docstring).
     ``report``: one line per epoch (loss, recall, time, steps/s)."""
-    started = time.perf_counter()
+    started, started_cpu = time.perf_counter(), time.process_time()
     data_dir = Path(data_dir)
     posters = read_posters(data_dir)
     train = click_examples(train_rows, posters, cfg.history, cfg.min_history)
@@ -285,6 +286,7 @@ def train_courier(
         recall=recalls,
         recall_k=cfg.recall_k,
         seconds=time.perf_counter() - started,
+        cpu_seconds=time.process_time() - started_cpu,
         train_seconds=train_seconds,
         steps_per_s=steps / train_seconds if train_seconds else 0.0,
         examples_per_s=len(train) * len(epochs) / train_seconds if train_seconds else 0.0,
@@ -302,6 +304,7 @@ def train_courier(
         "items": len(learned),
         "backbone": posters.backbone,
         "seconds": summary.seconds,
+        "cpu_seconds": summary.cpu_seconds,
         "train_seconds": train_seconds,
         "steps_per_s": summary.steps_per_s,
         "examples_per_s": summary.examples_per_s,
