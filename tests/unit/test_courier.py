@@ -245,3 +245,39 @@ def test_no_poster_table_is_a_clear_error(world, tmp_path):
     samples = build_samples(world, load_config(None).samples)
     with pytest.raises(FileNotFoundError, match="embed stage"):
         train_courier(tmp_path, samples.train, samples.valid, load_config(None).embed.courier)
+
+
+def test_the_pipeline_task_passes_the_dataset_on_without_training_for_imagenet(world, tmp_path):
+    from marn.config import dump_config
+    from marn.stages import read_dataset_ref, run_courier, write_dataset_ref
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / IMAGE_EMBEDDINGS).write_bytes((world.root / IMAGE_EMBEDDINGS).read_bytes())
+    write_dataset_ref(tmp_path / "embedded", data)
+    summary = run_courier(
+        dump_config(load_config(None)), str(tmp_path / "embedded"), "unused", str(tmp_path / "out")
+    )
+    assert summary["trained"] is False and summary["method"] == "imagenet"
+    assert read_dataset_ref(tmp_path / "out") == data.resolve()
+    assert not (data / COURIER_EMBEDDINGS).exists()
+
+
+def test_marn_courier_prints_each_epoch_and_the_recall_against_the_raw_vectors(world, tmp_path):
+    from typer.testing import CliRunner
+
+    from marn.cli import app
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("events.parquet", "items.parquet", IMAGE_EMBEDDINGS):
+        (data / name).write_bytes((world.root / name).read_bytes())
+    config = tmp_path / "config.yaml"
+    config.write_text(json.dumps({"samples": {"max_history": 8}, "embed": {"courier": COURIER}}))
+    result = CliRunner().invoke(
+        app, ["courier", "--data", str(data), "--epochs", "2", "--config", str(config)]
+    )
+    assert result.exit_code == 0, result.output
+    assert "epoch 1  loss" in result.output and "epoch 2  loss" in result.output
+    assert "valid recall@20: courier" in result.output and "imagenet" in result.output
+    assert (data / COURIER_EMBEDDINGS).exists()
