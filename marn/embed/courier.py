@@ -218,6 +218,8 @@ def train_courier(
     posters = read_posters(data_dir)
     train = click_examples(train_rows, posters, cfg.history, cfg.min_history)
     valid = click_examples(valid_rows, posters, cfg.history, cfg.min_history)
+    if len(valid) == 0:
+        log.warning("courier: no validation click qualifies; no epoch selection, the last epoch is kept")
     if len(train) == 0:
         raise ValueError(
             f"no training click has a poster vector and {cfg.min_history}+ earlier clicks with one "
@@ -254,9 +256,9 @@ def train_courier(
             f"epoch {epoch}  loss {loss:.4f}  valid recall@{cfg.recall_k} {_fmt(recall)}  {seconds:.1f} s  "
             f"{-(-len(train) // cfg.batch_size) / seconds:.1f} steps/s"
         )
-        score = -1.0 if recall is None else recall
-        if best_state is None or score > best_recall:
-            best_recall, best_epoch, stale = score, epoch, 0
+        # without validation clicks nothing can select an epoch: every epoch runs and the last is kept
+        if best_state is None or recall is None or recall > best_recall:
+            best_recall, best_epoch, stale = -1.0 if recall is None else recall, epoch, 0
             best_state = {k: v.clone() for k, v in head.state_dict().items()}
         else:
             stale += 1

@@ -281,3 +281,13 @@ def test_marn_courier_prints_each_epoch_and_the_recall_against_the_raw_vectors(w
     assert "epoch 1  loss" in result.output and "epoch 2  loss" in result.output
     assert "valid recall@20: courier" in result.output and "imagenet" in result.output
     assert (data / COURIER_EMBEDDINGS).exists()
+
+
+def test_without_validation_clicks_every_epoch_runs_and_the_last_is_kept(world, tmp_path):
+    out = tmp_path / "novalid"
+    out.mkdir()
+    (out / IMAGE_EMBEDDINGS).write_bytes((world.root / IMAGE_EMBEDDINGS).read_bytes())
+    cfg = load_config(None, {"samples": {"max_history": 8}, "embed": {"courier": {**COURIER, "epochs": 3}}})
+    samples = build_samples(world, cfg.samples)
+    summary = train_courier(out, samples.train, samples.valid.slice(0, 0), cfg.embed.courier)
+    assert summary.epochs == 3 and summary.best_epoch == 3 and summary.recall["courier"] is None
