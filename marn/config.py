@@ -291,6 +291,7 @@ class FlipConfig(Strict):
     projection_dim: int = Field(128, ge=1)  # the ICL heads' output (the note: 128)
     temperature: float = Field(0.07, gt=0)  # ICL, over L2-normalised vectors
     mask_ratio: float = Field(0.15, gt=0, lt=1)  # share of the ID fields MTM masks (at least one)
+    mlm_positions: int = Field(4, ge=1)  # hidden word pieces MLM predicts per row (of its masked field)
     dropout: float = Field(0.2, ge=0, lt=1)  # inside the projection heads, as released
     pretrain_epochs: int = Field(3, ge=1)
     pretrain_batch_size: int = Field(256, ge=2)  # ICL's negatives are the batch's other rows

@@ -10,7 +10,7 @@ Notation: B batch, L history length, N prompt tokens, d text width (384), H the 
          c = sum_n softmax_n(LN(W_q h~) . T_n / sqrt(d)) T_n          (B, d)   padding masked out
          logits over V_i of each masked field f from [h~; c; pos_f]; L_mtm = CE
     MLM: one candidate field's word pieces replaced by [MASK], encoded (frozen, cached): T~ at those places
-         logits over V_w = W_2 tanh(W_1 [T~_n; h]); L_mlm = CE
+         logits over V_w = W_2 tanh(W_1 [T~_n; h]) at up to ``mlm_positions`` of them; L_mlm = CE
 """
 
 from __future__ import annotations
@@ -65,20 +65,19 @@ def tower_width(tower: CTRModel) -> int:
     return first.in_features
 
 
+def random_subset(candidates: torch.Tensor, count: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """(R, C) bool: per row, ``count`` of its ``candidates`` (R, C) drawn uniformly (all when fewer)."""
+    scores = torch.rand(candidates.shape, generator=generator).masked_fill(~candidates, 2.0)  # others last
+    rank = scores.argsort(dim=1).argsort(dim=1)
+    return (rank < count[:, None]) & candidates
+
+
 def field_mask(batch: dict[str, torch.Tensor], ratio: float, generator: torch.Generator) -> torch.Tensor:
     """(B, 1 + L) the ID fields MTM masks: column 0 the candidate, then history positions; per row
     max(1, floor(ratio * real fields)) of its real fields, uniformly."""
-    real = torch.cat(
-        [
-            torch.ones_like(batch["item"], dtype=torch.bool)[:, None],
-            sequence_mask(batch["hist_len"], batch["hist_items"].shape[1]),
-        ],
-        dim=1,
-    )
-    scores = torch.rand(real.shape, generator=generator).masked_fill(~real, 2.0)  # padding sorts last
-    rank = scores.argsort(dim=1).argsort(dim=1)
-    count = (real.sum(dim=1) * ratio).floor().clamp(min=1)
-    return (rank < count[:, None]) & real
+    history = sequence_mask(batch["hist_len"], batch["hist_items"].shape[1])
+    real = torch.cat([torch.ones_like(history[:, :1]), history], dim=1)
+    return random_subset(real, (real.sum(dim=1) * ratio).floor().clamp(min=1), generator)
 
 
 def with_fields_masked(batch: dict[str, torch.Tensor], mask: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -163,9 +162,11 @@ class FlipPretrainer(nn.Module):
         items = batch["item"][rows]
         states = masked.states[items, field].float()  # (R, P, d)
         targets = masked.targets[items, field]  # (R, P), 0 = no position
-        joined = torch.cat([states, h[rows, None].expand(-1, states.shape[1], -1)], dim=-1)
-        logits = self.mlm_head(joined)  # (R, P, V_w + 1)
-        return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=0)
+        # the output layer over V_w dominates the step: predict at most mlm_positions hidden pieces per row
+        keep = random_subset(targets > 0, torch.full((len(rows),), self.cfg.mlm_positions), generator)
+        at, position = keep.nonzero(as_tuple=True)
+        joined = torch.cat([states[at, position], h[rows[at]]], dim=-1)  # (K, d + H)
+        return F.cross_entropy(self.mlm_head(joined), targets[at, position])
 
 
 class FlipTextTower(CTRModel):
