@@ -15,7 +15,8 @@ MiniLM vector as a plain input), ``flip_joint``, ``flip_text``, and the ablation
 AUC with a 95% t interval; a gain counts only when the interval excludes 0.
 
 A finished run (``WORK/ARM/seed-N/flip_metrics.json``) is read back, not retrained, so an interrupted
-benchmark resumes. Writes ``OUT.json`` and ``OUT.md`` with the command that made them.
+benchmark resumes; one pretraining per seed and loss set (``WORK/pretrained/``) serves every strategy.
+Writes ``OUT.json`` and ``OUT.md`` with the command that made them.
 """
 
 from __future__ import annotations
@@ -99,7 +100,10 @@ def run_arms(
                     "flip.strategy": spec.strategy,
                     "flip.losses": list(spec.losses),
                 }
-                run_flip(dataset, cfg.with_overrides(overrides), run, inputs, spec.pretrained, False)
+                store = (
+                    work / "pretrained" / f"seed-{seed}-{'-'.join(spec.losses)}.pt"
+                )  # shared by strategies
+                run_flip(dataset, cfg.with_overrides(overrides), run, inputs, spec.pretrained, False, store)
             out.setdefault(arm, {})[seed] = json.loads((run / FLIP_METRICS).read_text())
     return out
 

@@ -130,12 +130,15 @@ def run_flip(
     inputs: FlipInputs | None = None,
     pretrained: bool = True,
     show_progress: bool = True,
+    pretrain_store: Path | None = None,
 ) -> dict[str, Any]:
     """Pretrain (unless ``pretrained`` is False: the same tower from random init), finetune with
     ``cfg.flip.strategy`` (early stopping on validation AUC, marn.train.fit), score the test split once.
 
     Strategy "id" writes an ordinary registry run (``model.pt`` of ``cfg.flip.tower``, ``metrics.json``):
     it registers and serves as that model. Every strategy writes ``flip_metrics.json``.
+    ``pretrain_store``: a file that keeps the pretrained weights, so the strategies of one seed share one
+    pretraining (read when it exists and was made with the same settings, else written).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -147,17 +150,29 @@ def run_flip(
     tower = build_model(cfg.flip.tower, run.catalog, run.features, cfg.model)
     pretrainer, pretrain_history, pretrain_s = None, [], 0.0
     if pretrained:
-        clock = time.perf_counter()
-        pretrainer, pretrain_history = pretrain(
-            tower,
-            inputs.cache,
-            run.train,
-            len(run.catalog.items),
-            cfg.samples.max_history,
-            cfg.flip,
-            show_progress,
-        )
-        pretrain_s = time.perf_counter() - clock
+        n_items, max_history = len(run.catalog.items), cfg.samples.max_history
+        settings = _pretrain_settings(cfg)
+        if pretrain_store is not None and pretrain_store.exists():
+            saved = torch.load(pretrain_store, map_location="cpu", weights_only=True)
+            if saved["settings"] != settings:
+                raise ValueError(
+                    f"{pretrain_store} was pretrained with other settings; remove it or pick another"
+                )
+            pretrainer = FlipPretrainer(tower, inputs.cache, n_items, max_history, cfg.flip)
+            pretrainer.load_state_dict(saved["state_dict"])
+            pretrain_history, pretrain_s = saved["history"], saved["pretrain_s"]
+        else:
+            clock = time.perf_counter()
+            pretrainer, pretrain_history = pretrain(
+                tower, inputs.cache, run.train, n_items, max_history, cfg.flip, show_progress
+            )
+            pretrain_s = time.perf_counter() - clock
+            if pretrain_store is not None:
+                pretrain_store.parent.mkdir(parents=True, exist_ok=True)
+                record = {"state_dict": pretrainer.state_dict(), "history": pretrain_history}
+                torch.save(record | {"pretrain_s": pretrain_s, "settings": settings}, pretrain_store)
+        pretrainer.eval()
+        seed_everything(cfg.train.seed)  # finetuning starts alike whether pretrained here or read back
     model = finetune_model(cfg.flip.strategy, tower, pretrainer, inputs, cfg)
     clock = time.perf_counter()
     best_state, history = fit(model, run.train, run.valid, cfg.train, show_progress=show_progress)
@@ -194,3 +209,16 @@ def run_flip(
     flip_metrics = {key: metrics[key] for key in ("auc", "user_auc", "logloss", "valid", "best_epoch")}
     (out_dir / FLIP_METRICS).write_text(json.dumps({**flip_metrics, **summary}, indent=2) + "\n")
     return metrics
+
+
+def _pretrain_settings(cfg: Config) -> str:
+    """What a stored pretraining depends on: every setting but the finetuning strategy and schedule."""
+    return json.dumps(
+        {
+            "flip": cfg.flip.model_dump(mode="json", exclude={"strategy"}),
+            "model": cfg.model.model_dump(mode="json"),
+            "samples": cfg.samples.model_dump(mode="json"),
+            "train_seed": cfg.train.seed,  # the tower's initial weights
+        },
+        sort_keys=True,
+    )

@@ -183,6 +183,42 @@ def test_every_finetuning_strategy_trains_and_scores_the_test_split(world, input
     assert (tmp_path / "flip_metrics.json").is_file()
 
 
+def test_a_stored_pretraining_is_reused_by_the_next_strategy_and_gives_the_same_run(world, inputs, tmp_path):
+    store = tmp_path / "pretrained.pt"
+    fresh = run_flip(
+        world, config(), tmp_path / "a", inputs=inputs, show_progress=False, pretrain_store=store
+    )
+    assert store.is_file()
+    reused = run_flip(
+        world, config(), tmp_path / "b", inputs=inputs, show_progress=False, pretrain_store=store
+    )
+    assert (
+        reused["auc"] == fresh["auc"]
+        and reused["flip"]["pretrain_history"] == fresh["flip"]["pretrain_history"]
+    )
+    states = [torch.load(tmp_path / run / "model.pt", weights_only=True)["state_dict"] for run in ("a", "b")]
+    for name, value in states[0].items():
+        assert torch.equal(value, states[1][name]), name
+    joint = run_flip(
+        world,
+        config(strategy="joint"),
+        tmp_path / "c",
+        inputs=inputs,
+        show_progress=False,
+        pretrain_store=store,
+    )
+    assert joint["flip"]["pretrain_s"] == fresh["flip"]["pretrain_s"]  # read back, not pretrained again
+    with pytest.raises(ValueError, match="other settings"):
+        run_flip(
+            world,
+            config(temperature=0.7),
+            tmp_path / "d",
+            inputs=inputs,
+            show_progress=False,
+            pretrain_store=store,
+        )
+
+
 def test_the_joint_model_mixes_the_towers_and_adds_each_towers_loss_in_training(inputs):
     run, cfg = inputs.run, config(strategy="joint")
     tower = build_model("base_ids", run.catalog, run.features, cfg.model)
