@@ -212,9 +212,24 @@ def train_courier(
 ) -> CourierSummary:
     """Train the head on ``train_rows`` (a training sample split), select its epoch by recall@k on
     ``valid_rows``, and write the table and metrics into ``data_dir`` (see the module docstring).
-    ``report``: one line per epoch (loss, recall, time, steps/s)."""
+    ``report``: one line per epoch (loss, recall, time, steps/s). Runs on ``cfg.threads`` torch threads."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.threads)
+    try:
+        return _train_courier(Path(data_dir), train_rows, valid_rows, cfg, progress, report)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train_courier(
+    data_dir: Path,
+    train_rows: pa.Table,
+    valid_rows: pa.Table,
+    cfg: CourierConfig,
+    progress: ProgressHook | None,
+    report: Callable[[str], None] | None,
+) -> CourierSummary:
     started, started_cpu = time.perf_counter(), time.process_time()
-    data_dir = Path(data_dir)
     posters = read_posters(data_dir)
     train = click_examples(train_rows, posters, cfg.history, cfg.min_history)
     valid = click_examples(valid_rows, posters, cfg.history, cfg.min_history)

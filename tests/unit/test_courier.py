@@ -61,19 +61,16 @@ def write_posters(data_dir: Path, dataset: Dataset, width: int = 24) -> None:
 
 
 def run_courier(dataset: Dataset, out: Path, epochs: int = 2) -> Path:
-    """Samples from ``dataset``, the posters of the world, COURIER into ``out``; one torch thread."""
+    """Samples from ``dataset``, the posters of the world, COURIER into ``out`` (one torch thread)."""
     out.mkdir(parents=True, exist_ok=True)
     (out / IMAGE_EMBEDDINGS).write_bytes((dataset.root / IMAGE_EMBEDDINGS).read_bytes())
     cfg = load_config(
         None, {"samples": {"max_history": 8}, "embed": {"courier": {**COURIER, "epochs": epochs}}}
     )
     samples = build_samples(dataset, cfg.samples)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # two threads may reorder float sums
-    try:
-        train_courier(out, samples.train, samples.valid, cfg.embed.courier)
-    finally:
-        torch.set_num_threads(threads)
+    train_courier(
+        out, samples.train, samples.valid, cfg.embed.courier
+    )  # embed.courier.threads 1: no reordering
     return out / COURIER_EMBEDDINGS
 
 
@@ -289,5 +286,12 @@ def test_without_validation_clicks_every_epoch_runs_and_the_last_is_kept(world, 
     (out / IMAGE_EMBEDDINGS).write_bytes((world.root / IMAGE_EMBEDDINGS).read_bytes())
     cfg = load_config(None, {"samples": {"max_history": 8}, "embed": {"courier": {**COURIER, "epochs": 3}}})
     samples = build_samples(world, cfg.samples)
-    summary = train_courier(out, samples.train, samples.valid.slice(0, 0), cfg.embed.courier)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        summary = train_courier(out, samples.train, samples.valid.slice(0, 0), cfg.embed.courier)
+        assert torch.get_num_threads() == 2  # the caller's setting is restored
+    finally:
+        torch.set_num_threads(threads)
     assert summary.epochs == 3 and summary.best_epoch == 3 and summary.recall["courier"] is None
+    assert json.loads(summary.metrics_path.read_text())["torch_threads"] == 1  # embed.courier.threads
