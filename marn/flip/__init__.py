@@ -29,8 +29,8 @@ What this reduction changes against the paper (which trains the PLM, TinyBERT to
   paper's code takes [CLS]).
 - MTM uses a full softmax over item codes (the catalogue is small) instead of NCE with 25 noise IDs, and
   masks whole items (candidate or history positions: the registry towers look category, brand and shop up
-  through the item code). MLM masks one field of the candidate only and predicts over the word pieces that
-  occur in the item fields, not MiniLM's 30,522.
+  through the item code). MLM masks one field of the candidate only and predicts at most ``mlm_positions``
+  of its word pieces per row, over the word pieces that occur in the item fields, not MiniLM's 30,522.
 - ICL L2-normalises both vectors (CLIP) with a fixed temperature 0.07; the released code does not
   normalise and uses 0.7. alpha is sigmoid(a) (bounded) rather than an unconstrained scalar. No L2 penalty
   on embeddings in finetuning; the optimiser is the project's AdaGrad, so every arm trains alike.
