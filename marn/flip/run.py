@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,17 @@ from marn.progress import progress_bar
 from marn.train import RunInputs, fit, predict, prepare_inputs, save_run, seed_everything
 
 FLIP_METRICS = "flip_metrics.json"
+
+
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run with ``n`` torch threads (``flip.threads``), then restore the caller's number."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @dataclass(frozen=True)
@@ -43,16 +56,17 @@ def prepare_flip_inputs(dataset: Dataset, cfg: Config, encoder: TextEncoder | No
     started = time.perf_counter()
     encoder = encoder or load_minilm()
     flip = cfg.flip
-    cache = build_text_cache(
-        dataset.items,
-        dataset.users,
-        inputs.catalog,
-        encoder,
-        flip.history_titles,
-        flip.title_tokens,
-        flip.field_tokens,
-        flip.encode_batch_size,
-    )
+    with torch_threads(flip.threads):
+        cache = build_text_cache(
+            dataset.items,
+            dataset.users,
+            inputs.catalog,
+            encoder,
+            flip.history_titles,
+            flip.title_tokens,
+            flip.field_tokens,
+            flip.encode_batch_size,
+        )
     splits = {name: with_user_codes(getattr(inputs, name), cache) for name in ("train", "valid", "test")}
     return FlipInputs(replace(inputs, **splits), cache, time.perf_counter() - started)
 
@@ -136,15 +150,27 @@ def run_flip(
     ``cfg.flip.strategy`` (early stopping on validation AUC, marn.train.fit), score the test split once.
 
     Strategy "id" writes an ordinary registry run (``model.pt`` of ``cfg.flip.tower``, ``metrics.json``):
-    it registers and serves as that model. Every strategy writes ``flip_metrics.json``.
-    ``pretrain_store``: a file that keeps the pretrained weights, so the strategies of one seed share one
-    pretraining (read when it exists and was made with the same settings, else written).
+    it registers and serves as that model. Every strategy writes ``flip_metrics.json``. Runs on
+    ``flip.threads`` torch threads. ``pretrain_store``: a file that keeps the pretrained weights, so the
+    strategies of one seed share one pretraining (read when it exists and was made with the same settings,
+    else written).
     """
-    out_dir = Path(out_dir)
+    inputs = inputs or prepare_flip_inputs(dataset, cfg)
+    with torch_threads(cfg.flip.threads):
+        return _run_flip(cfg, Path(out_dir), inputs, pretrained, show_progress, pretrain_store)
+
+
+def _run_flip(
+    cfg: Config,
+    out_dir: Path,
+    inputs: FlipInputs,
+    pretrained: bool,
+    show_progress: bool,
+    pretrain_store: Path | None,
+) -> dict[str, Any]:
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg = cfg.with_overrides({"train.model": cfg.flip.tower})
     started = time.perf_counter()
-    inputs = inputs or prepare_flip_inputs(dataset, cfg)
     run = inputs.run
     seed_everything(cfg.train.seed)
     tower = build_model(cfg.flip.tower, run.catalog, run.features, cfg.model)

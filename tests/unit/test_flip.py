@@ -177,7 +177,13 @@ def test_pretraining_moves_the_tower_is_seeded_and_sees_training_rows_only(input
 
 @pytest.mark.parametrize("strategy", ["id", "text", "joint"])
 def test_every_finetuning_strategy_trains_and_scores_the_test_split(world, inputs, strategy, tmp_path):
-    metrics = run_flip(world, config(strategy=strategy), tmp_path, inputs=inputs, show_progress=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        metrics = run_flip(world, config(strategy=strategy), tmp_path, inputs=inputs, show_progress=False)
+        assert torch.get_num_threads() == 2  # flip.threads (1) held only while FLIP ran
+    finally:
+        torch.set_num_threads(threads)
     assert 0.0 <= metrics["auc"] <= 1.0 and np.isfinite(metrics["logloss"])
     assert metrics["flip"]["strategy"] == strategy and metrics["flip"]["pretrain_history"]
     assert (tmp_path / "flip_metrics.json").is_file()
