@@ -302,7 +302,7 @@ class FlipConfig(Strict):
     weight_decay: float = Field(1e-3, ge=0)
     encode_batch_size: int = Field(64, ge=1)  # segments per frozen-encoder forward
     # torch threads while FLIP encodes, pretrains and finetunes (restored after): on this busy 2-core machine
-    # 2 threads ran a tiny-world pretraining epoch in 36 s against 3 s for one (spinning threads)
+    # 2 threads ran a tiny-world pretraining epoch in 36 s against 4 s for one (spinning threads)
     threads: int = Field(1, ge=1)
     seed: int = 7
 
