@@ -68,11 +68,7 @@ def world_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def world(world_dir) -> Dataset:
-    root = world_dir
-    synthesize(
-        root, load_config(None, {"synth": {"users": 80, "items": 40, "events_per_user": 8, "seed": 5}}).synth
-    )
-    dataset = read_dataset(root)
+    dataset = read_dataset(world_dir)
     return replace(dataset, item_stats=daily_item_stats(dataset.events))
 
 
