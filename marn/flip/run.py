@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from marn.config import Config, FlipConfig
+from marn.data.files import write_atomic
 from marn.data.schema import Dataset
 from marn.data.tensors import EncodedSamples
 from marn.evaluate import ctr_metrics
@@ -196,7 +197,8 @@ def _run_flip(
             if pretrain_store is not None:
                 pretrain_store.parent.mkdir(parents=True, exist_ok=True)
                 record = {"state_dict": pretrainer.state_dict(), "history": pretrain_history}
-                torch.save(record | {"pretrain_s": pretrain_s, "settings": settings}, pretrain_store)
+                record |= {"pretrain_s": pretrain_s, "settings": settings}
+                write_atomic(pretrain_store, lambda tmp: torch.save(record, tmp))  # concurrent benchmark runs
         pretrainer.eval()
         seed_everything(cfg.train.seed)  # finetuning starts alike whether pretrained here or read back
     model = finetune_model(cfg.flip.strategy, tower, pretrainer, inputs, cfg)
