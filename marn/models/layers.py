@@ -517,6 +517,7 @@ def by_length(
     histories joins the next longer one), and ``run(rows, samples, which, steps)`` gets one range: its
     histories ``rows`` (K_b,), the samples that read them ``samples`` (B_b,), each sample's history as a
     position in ``rows`` (B_b,), and the range's longest history ``steps`` (>= 1). It returns (B_b, ...).
+    Fewer than ``2 * min_rows`` histories (a served request, a small batch) run as one call, in batch order.
 
     Exact for an encoder over left-aligned histories that ignores padding (the RNNs here, masked
     attention): a bucket only drops all-padding columns. It pays because a padded RNN costs every column
