@@ -36,6 +36,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from marn.config import ModelConfig
@@ -49,11 +50,13 @@ from marn.models.layers import (
     HistoryBucket,
     ItemModalities,
     ItemStates,
+    ModalityGroup,
     batch_items,
     encode_histories,
     recent_window,
     run_gru,
     sequence_mask,
+    sum_over_groups,
 )
 from marn.models.marn import PerModalityLinear
 
@@ -153,6 +156,31 @@ class DenseMultimodalFusion(nn.Module):
             shared.append(torch.relu(z))
         return shared
 
+    def over_groups(self, groups: Sequence[ModalityGroup]) -> list[torch.Tensor]:
+        """:meth:`forward` on modality groups (``ItemModalities.groups``): the per-modality stacks and their
+        share of each joint layer (sum_m U_m^k h_m^k is linear) run once per group row, so the item's own
+        modalities once per distinct item; only the shared layers run once per state. Equal to ``forward``
+        on the stacked embeddings (tested)."""
+        hs = [g.e for g in groups]  # (N_g, K_g, D_e) each
+        shared: list[torch.Tensor] = []
+        for k, (specific, joint) in enumerate(zip(self.specific, self.joint, strict=True)):
+            hs = [torch.relu(specific(h, g.slots)) for h, g in zip(hs, groups, strict=True)]  # (N_g, K_g, D)
+            d = hs[0].shape[-1]
+            z = (
+                sum_over_groups(
+                    groups,
+                    [
+                        F.linear(h.flatten(1), joint.weight[:, g.slots.start * d : g.slots.stop * d])
+                        for h, g in zip(hs, groups, strict=True)
+                    ],
+                )
+                + joint.bias
+            )  # (U, D)
+            if k > 0:
+                z = z + self.below[k - 1](shared[-1])
+            shared.append(torch.relu(z))
+        return shared
+
 
 class DMF(FusionCTRModel):
     def __init__(
@@ -168,4 +196,4 @@ class DMF(FusionCTRModel):
         self.user = GRUAttentionUser(cfg.rep_dim, cfg)
 
     def represent(self, states: ItemStates) -> torch.Tensor:
-        return self.fusion(self.embedding(states))[-1]  # (U, M, D_e) -> (U, D) top shared layer
+        return self.fusion.over_groups(self.embedding.groups(states))[-1]  # (U, D) top shared layer

@@ -397,6 +397,49 @@ class ItemModalities(nn.Module):
             dim=1,
         )
 
+    def groups(self, states: ItemStates) -> list[ModalityGroup]:
+        """U item states -> their modality embeddings split by what they depend on: the item's own
+        modalities (IDs, image, title) once per distinct item, the statistics (always last) once per state.
+
+        A fusion whose first layers are per modality runs them on each group and meets the groups only where
+        modalities mix (:meth:`ModalityGroup.stack`, :func:`sum_over_groups`): exact, and a batch holds many
+        states of few items (about 4 per item at batch 1024 on MovieLens)."""
+        own = [m for m in self.modalities if m != "stats"]
+        out = []
+        if own:
+            items, inverse = torch.unique(states.items, return_inverse=True)
+            e = self(ItemStates(items, states.stats[:0]), own)  # (U_i, K, D)
+            out.append(ModalityGroup(e, slice(0, len(own)), inverse))
+        if "stats" in self.modalities:
+            out.append(ModalityGroup(self(states, ["stats"]), slice(len(own), len(own) + 1), None))
+        return out
+
+
+@dataclass(frozen=True)
+class ModalityGroup:
+    """Embeddings e (N, K, D) of the modalities ``slots`` of a model's M, one row per distinct item
+    (``rows``: each of the U states' row) or, with ``rows`` None, one per state (N = U)."""
+
+    e: torch.Tensor
+    slots: slice
+    rows: torch.Tensor | None
+
+    def to_states(self, value: torch.Tensor) -> torch.Tensor:
+        """(N, ...) computed on this group's rows -> (U, ...) one per state."""
+        return value if self.rows is None else take_rows(value, self.rows)
+
+
+def stack_groups(groups: Sequence[ModalityGroup], values: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Per-group (N_g, K_g, ...) values -> (U, M, ...), the modalities back in their order."""
+    parts = [g.to_states(v) for g, v in zip(groups, values, strict=True)]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+
+def sum_over_groups(groups: Sequence[ModalityGroup], values: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Per-group (N_g, ...) partial sums (of a linear map over modalities) -> (U, ...) their total."""
+    parts = [g.to_states(v) for g, v in zip(groups, values, strict=True)]
+    return parts[0] if len(parts) == 1 else sum(parts[1:], parts[0])
+
 
 class BehaviorProperty(nn.Module):
     """Paper 3.1.2: behaviour type and time-gap bucket -> p_t, (B, L) x 2 -> (B, L, P)."""

@@ -186,8 +186,9 @@ class PerModalityLinear(nn.Module):
         bound = math.sqrt(6.0 / (in_dim + out_dim))  # Glorot uniform, as layers.glorot_init
         nn.init.uniform_(self.weight, -bound, bound)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.einsum("umi,mio->umo", x, self.weight) + self.bias
+    def forward(self, x: torch.Tensor, slots: slice = slice(None)) -> torch.Tensor:
+        """(U, K, D_in) -> (U, K, D_out) by the maps of the K modalities at ``slots`` (default: all M)."""
+        return torch.einsum("umi,mio->umo", x, self.weight[slots]) + self.bias[slots]
 
 
 class MultimodalAttentionFusion(nn.Module):

@@ -43,7 +43,16 @@ from marn.config import ModelConfig
 from marn.data.item_features import ItemFeatures
 from marn.data.tensors import ItemCatalog
 from marn.models.dmf import FusionCTRModel, GRUAttentionUser
-from marn.models.layers import MLP, MODALITIES, ItemStates, masked_softmax, sequence_mask, take_rows
+from marn.models.layers import (
+    MLP,
+    MODALITIES,
+    ItemStates,
+    ModalityGroup,
+    masked_softmax,
+    sequence_mask,
+    stack_groups,
+    take_rows,
+)
 from marn.models.marn import PerModalityLinear
 
 NAML_QUERY_DIM = 200  # NAML's attention query size (views, words and clicked news alike)
@@ -57,9 +66,13 @@ class AdditiveAttention(nn.Module):
         self.project = nn.Linear(dim, query_dim)  # U, u
         self.query = nn.Linear(query_dim, 1, bias=False)  # q
 
+    def scores(self, values: torch.Tensor) -> torch.Tensor:
+        """(N, K, D) -> (N, K) a_i, each of one value alone."""
+        return self.query(torch.tanh(self.project(values))).squeeze(-1)
+
     def weights(self, values: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """(N, K, D) values, optional (N, K) mask -> (N, K) weights, a distribution over K (zeros if none)."""
-        scores = self.query(torch.tanh(self.project(values))).squeeze(-1)  # (N, K)
+        scores = self.scores(values)  # (N, K)
         if mask is None:
             return torch.softmax(scores, dim=-1)
         return masked_softmax(scores, mask)
@@ -69,6 +82,14 @@ class AdditiveAttention(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         weights = self.weights(values, mask)  # (N, K)
         return torch.einsum("nk,nkd->nd", weights, values), weights  # (N, D), (N, K)
+
+    def over_groups(
+        self, groups: Sequence[ModalityGroup], values: Sequence[torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`forward` over the modalities of ``groups`` (``values`` (N_g, K_g, D) each): the scores once
+        per group row, the softmax and the weighted sum once per state -> (U, D), (U, M)."""
+        weights = torch.softmax(stack_groups(groups, [self.scores(v) for v in values]), dim=-1)  # (U, M)
+        return torch.einsum("nk,nkd->nd", weights, stack_groups(groups, values)), weights
 
 
 class AttentiveMultiView(nn.Module):
@@ -83,6 +104,12 @@ class AttentiveMultiView(nn.Module):
         """(U, M, D_e) -> item rep (U, D) and view weights alpha (U, M)."""
         views = torch.relu(self.views(e))  # (U, M, D) r^m
         return self.attention(views)
+
+    def over_groups(self, groups: Sequence[ModalityGroup]) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`forward` on modality groups (``ItemModalities.groups``): the item's own views once per
+        distinct item (equal to ``forward`` on the stacked embeddings, tested)."""
+        views = [torch.relu(self.views(g.e, g.slots)) for g in groups]  # (N_g, K_g, D) r^m
+        return self.attention.over_groups(groups, views)
 
 
 class NAMLUser(nn.Module):
@@ -130,5 +157,5 @@ class NAML(FusionCTRModel):
             raise ValueError(f"user_encoder must be 'gru_attention' or 'naml', got {user_encoder!r}")
 
     def represent(self, states: ItemStates) -> torch.Tensor:
-        rep, _ = self.fusion(self.embedding(states))  # (U, M, D_e) -> (U, D)
+        rep, _ = self.fusion.over_groups(self.embedding.groups(states))  # (U, D)
         return rep

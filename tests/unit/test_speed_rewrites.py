@@ -294,3 +294,48 @@ def test_relu_linear_of_a_constant_reuses_the_value_and_stops_at_the_input(per_m
     assert all((a - b).abs().max() < 1e-12 for a, b in zip(got, want, strict=True))
     (reused * probe).sum().backward()
     assert x.grad is None  # nothing reaches the input
+
+
+@pytest.mark.parametrize(
+    "name, modalities",
+    [
+        ("dmf", None),
+        ("dmf", ("ids", "title")),  # no statistics: one group
+        ("dmf", ("stats",)),  # statistics alone: one group, per state
+        ("mmss", None),
+        ("mmss", ("image", "title")),
+        ("naml", None),
+        ("naml", ("ids", "stats")),
+    ],
+)
+def test_fusion_over_modality_groups_equals_the_stacked_embeddings(tiny_world, name, modalities):
+    """DMF, MMSS and NAML run their per-modality layers once per distinct item for the item's own
+    modalities (``ItemModalities.groups``): the same item reps, attention weights and gradients as the
+    fusion over every state's stacked embeddings."""
+    from marn.models.dmf import DMF
+    from marn.models.mmss import MMSS
+    from marn.models.naml import NAML
+
+    kind = {"dmf": DMF, "mmss": MMSS, "naml": NAML}[name]
+    torch.manual_seed(0)
+    args = {} if modalities is None else {"modalities": modalities}
+    model = kind(tiny_world.catalog, tiny_world.features, tiny_world.model_cfg, **args).double()
+    states, _ = batch_items(tiny_world.train.batch(torch.arange(64)))
+    assert len(torch.unique(states.items)) < len(states.items)  # items recur with other statistics
+    runs = []
+    for fusion in (
+        lambda: model.fusion(model.embedding(states)),
+        lambda: model.fusion.over_groups(model.embedding.groups(states)),
+    ):
+        model.zero_grad()
+        out = fusion()
+        out = out if isinstance(out, tuple) else tuple(out)  # DMF: its shared layers
+        sum(o.sin().sum() for o in out).backward()
+        runs.append(([o.detach() for o in out], [p.grad for p in model.parameters()]))
+    (plain, plain_grads), (grouped, grouped_grads) = runs
+    assert len(plain) == len(grouped)
+    for a, b in zip(plain, grouped, strict=True):
+        assert a.shape == b.shape and (a - b).abs().max() < 1e-12
+    for a, b in zip(plain_grads, grouped_grads, strict=True):
+        assert (a is None) == (b is None) and (a is None or (a - b).abs().max() < 1e-12)
+    assert any(g is not None and g.abs().max() > 0 for g in grouped_grads)
