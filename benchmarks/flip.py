@@ -30,8 +30,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from scipy import stats
 
+from benchmarks.paper_report import significance
 from marn.config import Config, load_config
 from marn.data.schema import Dataset, read_dataset
 from marn.flip.run import FLIP_METRICS, FlipInputs, prepare_flip_inputs, run_flip
@@ -109,25 +109,9 @@ def run_arms(
 
 
 def paired_delta(runs: dict[str, dict[int, dict[str, Any]]], arm: str, reference: str) -> dict[str, Any]:
-    """Mean test-AUC delta over the seeds both arms ran, with a 95% t interval (NaN below two seeds)."""
-    seeds = sorted(set(runs.get(arm, {})) & set(runs.get(reference, {})))
-    deltas = np.array([runs[arm][s]["auc"] - runs[reference][s]["auc"] for s in seeds])
-    mean = float(deltas.mean()) if len(deltas) else float("nan")
-    if len(deltas) >= 2:
-        half = float(stats.t.ppf(0.975, len(deltas) - 1) * deltas.std(ddof=1) / np.sqrt(len(deltas)))
-    else:
-        half = float("nan")
-    low, high = mean - half, mean + half
-    return {
-        "arm": arm,
-        "reference": reference,
-        "seeds": seeds,
-        "deltas": deltas.tolist(),
-        "mean": mean,
-        "ci95": [low, high],
-        "gain": bool(low > 0),  # NaN compares False: no interval, no claim
-        "loss": bool(high < 0),
-    }
+    """Mean test-AUC delta of ``arm`` over ``reference`` on the seeds both ran, with a 95% t interval."""
+    auc = {name: {s: m["auc"] for s, m in runs.get(name, {}).items()} for name in (arm, reference)}
+    return {"arm": arm, "reference": reference} | significance.paired_delta(auc[arm], auc[reference])
 
 
 def summarise(runs: dict[str, dict[int, dict[str, Any]]], command: str) -> dict[str, Any]:

@@ -12,17 +12,20 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pytest
 import torch
 
 from marn.config import FeaturesConfig, ModelConfig, load_config
 from marn.curves import POINT_COLOR
+from marn.data.files import write_parquet_atomic
 from marn.data.item_features import ItemFeatures, build_item_features
 from marn.data.samples import build_samples
-from marn.data.schema import read_dataset
+from marn.data.schema import IMAGE_EMBEDDINGS, Dataset, read_dataset
 from marn.data.stats import earliest_time, item_stat_table
 from marn.data.synth import synthesize
 from marn.data.tensors import EncodedSamples, ItemCatalog, encode_samples, fit_statistics
+from marn.embed.cache import list_column
 from marn.models.layers import ItemStates
 
 # /work/main/tests/conftest.py -> /work/shared: the shared folder sits beside the repository checkout.
@@ -141,3 +144,21 @@ def count_points(png: Path) -> int:
     target = np.array([int(POINT_COLOR[i : i + 2], 16) for i in (1, 3, 5)])
     _, blobs = ndimage.label(np.abs(rgb - target).sum(axis=-1) < 60)
     return blobs
+
+
+NO_POSTER = 3  # items left out of the poster table by write_posters
+
+
+def write_posters(data_dir: Path, dataset: Dataset, width: int = 24) -> None:
+    """Seeded stand-ins for the backbone's vectors; the first NO_POSTER items (by id) have none."""
+    items = sorted(dataset.items["item_id"].astype(str))[NO_POSTER:]
+    vectors = np.random.default_rng(0).normal(size=(len(items), width)).astype(np.float32)
+    table = pa.table(
+        {
+            "item_id": pa.array(items, pa.string()),
+            "embedding": list_column(vectors, width),
+            "content_hash": pa.array([f"hash-{i}" for i in items], pa.string()),
+            "backbone": pa.array(["stand-in"] * len(items), pa.string()),
+        }
+    )
+    write_parquet_atomic(table, Path(data_dir) / IMAGE_EMBEDDINGS)

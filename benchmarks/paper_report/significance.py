@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 ALPHA = 0.05
 
@@ -22,3 +23,27 @@ def auc_standard_error(auc: float, positives: int, negatives: int) -> float:
     q1, q2 = auc / (2 - auc), 2 * auc**2 / (1 + auc)
     var = auc * (1 - auc) + (positives - 1) * (q1 - auc**2) + (negatives - 1) * (q2 - auc**2)
     return math.sqrt(var / (positives * negatives))
+
+
+def paired_delta(arm: Mapping[int, float], reference: Mapping[int, float]) -> dict[str, Any]:
+    """Seed -> test AUC of two arms -> the mean per-seed delta over the seeds both ran, with a 95% t
+    interval (NaN below two seeds); a gain (or loss) only when the interval excludes 0."""
+    import numpy as np
+    from scipy import stats
+
+    seeds = sorted(set(arm) & set(reference))
+    deltas = np.array([arm[s] - reference[s] for s in seeds])
+    mean = float(deltas.mean()) if len(deltas) else float("nan")
+    if len(deltas) >= 2:
+        half = float(stats.t.ppf(1 - ALPHA / 2, len(deltas) - 1) * deltas.std(ddof=1) / np.sqrt(len(deltas)))
+    else:
+        half = float("nan")
+    low, high = mean - half, mean + half
+    return {
+        "seeds": seeds,
+        "deltas": deltas.tolist(),
+        "mean": mean,
+        "ci95": [low, high],
+        "gain": bool(low > 0),  # NaN compares False: no interval, no claim
+        "loss": bool(high < 0),
+    }

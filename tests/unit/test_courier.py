@@ -13,6 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import write_posters  # tests/ is on sys.path: pytest imports conftest from there
 
 from marn.config import ConfigError, EmbedConfig, FeaturesConfig, load_config
 from marn.data.files import write_parquet_atomic
@@ -22,7 +23,6 @@ from marn.data.schema import COURIER_EMBEDDINGS, IMAGE_EMBEDDINGS, Dataset, read
 from marn.data.stats import daily_item_stats
 from marn.data.synth import synthesize
 from marn.data.tensors import ItemCatalog, fit_statistics
-from marn.embed.cache import list_column
 from marn.embed.courier import (
     COURIER_METRICS,
     Posters,
@@ -32,7 +32,6 @@ from marn.embed.courier import (
 )
 
 COURIER = {"dim": 8, "hidden": 16, "history": 6, "min_history": 2, "negatives": 16, "batch_size": 64}
-NO_POSTER = 3  # items left out of the poster table
 
 
 @pytest.fixture(scope="module")
@@ -43,21 +42,6 @@ def world(tmp_path_factory) -> Dataset:
     dataset = read_dataset(root)
     write_posters(root, dataset)
     return dataset
-
-
-def write_posters(data_dir: Path, dataset: Dataset, width: int = 24) -> None:
-    """Seeded stand-ins for the backbone's vectors; the first NO_POSTER items (by id) have none."""
-    items = sorted(dataset.items["item_id"].astype(str))[NO_POSTER:]
-    vectors = np.random.default_rng(0).normal(size=(len(items), width)).astype(np.float32)
-    table = pa.table(
-        {
-            "item_id": pa.array(items, pa.string()),
-            "embedding": list_column(vectors, width),
-            "content_hash": pa.array([f"hash-{i}" for i in items], pa.string()),
-            "backbone": pa.array(["stand-in"] * len(items), pa.string()),
-        }
-    )
-    write_parquet_atomic(table, Path(data_dir) / IMAGE_EMBEDDINGS)
 
 
 def run_courier(dataset: Dataset, out: Path, epochs: int = 2) -> Path:
