@@ -53,6 +53,7 @@ from marn.models.layers import (
     ModalityGroup,
     batch_items,
     encode_histories,
+    grouping_pays,
     recent_window,
     run_gru,
     sequence_mask,
@@ -196,4 +197,6 @@ class DMF(FusionCTRModel):
         self.user = GRUAttentionUser(cfg.rep_dim, cfg)
 
     def represent(self, states: ItemStates) -> torch.Tensor:
-        return self.fusion.over_groups(self.embedding.groups(states))[-1]  # (U, D) top shared layer
+        if grouping_pays(states):
+            return self.fusion.over_groups(self.embedding.groups(states))[-1]  # (U, D) top shared layer
+        return self.fusion(self.embedding(states))[-1]  # (U, M, D_e) -> (U, D), the same values

@@ -415,6 +415,13 @@ class ItemModalities(nn.Module):
         return out
 
 
+def grouping_pays(states: ItemStates) -> bool:
+    """Whether :meth:`ItemModalities.groups` saves work on ``states``: when items recur (a training batch
+    holds about 4 states per item); a request's candidates are mostly distinct items, where the split only
+    adds gathers (batch-1 scoring of 100 candidates was ~5% slower through it)."""
+    return 2 * len(torch.unique(states.items)) <= len(states.items)
+
+
 @dataclass(frozen=True)
 class ModalityGroup:
     """Embeddings e (N, K, D) of the modalities ``slots`` of a model's M, one row per distinct item

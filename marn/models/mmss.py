@@ -46,7 +46,7 @@ from marn.config import ModelConfig
 from marn.data.item_features import ItemFeatures
 from marn.data.tensors import ItemCatalog
 from marn.models.dmf import FusionCTRModel, GRUAttentionUser
-from marn.models.layers import MODALITIES, ItemStates, ModalityGroup
+from marn.models.layers import MODALITIES, ItemStates, ModalityGroup, grouping_pays
 from marn.models.marn import PerModalityLinear
 from marn.models.naml import AdditiveAttention
 
@@ -117,5 +117,8 @@ class MMSS(FusionCTRModel):
         self.user = GRUAttentionUser(cfg.rep_dim, cfg)
 
     def represent(self, states: ItemStates) -> torch.Tensor:
-        rep, _, _, _ = self.fusion.over_groups(self.embedding.groups(states))  # (U, D)
+        if grouping_pays(states):
+            rep, _, _, _ = self.fusion.over_groups(self.embedding.groups(states))  # (U, D)
+        else:
+            rep, _, _, _ = self.fusion(self.embedding(states))  # (U, M, D_e) -> (U, D), the same values
         return rep

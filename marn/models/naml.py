@@ -48,6 +48,7 @@ from marn.models.layers import (
     MODALITIES,
     ItemStates,
     ModalityGroup,
+    grouping_pays,
     masked_softmax,
     sequence_mask,
     stack_groups,
@@ -157,5 +158,8 @@ class NAML(FusionCTRModel):
             raise ValueError(f"user_encoder must be 'gru_attention' or 'naml', got {user_encoder!r}")
 
     def represent(self, states: ItemStates) -> torch.Tensor:
-        rep, _ = self.fusion.over_groups(self.embedding.groups(states))  # (U, D)
+        if grouping_pays(states):
+            rep, _ = self.fusion.over_groups(self.embedding.groups(states))  # (U, D)
+        else:
+            rep, _ = self.fusion(self.embedding(states))  # (U, M, D_e) -> (U, D), the same values
         return rep

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from marn.models.din import DIN
-from marn.models.layers import CandidateAttention, TitleCNN, batch_items, distinct_histories
+from marn.models.layers import CandidateAttention, TitleCNN, batch_items, distinct_histories, grouping_pays
 from marn.models.marn import MARN, VARIANTS
 
 
@@ -322,6 +322,7 @@ def test_fusion_over_modality_groups_equals_the_stacked_embeddings(tiny_world, n
     model = kind(tiny_world.catalog, tiny_world.features, tiny_world.model_cfg, **args).double()
     states, _ = batch_items(tiny_world.train.batch(torch.arange(64)))
     assert len(torch.unique(states.items)) < len(states.items)  # items recur with other statistics
+    assert grouping_pays(states) == (2 * len(torch.unique(states.items)) <= len(states.items))
     runs = []
     for fusion in (
         lambda: model.fusion(model.embedding(states)),
@@ -339,3 +340,11 @@ def test_fusion_over_modality_groups_equals_the_stacked_embeddings(tiny_world, n
     for a, b in zip(plain_grads, grouped_grads, strict=True):
         assert (a is None) == (b is None) and (a is None or (a - b).abs().max() < 1e-12)
     assert any(g is not None and g.abs().max() > 0 for g in grouped_grads)
+
+
+def test_grouping_pays_only_when_items_recur():
+    from marn.models.layers import ItemStates
+
+    stats = torch.zeros(8, 2, 2, dtype=torch.long)
+    assert grouping_pays(ItemStates(torch.tensor([1, 1, 1, 1, 2, 2, 2, 2]), stats))  # a training batch
+    assert not grouping_pays(ItemStates(torch.arange(8), stats))  # a request's distinct candidates
