@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.paper import DEFAULT_CONFIG, row_config, train_one
-from benchmarks.paper_report.significance import paired_delta
+from benchmarks.paper_report import significance
 from marn.config import Config, load_config
 from marn.data.samples import Samples, build_samples
 from marn.data.schema import COURIER_EMBEDDINGS, IMAGE_EMBEDDINGS, read_dataset
@@ -175,7 +175,7 @@ def summarise(
                 for arm, by_seed in by_arm.items()
             },
             "comparisons": [
-                paired_delta(aucs[a], aucs[r]) | {"arm": a, "reference": r}
+                significance.paired_delta(aucs[a], aucs[r]) | {"arm": a, "reference": r}
                 for a, r in COMPARISONS
                 if a in aucs and r in aucs
             ],
@@ -202,18 +202,7 @@ def markdown(summary: dict[str, Any]) -> str:
                 f"| {arm} | {len(auc)} | {auc.mean():.4f} ± {sd:.4f} | {np.mean(row['user_auc']):.4f} | "
                 f"{np.mean(row['epochs_run']):.1f} | {np.mean(row['wall_s']):.0f} |"
             )
-        lines += [
-            "",
-            "| arm - reference | seeds | mean delta AUC | 95% interval | verdict |",
-            "|---|---|---|---|---|",
-        ]
-        for c in result["comparisons"]:
-            verdict = "gain" if c["gain"] else "loss" if c["loss"] else "no difference shown"
-            low, high = c["ci95"]
-            lines.append(
-                f"| {c['arm']} - {c['reference']} | {len(c['seeds'])} | {c['mean']:+.4f} | "
-                f"[{low:+.4f}, {high:+.4f}] | {verdict} |"
-            )
+        lines += ["", *significance.comparison_table(result["comparisons"])]
         lines.append("")
     if summary["courier"]:
         lines += ["## The COURIER heads (intrinsic metric, validation)", ""]

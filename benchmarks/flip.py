@@ -148,18 +148,7 @@ def markdown(summary: dict[str, Any]) -> str:
             f"{np.mean(row['user_auc']):.4f} | {np.mean(row['logloss']):.4f} | "
             f"{np.mean(row['pretrain_s']):.0f} | {np.mean(row['finetune_s']):.0f} |"
         )
-    lines += [
-        "",
-        "| arm - reference | seeds | mean delta AUC | 95% interval | verdict |",
-        "|---|---|---|---|---|",
-    ]
-    for c in summary["comparisons"]:
-        verdict = "gain" if c["gain"] else "loss" if c["loss"] else "no difference shown"
-        low, high = c["ci95"]
-        lines.append(
-            f"| {c['arm']} - {c['reference']} | {len(c['seeds'])} | {c['mean']:+.4f} | "
-            f"[{low:+.4f}, {high:+.4f}] | {verdict} |"
-        )
+    lines += ["", *significance.comparison_table(summary["comparisons"])]
     return "\n".join(lines) + "\n"
 
 

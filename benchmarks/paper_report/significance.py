@@ -47,3 +47,16 @@ def paired_delta(arm: Mapping[int, float], reference: Mapping[int, float]) -> di
         "gain": bool(low > 0),  # NaN compares False: no interval, no claim
         "loss": bool(high < 0),
     }
+
+
+def comparison_table(comparisons: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Markdown rows of :func:`paired_delta` results (each with its ``arm`` and ``reference``)."""
+    lines = ["| arm - reference | seeds | mean delta AUC | 95% interval | verdict |", "|---|---|---|---|---|"]
+    for c in comparisons:
+        verdict = "gain" if c["gain"] else "loss" if c["loss"] else "no difference shown"
+        low, high = c["ci95"]
+        lines.append(
+            f"| {c['arm']} - {c['reference']} | {len(c['seeds'])} | {c['mean']:+.4f} | "
+            f"[{low:+.4f}, {high:+.4f}] | {verdict} |"
+        )
+    return lines

@@ -355,19 +355,16 @@ class MARN(CTRModel):
 
         s is a sum over modalities and c a max over them, so both combine the per-item and per-state
         parts exactly as if every part were computed per state."""
-        items, inverse = torch.unique(states.items, return_inverse=True)  # (U_i,), (U,)
-        modalities = self.embedding.modalities
-        rest = [k for k, m in enumerate(modalities) if m != "stats"]
-        per_item = per_state = None
-        if rest:
-            e = self.embedding(ItemStates(items, states.stats[:0]), [modalities[k] for k in rest])
-            per_item = self._parts(e, rest)  # (U_i, M', ...)
-        if "stats" in modalities:  # always the last modality (MODALITIES order)
-            per_state = self._parts(self.embedding(states, ["stats"]), [modalities.index("stats")])
+        groups = {g.rows is None: g for g in self.embedding.groups(states)}  # per state: True
+        own, stats = groups.get(False), groups.get(True)
+        inverse = own.rows if own is not None else torch.unique(states.items, return_inverse=True)[1]  # (U,)
+        rest = [] if own is None else list(range(own.slots.start, own.slots.stop))
+        per_item = None if own is None else self._parts(own.e, rest)  # (U_i, M', ...)
+        per_state = None if stats is None else self._parts(stats.e, [stats.slots.start])  # (U, 1, ...)
         device = states.items.device
         slots = (
             torch.tensor(rest, device=device) if rest else None,
-            torch.tensor([modalities.index("stats")], device=device) if per_state is not None else None,
+            torch.tensor([stats.slots.start], device=device) if stats is not None else None,
         )
 
         def per_state_of(values_of: Callable[[dict[str, torch.Tensor | None]], torch.Tensor]) -> list:
