@@ -42,7 +42,7 @@ from benchmarks.paper import DEFAULT_CONFIG, row_config, train_one
 from benchmarks.paper_report import significance
 from marn.config import Config, load_config
 from marn.data.samples import Samples, build_samples
-from marn.data.schema import COURIER_EMBEDDINGS, IMAGE_EMBEDDINGS, read_dataset
+from marn.data.schema import COURIER_EMBEDDINGS, COURIER_HEAD, IMAGE_EMBEDDINGS, read_dataset
 from marn.embed.courier import COURIER_METRICS, train_courier
 from marn.train import METRICS, RunInputs, prepare_inputs
 
@@ -90,7 +90,7 @@ def courier_dir(data: Path, work: Path, cfg: Config, seed: int, samples: Samples
     out.mkdir(parents=True, exist_ok=True)
     for entry in data.iterdir():
         link = out / entry.name
-        if entry.name not in (COURIER_EMBEDDINGS, COURIER_METRICS) and not link.exists():
+        if entry.name not in (COURIER_EMBEDDINGS, COURIER_HEAD, COURIER_METRICS) and not link.exists():
             link.symlink_to(entry.resolve())
     started = time.perf_counter()
     print(f"[courier] training the head, seed {seed}", flush=True)
@@ -124,8 +124,8 @@ def arm_inputs(
     if arm == "courier":
         return inputs
     if arm == "courier_permuted":
-        image = permuted_rows(inputs.features.image, seed)
-        return replace(inputs, features=replace(inputs.features, image=image))
+        image = permuted_rows(inputs.features.image, seed)  # no longer what the head maps: not kept
+        return replace(inputs, features=replace(inputs.features, image=image, image_head=None))
     raise ValueError(f"unknown arm {arm!r}; known: {', '.join(ARMS)}")
 
 

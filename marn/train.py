@@ -29,6 +29,7 @@ from marn.data.samples import Samples, build_samples
 from marn.data.schema import Dataset
 from marn.data.stats import StatDiscretizer, earliest_time, item_stat_table
 from marn.data.tensors import EncodedSamples, ItemCatalog, encode_samples, fit_statistics, stat_codes
+from marn.embed.courier import CourierHead
 from marn.evaluate import auc_by_popularity, ctr_metrics, training_item_counts, unseen_item_recall
 from marn.models import CTRModel, build_model
 from marn.progress import progress_bar
@@ -373,13 +374,15 @@ def pool_statistics(inputs: RunInputs) -> Callable[[torch.Tensor, torch.Tensor],
 @dataclass(frozen=True)
 class TrainedModel:
     """Everything ``model.pt`` holds, rebuilt: the model (eval mode), its item catalogue, the statistics'
-    bucket boundaries it was trained with and the run config."""
+    bucket boundaries it was trained with, the run config and, for a model of COURIER's image vectors, the
+    head that maps a backbone vector (a new item's, from Feast) into them."""
 
     name: str
     model: CTRModel
     catalog: ItemCatalog
     statistics: StatDiscretizer
     config: dict[str, Any]
+    image_encoder: CourierHead | None = None
 
     def encode(self, samples: pa.Table) -> EncodedSamples:
         """Sample rows as this model reads them: its catalogue, history length and statistic buckets."""
@@ -401,7 +404,8 @@ def load_trained(path: str | Path) -> TrainedModel:
         saved["model"], catalog, features, ModelConfig.model_validate(saved["config"]["model"])
     )
     model.load_state_dict(saved["state_dict"])
-    return TrainedModel(saved["model"], model.eval(), catalog, features.statistics, saved["config"])
+    encoder = None if features.image_head is None else CourierHead.from_state(features.image_head)
+    return TrainedModel(saved["model"], model.eval(), catalog, features.statistics, saved["config"], encoder)
 
 
 def _copy_state(model: nn.Module) -> dict[str, torch.Tensor]:

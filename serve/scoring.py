@@ -31,6 +31,7 @@ import torch
 from marn.data.schema import BEHAVIORS
 from marn.data.stats import STAT_PREFIX
 from marn.data.tensors import PAD, Vocab, gap_buckets
+from marn.embed.courier import CourierHead
 from marn.features.representations import serves_representations
 from marn.features.tables import REP_COLUMN, representations_view
 from marn.models.layers import ItemModalities, ItemStates
@@ -43,6 +44,31 @@ log = logging.getLogger(__name__)
 DEFAULT_BEHAVIOR = "click"  # a caller-supplied history is item ids only: taken as clicks, time unknown
 REP_CHECK_ITEMS = 32  # items compared between Feast's representations and the model at start-up
 REP_CHECK_TOLERANCE = 1e-4
+
+
+def cold_image_rows(
+    vectors: Sequence[Sequence[float] | None], width: int, encoder: CourierHead | None = None
+) -> tuple[torch.Tensor, int]:
+    """Feast's image vectors (the embed stage's backbone; None: no poster) of K items a model never saw ->
+    (K, ``width``) rows of the model's image table, and how many vectors were left out for their width.
+
+    A model trained on the backbone's vectors reads them as they are; one trained on COURIER's reads them
+    through its ``encoder`` (the head that wrote its table), so a new item lands in the same space as the
+    items it was trained with. A missing vector, or one of another width (a pixel-feature model, another
+    backbone), gives zeros, as for an item without a poster."""
+    read = encoder.in_dim if encoder is not None else width
+    raw = np.zeros((len(vectors), read), dtype=np.float32)
+    usable = np.array([v is not None and len(v) == read for v in vectors], dtype=bool)
+    for k in np.flatnonzero(usable):
+        raw[k] = vectors[k]
+    mismatched = sum(v is not None and len(v) != read for v in vectors)
+    if encoder is None:
+        return torch.from_numpy(raw), mismatched
+    rows = torch.zeros(len(vectors), width)
+    if usable.any():
+        with torch.no_grad():
+            rows[torch.from_numpy(usable)] = encoder(torch.from_numpy(raw[usable]))  # (K', width)
+    return rows, mismatched
 
 
 @dataclass(frozen=True)
@@ -67,7 +93,7 @@ class ArmScorer:
         item representations a MARN scorer reads."""
         trained = load_trained(checkpoint)
         self.name, self.model, self.catalog = trained.name, trained.model, trained.catalog
-        self.statistics = trained.statistics
+        self.statistics, self.image_encoder = trained.statistics, trained.image_encoder
         self.fetcher, self.max_history, self.max_cold_items = fetcher, max_history, max_cold_items
         self.behaviors = Vocab(BEHAVIORS)
         self._cold: dict[str, int] = {}  # item id the model never saw -> code added by ItemModalities.extend
@@ -286,13 +312,15 @@ class ArmScorer:
             )
         ):
             attributes[:, j] = vocab.encode([rows[i].get(column) for i in known])
-        width = embedding.image.shape[1]
-        image = np.zeros((len(known), width), dtype=np.float32)
-        for k, item in enumerate(known):
-            vector = rows[item].get("image_embedding")
-            if vector is not None and len(vector) == width:  # pixel-feature models cannot use the vector
-                image[k] = vector
-        new_codes = embedding.extend(torch.from_numpy(attributes), torch.from_numpy(image))
+        vectors = [rows[i].get("image_embedding") for i in known]
+        image, mismatched = cold_image_rows(vectors, embedding.image.shape[1], self.image_encoder)
+        if mismatched:  # a missing vector is an item without a poster; another width is a setup to know of
+            log.warning(
+                "%s: %d cold items' Feast image vectors are not of the width this model reads; zeros",
+                self.name,
+                mismatched,
+            )
+        new_codes = embedding.extend(torch.from_numpy(attributes), image)
         self._cold.update(zip(known, new_codes.tolist(), strict=True))
         log.info("%s: %d cold items added from their Feast features", self.name, len(known))
 

@@ -3,7 +3,8 @@
 - image: a pre-extracted vector per item. ``DATA/image_embeddings.parquet`` (item_id, embedding) when the
   embed stage wrote one (VGG16 fc7, 4096-d, in the paper; any dimension works); otherwise the raw pixels
   of a small thumbnail, which is cheap and keeps colour and coarse shape. With ``embed.method: courier``,
-  ``DATA/courier_embeddings.parquet`` instead (same columns; :mod:`marn.embed.courier`), and it must exist.
+  ``DATA/courier_embeddings.parquet`` instead (same columns; :mod:`marn.embed.courier`), and it must exist
+  with the head that wrote it (``image_head``: serving maps a new item's backbone vector through it).
 - title: token codes of the first ``title_len`` words, plus the frozen word vectors they index.
 - stats: not a per-item table. Statistics change over time, so every sample carries its items' values as
   of its own time (:mod:`marn.data.stats`, :func:`marn.data.samples.build_samples`); what belongs to the
@@ -30,6 +31,7 @@ from marn.data.stats import StatDiscretizer
 from marn.data.tensors import ItemCatalog
 from marn.data.text.vocab import build_title_vocabulary, encode_titles
 from marn.data.text.word_vectors import load_word_vectors
+from marn.embed.courier import read_courier_head
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +44,9 @@ class ItemFeatures:
     title: np.ndarray  # (n_items + 1, H) int64 title-vocabulary codes
     word_vectors: np.ndarray  # (V, D_word) float32, frozen; row 0 = PAD zeros
     statistics: StatDiscretizer  # the F statistics and their bucket boundaries (training split)
-    image_source: str  # "embeddings" or "pixels:<side>"
+    image_source: str  # "embeddings", "courier" or "pixels:<side>"
+    # courier: the head that maps a backbone vector to an image row (CourierHead.to_state); else None
+    image_head: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if self.title.shape[0] != self.image.shape[0]:
@@ -65,7 +69,7 @@ class ItemFeatures:
             "word_vectors": torch.from_numpy(self.word_vectors),
             "statistics": self.statistics.to_dict(),
             "image_source": self.image_source,
-        }
+        } | ({} if self.image_head is None else {"image_head": self.image_head})
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ItemFeatures:
@@ -75,6 +79,7 @@ class ItemFeatures:
             word_vectors=data["word_vectors"].numpy(),
             statistics=StatDiscretizer.from_dict(data["statistics"]),
             image_source=str(data["image_source"]),
+            image_head=data.get("image_head"),
         )
 
 
@@ -98,7 +103,10 @@ def build_item_features(
     n_rows = len(catalog.items)
     image, image_source = _image_matrix(dataset, items, codes, n_rows, cfg, vectors)
     title, word_vectors = _title_codes(items, codes, n_rows, cfg)
-    return ItemFeatures(image, title, word_vectors, statistics, image_source)
+    head = None
+    if image_source == "courier":
+        head = read_courier_head(dataset.root)
+    return ItemFeatures(image, title, word_vectors, statistics, image_source, head)
 
 
 def _title_codes(

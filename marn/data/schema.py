@@ -36,6 +36,7 @@ IMAGE_EMBEDDINGS = "image_embeddings.parquet"
 TITLE_EMBEDDINGS = "title_embeddings.parquet"
 # The courier stage (marn.embed.courier), same columns as IMAGE_EMBEDDINGS; read when embed.method is courier
 COURIER_EMBEDDINGS = "courier_embeddings.parquet"
+COURIER_HEAD = "courier_head.pt"  # the head that wrote it: maps a new item's backbone vector into its space
 
 # Behaviour types of the paper (click, add-to-cart, purchase) plus explicit ratings (MovieLens) and
 # reviews (Amazon), which the DIN protocol treats as positive interactions.

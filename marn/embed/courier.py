@@ -9,6 +9,9 @@ the training split's clicks and writes, beside it,
 - ``courier_embeddings.parquet``: the IMAGE_EMBEDDINGS columns (item_id, embedding list<float32> of
   ``dim``, content_hash, backbone ``courier-<backbone identity>``) for every item with a poster vector,
   whether or not it was clicked in training: the head maps a poster alone, so it needs no events;
+- ``courier_head.pt``: the trained head (``CourierHead.to_state``), written before the table. A model
+  trained on the table keeps it (``ItemFeatures.image_head``), so serving maps a new item's backbone vector
+  from Feast into the same space (:func:`read_courier_head` checks that head and table agree);
 - ``courier_metrics.json``: validation recall@k of the next click ranked by the learned space, against
   the same ranking in the raw backbone space, in its PCA to ``dim`` and by training popularity; the
   epochs, timings and settings.
@@ -59,14 +62,16 @@ import torch
 from torch import nn
 
 from marn.config import CourierConfig
-from marn.data.files import write_parquet_atomic, write_text_atomic
-from marn.data.schema import COURIER_EMBEDDINGS, IMAGE_EMBEDDINGS
+from marn.data.files import write_atomic, write_parquet_atomic, write_text_atomic
+from marn.data.schema import COURIER_EMBEDDINGS, COURIER_HEAD, IMAGE_EMBEDDINGS
 from marn.embed.cache import list_column
 
 log = logging.getLogger(__name__)
 
 COURIER_METRICS = "courier_metrics.json"
 SAMPLE_COLUMNS = ("label", "item_id", "hist_item_ids")  # of the DIN sample splits
+HEAD_CHECK_ITEMS = 64  # posters the head re-maps to prove it wrote the table beside it
+HEAD_CHECK_ATOL = 1e-5  # on L2-normalised vectors; a foreign head or backbone differs by far more
 EVAL_CELLS = 4_000_000  # (clicks x catalogue x history) similarities held at once while ranking
 
 # progress(phase, done, total): phase "epoch <k>", counting training steps (marn.progress.phase_bars)
@@ -187,7 +192,63 @@ class CourierHead(nn.Module):
         self.net = nn.Sequential(nn.Linear(len(mean), hidden), nn.GELU(), nn.Linear(hidden, dim))
 
     def forward(self, vectors: torch.Tensor) -> torch.Tensor:
+        """(N, D_backbone) poster vectors -> (N, dim) unit vectors."""
         return nn.functional.normalize(self.net((vectors - self.mean) / self.scale), dim=-1)
+
+    @property
+    def in_dim(self) -> int:
+        return len(self.mean)
+
+    def to_state(self, backbone: str) -> dict[str, Any]:
+        """Tensors and plain values only (``torch.load(weights_only=True)``); ``backbone``: the embed
+        stage's identity of the vectors it reads."""
+        hidden, dim = self.net[0].out_features, self.net[2].out_features
+        return {"weights": dict(self.state_dict()), "hidden": hidden, "dim": dim, "backbone": backbone}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> CourierHead:
+        weights = state["weights"]
+        head = cls(weights["mean"].numpy(), weights["scale"].numpy(), int(state["hidden"]), int(state["dim"]))
+        head.load_state_dict(weights)
+        return head.eval()
+
+
+def read_courier_head(data_dir: str | Path) -> dict[str, Any]:
+    """``courier_head.pt`` of ``data_dir`` (its ``CourierHead.to_state``), checked against the tables beside
+    it: the head must map the backbone's vectors of ``image_embeddings.parquet`` to the rows of
+    ``courier_embeddings.parquet``. A head of another run, or a backbone re-embedded since, is refused."""
+    data_dir = Path(data_dir)
+    path = data_dir / COURIER_HEAD
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{path} not found: the courier table has no head beside it (written by an older version, or "
+            "copied alone); run the courier stage (marn courier) again"
+        )
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    head = CourierHead.from_state(state)
+    posters = read_posters(data_dir)
+    table = pq.read_table(data_dir / COURIER_EMBEDDINGS, columns=["item_id", "embedding"])
+    rows = posters.codes(np.asarray(table.column("item_id").to_pylist(), dtype=object))
+    take = np.flatnonzero(rows >= 0)[:HEAD_CHECK_ITEMS]
+    problem = None
+    if state["backbone"] != posters.backbone:
+        problem = f"its backbone {state['backbone']!r} is not the embed stage's {posters.backbone!r}"
+    elif head.in_dim != posters.vectors.shape[1]:
+        problem = f"it reads {head.in_dim}-d vectors, the embed stage wrote {posters.vectors.shape[1]}-d"
+    elif len(take) == 0:
+        problem = "no item of the courier table has a backbone vector"
+    else:
+        stored = np.stack(table.column("embedding").to_numpy(zero_copy_only=False)[take]).astype(np.float32)
+        with torch.no_grad():
+            mapped = head(torch.from_numpy(posters.vectors[rows[take]])).numpy()
+        if stored.shape != mapped.shape or not np.allclose(mapped, stored, atol=HEAD_CHECK_ATOL, rtol=0):
+            problem = "it does not map the backbone's vectors to the table's rows"
+    if problem:
+        table = data_dir / COURIER_EMBEDDINGS
+        raise ValueError(
+            f"{path} is not the head of {table}: {problem}; rerun the courier stage (marn courier)"
+        )
+    return state
 
 
 def reconstruction_scores(
@@ -292,6 +353,9 @@ def _train_courier(
             "backbone": pa.array([f"courier-{posters.backbone}"] * len(learned), pa.string()),
         }
     )
+    # the head first: a table never stands without its head (a crash in between leaves the old table
+    # with a new head, which read_courier_head refuses)
+    write_atomic(data_dir / COURIER_HEAD, lambda tmp: torch.save(head.to_state(posters.backbone), tmp))
     table_path = write_parquet_atomic(table, data_dir / COURIER_EMBEDDINGS)
     summary = CourierSummary(
         items=len(learned),

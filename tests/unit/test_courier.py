@@ -17,19 +17,22 @@ from conftest import write_posters  # tests/ is on sys.path: pytest imports conf
 
 from marn.config import ConfigError, EmbedConfig, FeaturesConfig, load_config
 from marn.data.files import write_parquet_atomic
-from marn.data.item_features import build_item_features, image_table
+from marn.data.item_features import ItemFeatures, build_item_features, image_table
 from marn.data.samples import build_samples
-from marn.data.schema import COURIER_EMBEDDINGS, IMAGE_EMBEDDINGS, Dataset, read_dataset
+from marn.data.schema import COURIER_EMBEDDINGS, COURIER_HEAD, IMAGE_EMBEDDINGS, Dataset, read_dataset
 from marn.data.stats import daily_item_stats
 from marn.data.synth import synthesize
 from marn.data.tensors import ItemCatalog, fit_statistics
 from marn.embed.courier import (
     COURIER_METRICS,
+    CourierHead,
     Posters,
     click_examples,
+    read_courier_head,
     reconstruction_scores,
     train_courier,
 )
+from serve.scoring import cold_image_rows
 
 COURIER = {"dim": 8, "hidden": 16, "history": 6, "min_history": 2, "negatives": 16, "batch_size": 64}
 
@@ -44,12 +47,13 @@ def world(tmp_path_factory) -> Dataset:
     return dataset
 
 
-def run_courier(dataset: Dataset, out: Path, epochs: int = 2) -> Path:
+def run_courier(dataset: Dataset, out: Path, epochs: int = 2, seed: int = 0) -> Path:
     """Samples from ``dataset``, the posters of the world, COURIER into ``out`` (one torch thread)."""
     out.mkdir(parents=True, exist_ok=True)
     (out / IMAGE_EMBEDDINGS).write_bytes((dataset.root / IMAGE_EMBEDDINGS).read_bytes())
     cfg = load_config(
-        None, {"samples": {"max_history": 8}, "embed": {"courier": {**COURIER, "epochs": epochs}}}
+        None,
+        {"samples": {"max_history": 8}, "embed": {"courier": {**COURIER, "epochs": epochs, "seed": seed}}},
     )
     samples = build_samples(dataset, cfg.samples)
     train_courier(
@@ -279,3 +283,66 @@ def test_without_validation_clicks_every_epoch_runs_and_the_last_is_kept(world, 
         torch.set_num_threads(threads)
     assert summary.epochs == 3 and summary.best_epoch == 3 and summary.recall["courier"] is None
     assert json.loads(summary.metrics_path.read_text())["torch_threads"] == 1  # embed.courier.threads
+
+
+def _features(dataset: Dataset, tmp_path: Path, vectors: str = COURIER_EMBEDDINGS) -> ItemFeatures:
+    catalog = ItemCatalog.from_items(dataset.items)
+    samples = build_samples(dataset, load_config(None, {"samples": {"max_history": 8}}).samples)
+    glove = tmp_path / "glove.txt"
+    glove.write_text("red 0.1 0.2\n")
+    cfg = FeaturesConfig(word_vectors=str(glove), title_len=4)
+    return build_item_features(dataset, catalog, cfg, fit_statistics(samples.train, (10, 100)), vectors)
+
+
+def test_a_model_keeps_the_head_that_maps_a_new_items_poster_into_its_table(world, tmp_path):
+    """Serving a COURIER-fed model: an item added after training has only its backbone vector in Feast;
+    the head kept in the checkpoint puts it where the table would have (issue 19 item 4)."""
+    out = run_courier(world, tmp_path / "run").parent
+    features = _features(replace(world, root=out), tmp_path)
+    assert features.image_source == "courier" and features.image_head is not None
+    checkpoint = tmp_path / "features.pt"
+    torch.save(features.to_dict(), checkpoint)
+    loaded = ItemFeatures.from_dict(torch.load(checkpoint, weights_only=True))
+    head = CourierHead.from_state(loaded.image_head)
+
+    posters = pq.read_table(out / IMAGE_EMBEDDINGS).to_pandas()
+    table = pq.read_table(out / COURIER_EMBEDDINGS).to_pandas().set_index("item_id")["embedding"]
+    backbone = [posters["embedding"][k].tolist() for k in range(3)]  # as Feast returns them: lists
+    expected = np.stack([table[i] for i in posters["item_id"][:3]])
+    rows, mismatched = cold_image_rows([backbone[0], None, backbone[2], [0.5] * 3], COURIER["dim"], head)
+    assert mismatched == 1  # the 3-d vector of another backbone
+    np.testing.assert_allclose(rows[[0, 2]].numpy(), expected[[0, 2]], atol=1e-6)
+    assert (rows[[1, 3]] == 0).all()  # no poster, or one the head cannot read: zeros, as offline
+    assert rows.shape == (4, COURIER["dim"])
+
+    plain = _features(world, tmp_path, IMAGE_EMBEDDINGS)  # a model of the backbone's vectors: no head
+    assert plain.image_head is None and "image_head" not in plain.to_dict()
+    rows, mismatched = cold_image_rows([backbone[1], [1.0] * 5], plain.image.shape[1])
+    np.testing.assert_array_equal(rows[0].numpy(), np.asarray(backbone[1], dtype=np.float32))
+    assert mismatched == 1 and (rows[1] == 0).all()
+
+
+def test_a_head_that_did_not_write_the_table_beside_it_is_refused(world, tmp_path):
+    out = run_courier(world, tmp_path / "one").parent
+    other = run_courier(world, tmp_path / "two", seed=1).parent
+    state = read_courier_head(out)
+    backbone = pq.read_table(out / IMAGE_EMBEDDINGS).column("backbone")[0].as_py()
+    assert (state["dim"], state["hidden"], state["backbone"]) == (COURIER["dim"], COURIER["hidden"], backbone)
+
+    (out / COURIER_HEAD).write_bytes((other / COURIER_HEAD).read_bytes())  # another run's head
+    with pytest.raises(ValueError, match="does not map the backbone"):
+        read_courier_head(out)
+    with pytest.raises(ValueError, match="not the head"):
+        _features(replace(world, root=out), tmp_path)
+
+    posters = pq.read_table(other / IMAGE_EMBEDDINGS)  # the backbone re-embedded since COURIER ran
+    moved = pa.array([[v + 1.0 for v in row] for row in posters.column("embedding").to_pylist()])
+    write_parquet_atomic(
+        posters.set_column(1, "embedding", moved.cast(posters.schema.field(1).type)), other / IMAGE_EMBEDDINGS
+    )
+    with pytest.raises(ValueError, match="does not map the backbone"):
+        read_courier_head(other)
+
+    (out / COURIER_HEAD).unlink()
+    with pytest.raises(FileNotFoundError, match="marn courier"):
+        read_courier_head(out)
