@@ -228,6 +228,9 @@ class PipelineConfig(Strict):
     model: str = "marn"  # the candidate: tuned, trained, gated against its champion
     baseline: str = "dupn"  # trained, gated and registered beside it: the A/B test's other arm
     tune: bool = True  # False: train the candidate with model.lambda0 and train.lr as configured
+    # True: the candidate is an ID tower (flip.tower, e.g. base_ids) aligned with a frozen MiniLM by ALT/FLIP
+    # before its finetuning (marn.flip, strategy "id"): it registers and serves as that tower, at its cost
+    flip: bool = False
     min_improvement: float = Field(0.0, ge=0)  # test AUC gain over the champion needed to register
     pipeline_root: Path | None = None  # KFP local runner artifacts; None: <work_dir>/kfp
 
@@ -329,7 +332,22 @@ class Config(Strict):
     tune: TuneConfig = TuneConfig()
     pipeline: PipelineConfig = PipelineConfig()
     serve: ServeConfig = ServeConfig()
-    flip: FlipConfig = FlipConfig()  # read only by marn.flip (benchmarks/flip.py)
+    flip: FlipConfig = FlipConfig()  # read by marn.flip: benchmarks/flip.py, the pipeline with pipeline.flip
+
+    @model_validator(mode="after")
+    def _flip_candidate(self) -> Config:
+        if self.pipeline.flip and self.pipeline.model != self.flip.tower:
+            raise ValueError(
+                f"pipeline.flip aligns flip.tower ({self.flip.tower}) but the candidate is pipeline.model "
+                f"({self.pipeline.model}): set both to the ID tower to align"
+            )
+        if self.pipeline.flip and self.flip.strategy != "id":
+            raise ValueError(
+                "pipeline.flip registers the finetuned ID tower (flip.strategy 'id'), not "
+                f"{self.flip.strategy!r}: the text and joint strategies have no registry model "
+                "(benchmarks/flip.py measures them)"
+            )
+        return self
 
     def with_overrides(self, overrides: Mapping[str, Any]) -> Config:
         """A copy with dotted keys set (``{"model.lambda0": 0.2, "train.lr": 0.05}``): the one way tuned or

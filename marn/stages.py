@@ -137,8 +137,39 @@ def train_stage(
     from marn.distributed import train_distributed
 
     cfg = cfg.with_overrides({"train.model": model, **training_overrides(cfg, model, params)})
+    if cfg.pipeline.flip and model == cfg.pipeline.model:
+        return _jsonable(flip_train_stage(data_dir, samples_dir, cfg, out_dir))
     result = train_distributed(read_dataset(data_dir), cfg, out_dir, samples=read_samples(samples_dir))
     return _jsonable(result.metrics)
+
+
+def flip_train_stage(data_dir: Path, samples_dir: Path, cfg: Config, out_dir: Path) -> dict[str, Any]:
+    """``pipeline.flip``: the candidate ID tower pretrained by ALT/FLIP on the training rows, then finetuned
+    alone (strategy "id"), in this process (the frozen MiniLM's text cache is built once, here): the run
+    directory is an ordinary one of ``flip.tower``, which the later stages gate, register and serve."""
+    from marn.data.samples import read_samples
+    from marn.data.schema import read_dataset
+    from marn.flip.run import prepare_flip_inputs, run_flip
+
+    dataset = read_dataset(data_dir)
+    print(f"flip: encoding the prompts' segments with the frozen MiniLM ({cfg.flip.tower})", flush=True)
+    inputs = prepare_flip_inputs(dataset, cfg, samples=read_samples(samples_dir))
+    print(
+        f"flip: {len(inputs.cache.item_segments):,} item and {len(inputs.cache.user_segments):,} user "
+        f"segments in {inputs.encode_s:.1f} s; {cfg.flip.pretrain_epochs} pretraining epochs, then finetune",
+        flush=True,
+    )
+    metrics = run_flip(dataset, cfg, out_dir, inputs=inputs, show_progress=False)
+    summary = metrics["flip"]
+    for epoch in summary["pretrain_history"]:
+        losses = ", ".join(f"{name} {epoch[name]:.4f}" for name in summary["losses"])
+        print(f"flip: pretraining epoch {epoch['epoch']}: {losses} ({epoch['seconds']:.1f} s)", flush=True)
+    print(
+        f"flip: finetuned in {summary['finetune_s']:.1f} s, best epoch {metrics['best_epoch']}, "
+        f"test AUC {metrics['auc']:.4f}",
+        flush=True,
+    )
+    return metrics
 
 
 def training_overrides(cfg: Config, model: str, params: dict[str, float]) -> dict[str, Any]:

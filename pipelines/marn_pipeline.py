@@ -1,7 +1,8 @@
 """The MARN training pipeline (KFP v2): validate -> embed -> features -> courier -> tune -> train -> evaluate
 -> register -> deploy, with DUPN trained, gated and registered beside MARN as the A/B baseline. The courier
 task trains COURIER's poster vectors only when the config's embed.method is courier, and passes the dataset
-on otherwise (why it is not a dsl.If branch: see ``marn_pipeline``).
+on otherwise (why it is not a dsl.If branch: see ``marn_pipeline``). With pipeline.flip the candidate's
+train task aligns its ID tower by ALT/FLIP first (marn.stages.flip_train_stage).
 
 The same definition runs on Kubeflow (``compile_pipeline`` writes the IR YAML, with kfp-kubernetes
 settings: a GPU node for embed, resources, the Redis secret for Feast) and on this machine

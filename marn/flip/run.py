@@ -14,6 +14,7 @@ import torch
 
 from marn.config import Config, FlipConfig
 from marn.data.files import write_atomic
+from marn.data.samples import Samples
 from marn.data.schema import Dataset
 from marn.data.tensors import EncodedSamples
 from marn.evaluate import ctr_metrics
@@ -50,10 +51,13 @@ def with_user_codes(data: EncodedSamples, cache: TextCache) -> EncodedSamples:
     return replace(data, tensors={**data.tensors, "flip_user": cache.user_codes(data.users)})
 
 
-def prepare_flip_inputs(dataset: Dataset, cfg: Config, encoder: TextEncoder | None = None) -> FlipInputs:
-    """The run's inputs (marn.train.prepare_inputs) and every prompt segment encoded once (frozen)."""
+def prepare_flip_inputs(
+    dataset: Dataset, cfg: Config, encoder: TextEncoder | None = None, samples: Samples | None = None
+) -> FlipInputs:
+    """The run's inputs (marn.train.prepare_inputs; ``samples`` built unless given) and every prompt
+    segment encoded once (frozen)."""
     check_tower(cfg.flip.tower)
-    inputs = prepare_inputs(dataset, cfg)
+    inputs = prepare_inputs(dataset, cfg, samples=samples)
     started = time.perf_counter()
     encoder = encoder or load_minilm()
     flip = cfg.flip

@@ -311,6 +311,16 @@ def test_the_flip_section_rejects_unknown_keys_repeated_losses_and_non_id_towers
         prepare_flip_inputs(world, config(tower="dcnv2"), encoder)
 
 
+def test_the_pipeline_switch_needs_the_candidate_to_be_the_flip_tower_and_the_id_strategy():
+    aligned = load_config(None, {"pipeline": {"model": "base_ids", "flip": True}})
+    assert aligned.pipeline.flip and aligned.flip.tower == "base_ids"
+    assert not load_config(None).pipeline.flip  # the default pipeline trains MARN as before
+    with pytest.raises(ConfigError, match=r"candidate is pipeline\.model \(marn\)"):
+        load_config(None, {"pipeline": {"flip": True}})
+    with pytest.raises(ConfigError, match="not 'joint'"):
+        load_config(None, {"pipeline": {"model": "base_ids", "flip": True}, "flip": {"strategy": "joint"}})
+
+
 def test_the_benchmark_pairs_arms_by_seed_and_resumes_from_finished_runs(world, encoder, tmp_path):
     from benchmarks.flip import markdown, run_arms, summarise
 
