@@ -176,6 +176,20 @@ def relu_linear_of_constant(
     return _ReLULinearOfConstant.apply(value.detach(), x.detach(), weight, bias, per_modality)
 
 
+def per_modality_affine(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """x (U, K, I) through K maps, W (K, I, O) and b (K, O) -> (U, K, O). One map (the statistics, per
+    state) is one addmm: the batched product and separate bias add cost about twice as much there."""
+    if weight.shape[0] == 1:
+        return torch.addmm(bias[0], x[:, 0], weight[0]).unsqueeze(1)
+    return torch.einsum("uki,kio->uko", x, weight) + bias
+
+
+def over_modalities(x: torch.Tensor, reduce: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """(U, K, D) -> (U, D) by ``reduce`` over K; with K = 1 the slot itself (a reduction over one slot is a
+    copy forward and a masked scatter backward, for the same numbers)."""
+    return x[:, 0] if x.shape[1] == 1 else reduce(x)
+
+
 class PerModalityLinear(nn.Module):
     """M independent linear maps applied in one einsum: (U, M, D_in) -> (U, M, D_out)."""
 
@@ -188,7 +202,7 @@ class PerModalityLinear(nn.Module):
 
     def forward(self, x: torch.Tensor, slots: slice = slice(None)) -> torch.Tensor:
         """(U, K, D_in) -> (U, K, D_out) by the maps of the K modalities at ``slots`` (default: all M)."""
-        return torch.einsum("umi,mio->umo", x, self.weight[slots]) + self.bias[slots]
+        return per_modality_affine(x, self.weight[slots], self.bias[slots])
 
 
 class MultimodalAttentionFusion(nn.Module):
@@ -377,12 +391,15 @@ class MARN(CTRModel):
             return out
 
         def fused(p: dict[str, torch.Tensor | None]) -> torch.Tensor:  # (N, D): MAF's or CONC's sum
-            return (p["specific"] if p["atten"] is None else p["atten"] * p["specific"]).sum(1)
+            terms = p["specific"] if p["atten"] is None else p["atten"] * p["specific"]  # (N, K, D)
+            return over_modalities(terms, lambda t: t.sum(1))
 
         s = sum(per_state_of(fused))  # (U, D)
         if self.variant.adversarial == "none":
             return FactoredParts(inverse, per_item, per_state, slots, s, rep=s)
-        pooled = per_state_of(lambda p: (p["w"][..., None] * p["invariant"]).amax(1))  # (U, D) each
+        pooled = per_state_of(
+            lambda p: over_modalities(p["w"][..., None] * p["invariant"], lambda t: t.amax(1))
+        )  # (U, D) each
         c = pooled[0] if len(pooled) == 1 else torch.maximum(*pooled)  # (U, D) max_m w^m c^m
         if self.cfg.pool_weights == "per_item":  # max_m of (M w^m / sum_k w^k) c^m
             c = c * self._per_item_scale(sum(per_state_of(lambda p: p["w"].sum(1, keepdim=True))))
@@ -411,13 +428,13 @@ class MARN(CTRModel):
         # backward writes one block instead of accumulating through an index
         rows = slice(index[0], index[-1] + 1) if index == list(range(index[0], index[-1] + 1)) else at
         weight, bias = self.specific.weight[rows], self.specific.bias[rows]  # S_m of these modalities
-        specific = torch.relu(torch.einsum("uki,kio->uko", e, weight) + bias)  # (U, K, D) s^m
+        specific = torch.relu(per_modality_affine(e, weight, bias))  # (U, K, D) s^m
         out: dict[str, torch.Tensor | None] = {"e": e, "specific": specific, "atten": None}
         out |= {"invariant": None, "w": None, "d0_logits": None, "ds_input": None, "adv_input": None}
         if self.variant.fusion == "maf":
             attention = self.fusion.attention
             out["atten"] = torch.tanh(
-                torch.einsum("uki,kio->uko", specific, attention.weight[rows]) + attention.bias[rows]
+                per_modality_affine(specific, attention.weight[rows], attention.bias[rows])
             )  # (U, K, D): one weight per modality and dimension
         if self.variant.adversarial == "none":
             return out

@@ -7,7 +7,7 @@ import torch
 
 from marn.models.din import DIN
 from marn.models.layers import CandidateAttention, TitleCNN, batch_items, distinct_histories, grouping_pays
-from marn.models.marn import MARN, VARIANTS
+from marn.models.marn import MARN, VARIANTS, over_modalities, per_modality_affine
 
 
 def _paired_batch(world, n=24):
@@ -348,3 +348,23 @@ def test_grouping_pays_only_when_items_recur():
     stats = torch.zeros(8, 2, 2, dtype=torch.long)
     assert grouping_pays(ItemStates(torch.tensor([1, 1, 1, 1, 2, 2, 2, 2]), stats))  # a training batch
     assert not grouping_pays(ItemStates(torch.arange(8), stats))  # a request's distinct candidates
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_per_modality_maps_and_reductions_equal_the_batched_forms_values_and_gradients(k):
+    """One modality (the statistics, per state) takes addmm and no reduction over its single slot; the
+    numbers and gradients are the batched einsum's and the sum's and max's."""
+    generator = torch.Generator().manual_seed(k)
+    x, weight, bias = (torch.randn(*s, generator=generator) for s in ((7, k, 5), (k, 5, 4), (k, 4)))
+    leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
+    fast = per_modality_affine(*leaves)
+    reference = [t.clone().requires_grad_() for t in (x, weight, bias)]
+    slow = torch.einsum("uki,kio->uko", *reference[:2]) + reference[2]
+    torch.testing.assert_close(fast, slow)
+    for reduce in (lambda t: t.sum(1), lambda t: t.amax(1)):
+        torch.testing.assert_close(over_modalities(fast, reduce), reduce(fast))
+    upstream = torch.randn(7, 4, generator=generator)
+    (over_modalities(fast, lambda t: t.amax(1)) * upstream).sum().backward()
+    (slow.amax(1) * upstream).sum().backward()
+    for a, b in zip(leaves, reference, strict=True):
+        torch.testing.assert_close(a.grad, b.grad)
