@@ -155,11 +155,16 @@ class DIEN(CTRModel):
             items.append(negatives.flatten())
             stats.append(hist_stats[:, 1:].flatten(0, 1))  # (K (L - 1), F, G)
         unique, inverse = distinct_states(torch.cat(items), torch.cat(stats))
-        vectors = take_rows(self.embedding(unique).flatten(1), inverse)  # (B + K L [+ K (L - 1)], E)
-        b, e = len(batch["item"]), vectors.shape[1]
-        history = vectors[b : b + k * width].view(k, width, e)
-        negative = vectors[b + k * width :].view(k, width - 1, e) if negatives is not None else None
-        return vectors[:b], history, negative
+        table = self.embedding(unique).flatten(1)  # (U, E), each distinct state once
+        # each part gathered from the table on its own: slices of one gathered (B + K L + ...) tensor would
+        # each back-propagate a zero tensor of that whole size, then add them up
+        b = len(batch["item"])
+        candidate = take_rows(table, inverse[:b])  # (B, E)
+        history = take_rows(table, inverse[b : b + k * width].view(k, width))  # (K, L, E)
+        negative = (
+            take_rows(table, inverse[b + k * width :].view(k, width - 1)) if negatives is not None else None
+        )  # (K, L - 1, E)
+        return candidate, history, negative
 
     def auxiliary_loss(
         self,
