@@ -61,7 +61,7 @@ def cold_image_rows(
     usable = np.array([v is not None and len(v) == read for v in vectors], dtype=bool)
     for k in np.flatnonzero(usable):
         raw[k] = vectors[k]
-    mismatched = sum(v is not None and len(v) != read for v in vectors)
+    mismatched = sum(v is not None for v in vectors) - int(usable.sum())  # present, of another width
     if encoder is None:
         return torch.from_numpy(raw), mismatched
     rows = torch.zeros(len(vectors), width)

@@ -162,3 +162,33 @@ def write_posters(data_dir: Path, dataset: Dataset, width: int = 24) -> None:
         }
     )
     write_parquet_atomic(table, Path(data_dir) / IMAGE_EMBEDDINGS)
+
+
+LOCAL_PIPELINE_BOUND_S = 900  # the whole local pipeline on a tiny world, well above its few minutes
+
+
+def run_local_pipeline(tmp_path: Path, data: Path, settings: dict[str, Any]) -> Path:
+    """``marn pipeline run --local`` on ``data`` with ``settings`` (written to ``tmp_path/config.yaml``) in a
+    subprocess bounded in time; asserts it succeeded and returns the KFP run directory under the settings'
+    work dir."""
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(settings))
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled", "COLUMNS": "200"}
+    marn = Path(sys.executable).with_name("marn")
+    started = time.monotonic()
+    result = subprocess.run(
+        [str(marn), "pipeline", "run", "--local", "--data", str(data), "--config", str(config)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=LOCAL_PIPELINE_BOUND_S,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert time.monotonic() - started < LOCAL_PIPELINE_BOUND_S
+    return next((Path(settings["paths"]["work_dir"]) / "kfp").glob("marn-ctr-*"))

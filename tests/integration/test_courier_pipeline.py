@@ -5,11 +5,6 @@ it keeps (item 4)."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -17,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-import yaml
+from conftest import run_local_pipeline  # tests/ is on sys.path
 
 from marn.config import SynthConfig, load_config
 from marn.data.files import write_parquet_atomic
@@ -26,9 +21,6 @@ from marn.features.materialize import materialize_features
 from marn.stages import work_path
 
 pytestmark = pytest.mark.slow
-
-MARN = Path(sys.executable).with_name("marn")
-BOUND_S = 900  # the whole pipeline on the tiny world, well above its few minutes
 
 
 def test_the_courier_switch_runs_the_stage_and_the_models_read_its_vectors(tmp_path, tiny_settings):
@@ -44,22 +36,7 @@ def test_the_courier_switch_runs_the_stage_and_the_models_read_its_vectors(tmp_p
         pipeline={"tune": False},
         distributed={"workers": 1},
     )
-    config = tmp_path / "config.yaml"
-    config.write_text(yaml.safe_dump(settings))
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled", "COLUMNS": "200"}
-
-    started = time.monotonic()
-    result = subprocess.run(
-        [str(MARN), "pipeline", "run", "--local", "--data", str(data), "--config", str(config)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=BOUND_S,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert time.monotonic() - started < BOUND_S
-
-    run = next((tmp_path / "work" / "kfp").glob("marn-ctr-*"))
+    run = run_local_pipeline(tmp_path, data, settings)
     order = sorted(run.glob("*/executor_output.json"), key=lambda p: p.stat().st_mtime)
     names = [p.parent.name for p in order]
     assert names.index("features") < names.index("courier") < names.index("tune") < names.index("train")
@@ -89,7 +66,7 @@ def test_the_courier_switch_runs_the_stage_and_the_models_read_its_vectors(tmp_p
     poster = images.filter(pa.compute.equal(images.column("item_id"), twin))
     poster = poster.set_column(0, "item_id", pa.array(["new-poster"], pa.string()))
     write_parquet_atomic(pa.concat_tables([images, poster]), data / "image_embeddings.parquet")
-    cfg = load_config(config)
+    cfg = load_config(tmp_path / "config.yaml")  # the settings run_local_pipeline wrote
     materialize_features(data, cfg)
     checkpoint = tmp_path / "work" / "registry" / "marn" / version / "model.pt"
     scorer = ArmScorer(checkpoint, FeatureFetcher(work_path(cfg, cfg.feast.repo_dir, "feast")), 8)

