@@ -40,7 +40,7 @@ import subprocess
 import sys
 import time
 import traceback
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -58,19 +58,29 @@ from benchmarks.paper_report.runs import (
     TABLE3,
 )
 from marn.config import Config, load_config
-from marn.data.files import write_text_atomic
+from marn.data.files import write_atomic, write_text_atomic
 from marn.data.schema import Dataset, read_dataset
 from marn.data.stats import earliest_time, item_stat_table
 from marn.data.tensors import PAD, EncodedSamples, stat_codes
 from marn.models import build_model, model_names
 from marn.models.marn import VARIANTS
-from marn.train import METRICS, RunInputs, fit, prepare_inputs, save_run, seed_everything
+from marn.train import (
+    METRICS,
+    EpochResult,
+    FitState,
+    RunInputs,
+    fit,
+    prepare_inputs,
+    save_run,
+    seed_everything,
+)
 from marn.tune import TUNE_FILE, result_overrides, tune_hyperparameters
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO / "configs" / "paper-movielens.yaml"
 COLD_MODELS = ("base_ids", "marn")  # the paper's Table 5 rows
 CURVES = "curves.json"
+RESUME = "resume.pt"  # a run's state after its last finished epoch (train_one)
 TIMING = "timing.json"  # wall seconds of every stage and invocation, summed for the results' wall_s
 # Rough seconds per epoch on one core at configs/paper-movielens.yaml: longest runs start first so the two
 # cores stay busy to the end (an unknown model counts as slow).
@@ -260,9 +270,17 @@ def cold_inputs(
 
 def train_one(inputs: RunInputs, cfg: Config, row: str, seed: int, out_dir: str) -> dict[str, Any]:
     """Train ``row`` (``cfg`` is its ``row_config``) with ``seed``; write metrics.json, curves.json and
-    model.pt into ``out_dir``."""
+    model.pt into ``out_dir``.
+
+    Resumable: after every epoch the run's whole state (``FitState``, the per-step losses so far and the
+    wall seconds spent) goes to ``out_dir/resume.pt``; a run that finds one carries on from it, exactly as
+    the uninterrupted run would have (same batches, dropout masks and schedule), so a grid stopped half way
+    loses at most the epoch in progress. ``metrics.json`` records the epochs it resumed after.
+    """
     torch.set_num_threads(1)  # one core per task
     started = time.perf_counter()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
     run_cfg = cfg.with_overrides({"train.seed": seed})
     model_name = run_cfg.train.model
     seed_everything(seed)
@@ -274,38 +292,86 @@ def train_one(inputs: RunInputs, cfg: Config, row: str, seed: int, out_dir: str)
         )
     else:
         model = build_model(model_name, inputs.catalog, inputs.features, run_cfg.model)
-    curve: list[dict[str, float]] = []
+    saved = read_resume(out / RESUME)
+    curve: list[dict[str, float]] = list(saved.curve) if saved else []
+    earlier_wall = saved.wall_s if saved else 0.0
+    resumed_after = [*saved.resumed_after, saved.fit.epoch] if saved else []
+
+    def checkpoint(result: EpochResult, state: FitState) -> None:
+        wall = earlier_wall + time.perf_counter() - started
+        write_resume(out / RESUME, ResumeState(state, tuple(curve), wall, tuple(resumed_after)))
+
     best_state, history = fit(
         model,
         inputs.train,
         inputs.valid,
         run_cfg.train,
         show_progress=False,
+        resume=saved.fit if saved else None,
+        on_epoch=checkpoint,
         on_step=lambda step, losses: curve.append({"step": step, **losses}),
     )
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    result = save_run(
+    write_text_atomic(
+        out / CURVES,
+        json.dumps({"steps_per_epoch": -(-len(inputs.train) // run_cfg.train.batch_size), "steps": curve})
+        + "\n",
+    )
+    result = save_run(  # metrics.json last: it marks the run done
         model,
         best_state,
         history,
         inputs,
         run_cfg,
         out,
-        started,
+        started - earlier_wall,  # wall_s counts every attempt's epochs
         extra={
             "row": row,
             "switches": SWITCH_ROWS.get(row, (model_name, {}))[1],
             "lambda0": run_cfg.model.lambda0 if is_adversarial(run_cfg) else None,
             "threads": torch.get_num_threads(),
+            "resumed_after_epochs": resumed_after,
         },
     )
-    (out / CURVES).write_text(
-        json.dumps({"steps_per_epoch": -(-len(inputs.train) // run_cfg.train.batch_size), "steps": curve})
-        + "\n"
-    )
+    (out / RESUME).unlink(missing_ok=True)
     m = result.metrics
     return {"auc": m["auc"], "user_auc": m["user_auc"], "epochs": m["epochs_run"], "wall_s": m["wall_s"]}
+
+
+@dataclass(frozen=True)
+class ResumeState:
+    """A run stopped after ``fit.epoch`` epochs: where ``train_one`` carries on from."""
+
+    fit: FitState
+    curve: tuple[dict[str, float], ...]  # the per-step losses of the epochs done
+    wall_s: float  # seconds spent on them, over every attempt
+    resumed_after: tuple[int, ...]  # the epochs earlier attempts resumed after
+
+
+def write_resume(path: Path, state: ResumeState) -> None:
+    payload = {
+        "fit": state.fit.to_dict(),
+        "curve": list(state.curve),
+        "wall_s": state.wall_s,
+        "resumed_after": list(state.resumed_after),
+    }
+    write_atomic(path, lambda tmp: torch.save(payload, tmp))  # a stop while writing keeps the last one whole
+
+
+def read_resume(path: Path) -> ResumeState | None:
+    """The saved state, or None when there is none. A file that does not load is an error, not a fresh
+    start: silently retraining would hide that the run was damaged (delete it to start over)."""
+    if not path.exists():
+        return None
+    try:
+        saved = torch.load(path, weights_only=True)
+        return ResumeState(
+            FitState.from_dict(saved["fit"]),
+            tuple(saved["curve"]),
+            float(saved["wall_s"]),
+            tuple(int(e) for e in saved["resumed_after"]),
+        )
+    except Exception as err:
+        raise ValueError(f"{path}: not a readable resume state ({err}); delete it to retrain") from err
 
 
 def run_experiment(
