@@ -76,6 +76,16 @@ def prepare_flip_inputs(
     return FlipInputs(replace(inputs, **splits), cache, time.perf_counter() - started)
 
 
+@dataclass(frozen=True)
+class PretrainCheckpoint:
+    """Where pretraining keeps its whole state after each epoch but the last (``path``), and the settings it
+    must have been made with: a pretraining stopped half way carries on from its last finished epoch, as
+    the uninterrupted one would have (same batches, masks and dropout)."""
+
+    path: Path
+    settings: str
+
+
 def pretrain(
     tower: CTRModel,
     cache: TextCache,
@@ -84,10 +94,11 @@ def pretrain(
     max_history: int,
     cfg: FlipConfig,
     show_progress: bool = True,
+    checkpoint: PretrainCheckpoint | None = None,
 ) -> tuple[FlipPretrainer, list[dict[str, float]]]:
     """Align ``tower`` with the text side on the training rows only (AdamW; the encoder stays frozen).
     Labels are removed from the rows first: pretraining cannot read them. Returns the pretrainer (its
-    ``tower`` is the aligned registry model) and the per-epoch mean losses."""
+    ``tower`` is the aligned registry model) and the per-epoch mean losses and seconds."""
     if not cfg.losses:
         raise ValueError("flip.losses is empty: nothing to pretrain with")
     train = replace(train, tensors={k: v for k, v in train.tensors.items() if k != "label"})  # unread: gone
@@ -95,12 +106,17 @@ def pretrain(
     model = FlipPretrainer(tower, cache, n_items, max_history, cfg)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.pretrain_lr, weight_decay=cfg.weight_decay)
     shuffle, masks = torch.Generator().manual_seed(cfg.seed), torch.Generator().manual_seed(cfg.seed + 1)
+    generators = {"shuffle": shuffle, "masks": masks}
     groups, history = train.request_groups(), []
+    if checkpoint is not None and checkpoint.path.exists():
+        history = _resume_pretraining(checkpoint, model, optimizer, generators)
     steps = -(-len(train) // cfg.pretrain_batch_size)
     model.train()
     with progress_bar(enabled=show_progress) as bar:
-        task = bar.add_task("flip pretrain", total=cfg.pretrain_epochs * steps)
-        for epoch in range(1, cfg.pretrain_epochs + 1):
+        task = bar.add_task(
+            "flip pretrain", total=cfg.pretrain_epochs * steps, completed=len(history) * steps
+        )
+        for epoch in range(len(history) + 1, cfg.pretrain_epochs + 1):
             started, sums, seen = time.perf_counter(), dict.fromkeys(cfg.losses, 0.0), 0
             for index in train.shuffled(shuffle, groups).split(cfg.pretrain_batch_size):
                 if len(index) < 2:
@@ -117,8 +133,36 @@ def pretrain(
                 {"epoch": epoch, "seconds": time.perf_counter() - started}
                 | {name: total / max(seen, 1) for name, total in sums.items()}
             )
+            if checkpoint is not None and epoch < cfg.pretrain_epochs:
+                state = {
+                    "settings": checkpoint.settings,
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "generators": {name: g.get_state() for name, g in generators.items()},
+                    "rng": torch.get_rng_state(),  # dropout
+                    "history": history,
+                }
+                write_atomic(checkpoint.path, lambda tmp, state=state: torch.save(state, tmp))
     model.eval()
     return model, history
+
+
+def _resume_pretraining(
+    checkpoint: PretrainCheckpoint,
+    model: FlipPretrainer,
+    optimizer: torch.optim.Optimizer,
+    generators: dict[str, torch.Generator],
+) -> list[dict[str, float]]:
+    """Load a checkpoint's state into the pretraining objects; return the finished epochs' history."""
+    saved = torch.load(checkpoint.path, map_location="cpu", weights_only=True)
+    if saved["settings"] != checkpoint.settings:
+        raise ValueError(f"{checkpoint.path} was pretrained with other settings; remove it or pick another")
+    model.load_state_dict(saved["model"])
+    optimizer.load_state_dict(saved["optimizer"])
+    for name, generator in generators.items():
+        generator.set_state(saved["generators"][name])
+    torch.set_rng_state(saved["rng"])
+    return list(saved["history"])
 
 
 def finetune_model(
@@ -193,16 +237,21 @@ def _run_flip(
             pretrainer.load_state_dict(saved["state_dict"])
             pretrain_history, pretrain_s = saved["history"], saved["pretrain_s"]
         else:
-            clock = time.perf_counter()
-            pretrainer, pretrain_history = pretrain(
-                tower, inputs.cache, run.train, n_items, max_history, cfg.flip, show_progress
-            )
-            pretrain_s = time.perf_counter() - clock
-            if pretrain_store is not None:
+            partial = None
+            if pretrain_store is not None:  # the epochs so far beside it, until it is written
                 pretrain_store.parent.mkdir(parents=True, exist_ok=True)
+                partial = PretrainCheckpoint(
+                    pretrain_store.with_name(pretrain_store.name + ".partial"), settings
+                )
+            pretrainer, pretrain_history = pretrain(
+                tower, inputs.cache, run.train, n_items, max_history, cfg.flip, show_progress, partial
+            )
+            pretrain_s = sum(epoch["seconds"] for epoch in pretrain_history)  # every attempt's epochs
+            if partial is not None:
                 record = {"state_dict": pretrainer.state_dict(), "history": pretrain_history}
                 record |= {"pretrain_s": pretrain_s, "settings": settings}
                 write_atomic(pretrain_store, lambda tmp: torch.save(record, tmp))  # concurrent benchmark runs
+                partial.path.unlink(missing_ok=True)
         pretrainer.eval()
         seed_everything(cfg.train.seed)  # finetuning starts alike whether pretrained here or read back
     model = finetune_model(cfg.flip.strategy, tower, pretrainer, inputs, cfg)

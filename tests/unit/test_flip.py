@@ -20,8 +20,9 @@ from marn.data.schema import Dataset, read_dataset
 from marn.data.stats import daily_item_stats
 from marn.data.synth import synthesize
 from marn.features.representations import serves_representations
+from marn.flip import run as flip_run
 from marn.flip.model import FlipJoint, FlipPretrainer, field_mask, with_fields_masked
-from marn.flip.run import finetune_model, prepare_flip_inputs, pretrain, run_flip
+from marn.flip.run import PretrainCheckpoint, finetune_model, prepare_flip_inputs, pretrain, run_flip
 from marn.flip.text import TextEncoder, frozen
 from marn.models import build_model
 from marn.registry import GateDecision, champion, register_model
@@ -169,6 +170,50 @@ def test_pretraining_moves_the_tower_is_seeded_and_sees_training_rows_only(input
         assert torch.equal(value, towers[1][name]), name
     with pytest.raises(ValueError, match="empty"):
         pretrain(tower, inputs.cache, run.train, len(run.catalog.items), 8, config(losses=[]).flip, False)
+
+
+class Stopped(Exception):
+    """Stands in for the benchmark being killed between two pretraining epochs."""
+
+
+def test_a_stopped_pretraining_resumes_from_its_last_epoch_and_ends_where_the_whole_one_does(
+    inputs, tmp_path, monkeypatch
+):
+    run, cfg = inputs.run, config(pretrain_epochs=3, dropout=0.2)
+
+    def pretrained(checkpoint):
+        torch.manual_seed(1)
+        tower = build_model("base_ids", run.catalog, run.features, cfg.model)
+        model, history = pretrain(
+            tower, inputs.cache, run.train, len(run.catalog.items), 8, cfg.flip, False, checkpoint
+        )
+        return model.state_dict(), [{k: v for k, v in h.items() if k != "seconds"} for h in history]
+
+    whole_state, whole_history = pretrained(None)
+    checkpoint = PretrainCheckpoint(tmp_path / "pretrain.partial", "settings-a")
+    real_write = flip_run.write_atomic
+
+    def write_then_stop(path, write):
+        real_write(path, write)
+        raise Stopped
+
+    with monkeypatch.context() as patch:
+        patch.setattr(flip_run, "write_atomic", write_then_stop)
+        with pytest.raises(Stopped):  # killed right after epoch 1 was saved
+            pretrained(checkpoint)
+    assert checkpoint.path.is_file()
+    steps = []
+    real_losses = FlipPretrainer.losses
+    with monkeypatch.context() as patch:
+        patch.setattr(FlipPretrainer, "losses", lambda self, *a: steps.append(1) or real_losses(self, *a))
+        state, history = pretrained(checkpoint)
+    per_epoch = sum(1 for _ in run.train.shuffled(torch.Generator(), run.train.request_groups()).split(64))
+    assert len(steps) == 2 * per_epoch  # epochs 2 and 3 only: epoch 1 was read back
+    assert history == whole_history and [h["epoch"] for h in history] == [1, 2, 3]
+    for name, value in whole_state.items():
+        assert torch.equal(value, state[name]), name
+    with pytest.raises(ValueError, match="other settings"):  # a checkpoint of other settings is refused
+        pretrained(PretrainCheckpoint(checkpoint.path, "settings-b"))
 
 
 @pytest.mark.parametrize("strategy", ["id", "text", "joint"])
