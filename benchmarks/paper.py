@@ -6,7 +6,8 @@
     python -m benchmarks.paper run --data DATA --work WORK       # resumable: finished runs are kept
     python -m benchmarks.paper report --data DATA --work WORK    # tables, figures, results JSON
 
-Stages of ``run``, each skipped when its outputs exist (stop it any time and run it again):
+Stages of ``run``, each skipped when its outputs exist (stop it any time and run it again: a training run
+stopped half way resumes after its last finished epoch, ``train_one``):
 1. **tune**: Ray Tune searches lambda0 on the validation split separately for each adversarial variant
    (ADV, DDMA, MARN, and a switch row that changes what lambda means; ``WORK/tune/ROW/tune.json``); each
    adversarial row trains with its own variant's best (the other switch rows with MARN's). The learning
