@@ -39,6 +39,7 @@ import platform
 import signal
 import subprocess
 import sys
+import threading
 import time
 import traceback
 from dataclasses import dataclass, replace
@@ -83,6 +84,7 @@ COLD_MODELS = ("base_ids", "marn")  # the paper's Table 5 rows
 CURVES = "curves.json"
 RESUME = "resume.pt"  # a run's state after its last finished epoch (train_one)
 TIMING = "timing.json"  # wall seconds of every stage and invocation, summed for the results' wall_s
+TICK_S = 60.0  # how often a running stage adds its seconds to TIMING
 # Rough seconds per epoch on one core at configs/paper-movielens.yaml: longest runs start first so the two
 # cores stay busy to the end (an unknown model counts as slow).
 EPOCH_COST = {"lr": 1, "fm": 3, "youtubenet": 22, "base_ids": 18, "base_image": 25}
@@ -499,18 +501,37 @@ def _write_json(path: Path, value: Any) -> None:
 
 
 class _timed:
-    """Adds the wall seconds of a stage to ``WORK/timing.json`` (also when it is interrupted)."""
+    """Adds the wall seconds of a stage to ``WORK/timing.json`` as they pass: every ``TICK_S`` from a
+    background thread and at the end, so a process killed outright (SIGKILL, a machine taken back) loses at
+    most the last tick's worth, not the whole stage."""
 
     def __init__(self, work: Path, stage: str):
         self.path, self.stage = work / TIMING, stage
+        self.lock, self.stopped = threading.Lock(), threading.Event()
 
     def __enter__(self) -> None:
-        self.started = time.perf_counter()
+        self.last = time.perf_counter()
+        self.ticker = threading.Thread(
+            target=self._tick_until_stopped, name=f"timing-{self.stage}", daemon=True
+        )
+        self.ticker.start()
 
     def __exit__(self, *exc: object) -> None:
-        timing = json.loads(self.path.read_text()) if self.path.exists() else {}
-        timing[self.stage] = timing.get(self.stage, 0.0) + time.perf_counter() - self.started
-        _write_json(self.path, timing)
+        self.stopped.set()
+        self.ticker.join()
+        self.tick()
+
+    def _tick_until_stopped(self) -> None:
+        while not self.stopped.wait(TICK_S):
+            self.tick()
+
+    def tick(self) -> None:
+        with self.lock:
+            now = time.perf_counter()
+            timing = json.loads(self.path.read_text()) if self.path.exists() else {}
+            timing[self.stage] = timing.get(self.stage, 0.0) + now - self.last
+            _write_json(self.path, timing)
+            self.last = now
 
 
 def hardware() -> str:

@@ -1,9 +1,11 @@
-"""benchmarks/paper.train_one: a run stopped after an epoch carries on from there and ends exactly where the
-uninterrupted run ends (weights, scores, per-step losses); a damaged resume state is refused."""
+"""A paper grid stopped at any moment loses little: ``train_one`` resumes a run after its last finished
+epoch and ends exactly where the uninterrupted run ends (weights, scores, per-step losses), a damaged resume
+state is refused, and a stage's wall seconds reach ``timing.json`` while it runs."""
 
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 import torch
@@ -105,3 +107,18 @@ def test_a_damaged_resume_state_is_refused_not_silently_retrained(run_inputs, tm
     with pytest.raises(ValueError, match="not a readable resume state"):
         paper.train_one(inputs, cfg, ROW, 1, str(tmp_path))
     assert not (tmp_path / "metrics.json").exists()
+
+
+def test_a_stage_clock_writes_its_seconds_while_the_stage_runs_not_only_at_its_end(tmp_path, monkeypatch):
+    monkeypatch.setattr(paper, "TICK_S", 0.05)
+    (tmp_path / paper.TIMING).write_text(json.dumps({"tune": 10.0}))  # an earlier invocation's
+    timing = lambda: json.loads((tmp_path / paper.TIMING).read_text())  # noqa: E731
+    started = time.perf_counter()
+    with paper._timed(tmp_path, "runs"):
+        deadline = time.monotonic() + 5
+        while "runs" not in timing() and time.monotonic() < deadline:  # a kill now would keep this much
+            time.sleep(0.01)
+        assert 0 < timing()["runs"] < 5
+    elapsed = time.perf_counter() - started
+    assert timing()["tune"] == 10.0
+    assert timing()["runs"] == pytest.approx(elapsed, abs=0.05)
