@@ -299,6 +299,8 @@ def train_one(inputs: RunInputs, cfg: Config, row: str, seed: int, out_dir: str)
     curve: list[dict[str, float]] = list(saved.curve) if saved else []
     earlier_wall = saved.wall_s if saved else 0.0
     resumed_after = [*saved.resumed_after, saved.fit.epoch] if saved else []
+    if saved:
+        print(f"[resume] {row} seed {seed}: after epoch {saved.fit.epoch} ({out / RESUME})", flush=True)
 
     def checkpoint(result: EpochResult, state: FitState) -> None:
         wall = earlier_wall + time.perf_counter() - started
