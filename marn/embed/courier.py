@@ -29,18 +29,25 @@ The method, as far as the paper's abstract fixes it [A] and as we reconstructed 
   attention-weighted mean of the dots already computed, |r_i|^2 = a_i^T (H H^T) a_i.
 - ours: each example's candidates are its target and ``negatives`` items drawn uniformly from the posters,
   the same draw for the whole batch (MovieLens has no impressions; the cost per example grows with the
-  negatives, not the batch); a negative that is the target or among the example's own earlier clicks is
-  masked out as a false negative. The paper's negatives were not retrieved.
-- ours: keys are the newest ``history`` earlier clicks that have a poster; clicks with fewer than
-  ``min_history`` such keys are skipped; the target stays a key if the user clicked it before.
+  negatives, not the batch); a negative that is the target or among the user's earlier clicks (every
+  training-split click of theirs stamped before the example's, and its history) is masked out as a false
+  negative, as the note's plan says. The paper's negatives were not retrieved.
+- ours: keys are the newest ``history`` earlier clicks that have a poster, other than the target itself (a
+  repeat click would reconstruct the target from itself: a free hit on multi-behaviour data); clicks with
+  fewer than ``min_history`` such keys are skipped.
 - ours: AdamW, early stopping on validation recall@k; standardisation by the catalogue's poster vectors'
-  mean and spread (no events involved).
+  mean and spread (no events involved; a spread below a tenth of the median channel's is floored there, so
+  a channel that never varies in the catalogue cannot dominate a new poster's vector).
+- ours: recall@k ranks the target among every item with a poster, the user's earlier clicks left out; an
+  item that ties with the target counts as the expected hit under random tie-breaking (a collapsed space
+  scores about k / N, not 1), and a target scored NaN is a miss.
 
 Leak-freedom: training examples are the training split's positives (the DIN protocol of
 :mod:`marn.data.samples`: each user's clicks before their validation click, each with its strictly earlier
-history); validation positives only choose the epoch. Events after a user's training range, and users too
-short for the protocol, change nothing here; with a seed and one torch thread the table is bit-identical
-(tests/unit/test_courier.py).
+history); validation positives only choose the epoch. The split is per user, not at one calendar time: a
+user's validation and test clicks, and users too short for the protocol, change nothing here (with a seed
+and one torch thread the table is bit-identical, tests/unit/test_courier.py), but a new user's training
+clicks count even when they come after another user's test click, as they do for every model here.
 """
 
 from __future__ import annotations
@@ -69,10 +76,11 @@ from marn.embed.cache import list_column
 log = logging.getLogger(__name__)
 
 COURIER_METRICS = "courier_metrics.json"
-SAMPLE_COLUMNS = ("label", "item_id", "hist_item_ids")  # of the DIN sample splits
+SAMPLE_COLUMNS = ("user_id", "ts", "label", "item_id", "hist_item_ids")  # of the DIN sample splits
 HEAD_CHECK_ITEMS = 64  # posters the head re-maps to prove it wrote the table beside it
 HEAD_CHECK_ATOL = 1e-5  # on L2-normalised vectors; a foreign head or backbone differs by far more
 EVAL_CELLS = 4_000_000  # (clicks x catalogue x history) similarities held at once while ranking
+STD_FLOOR = 0.1  # of the median channel spread: the least spread a channel is standardised by
 
 # progress(phase, done, total): phase "epoch <k>", counting training steps (marn.progress.phase_bars)
 ProgressHook = Callable[[str, int, int], None]
@@ -93,14 +101,83 @@ class Posters:
 
 
 @dataclass(frozen=True)
+class UserClicks:
+    """The training split's clicks on items with a poster, per user in time order: an example's "earlier
+    clicks" (false negatives, left out of its ranking) are its user's clicks here stamped before it."""
+
+    users: pd.Index  # user ids
+    starts: np.ndarray  # (U + 1,) user u's clicks are [starts[u], starts[u + 1])
+    ts: np.ndarray  # (E,) int64 nanoseconds, ascending within a user
+    items: np.ndarray  # (E,) poster rows
+
+    @classmethod
+    def from_rows(cls, rows: pa.Table, posters: Posters) -> UserClicks:
+        _check_columns(rows)
+        positives = rows.filter(pc.equal(rows.column("label"), 1))
+        frame = pd.DataFrame(
+            {
+                "user": positives.column("user_id").to_numpy(zero_copy_only=False).astype(str),
+                "ts": positives.column("ts").cast(pa.int64()).to_numpy(zero_copy_only=False),
+                "item": posters.codes(positives.column("item_id").to_numpy(zero_copy_only=False)),
+            }
+        )
+        frame = frame[frame["item"] >= 0].sort_values(["user", "ts"], kind="stable")
+        owners = frame["user"].to_numpy()
+        first = np.r_[True, owners[1:] != owners[:-1]] if len(owners) else np.zeros(0, bool)
+        starts = np.r_[np.flatnonzero(first), len(owners)].astype(np.int64)
+        return cls(
+            pd.Index(owners[first]), starts, frame["ts"].to_numpy(np.int64), frame["item"].to_numpy(np.int64)
+        )
+
+    def before(self, user_ids: np.ndarray, ts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(start, count) per example: its user's clicks stamped strictly before ``ts`` (none for a user
+        with no training click). One binary search for all: clicks keyed by (user, rank of their time)."""
+        user = self.users.get_indexer(np.asarray(user_ids).astype(str))
+        known = user >= 0
+        times = np.unique(np.r_[self.ts, ts])
+        width = len(times) + 1
+        owner = np.repeat(np.arange(len(self.users)), np.diff(self.starts))
+        keys = owner * width + np.searchsorted(times, self.ts)  # ascending: sorted by user, then time
+        wanted = np.maximum(user, 0) * width + np.searchsorted(times, ts)
+        start = self.starts[np.maximum(user, 0)]
+        count = np.where(known, np.searchsorted(keys, wanted, side="left") - start, 0)
+        return np.where(known, start, 0).astype(np.int64), count.astype(np.int64)
+
+
+@dataclass(frozen=True)
 class Clicks:
-    """Next-click examples: target row and up to L history rows (-1 = padding) per example."""
+    """Next-click examples: target row and up to L history rows (-1 = padding) per example, and each
+    example's earlier clicks: ``earlier_items[earlier_start[i] : earlier_start[i] + earlier_count[i]]``."""
 
     targets: np.ndarray  # (n,) int64
     history: np.ndarray  # (n, L) int64
+    earlier_items: np.ndarray  # (E,) poster rows, shared by the examples (UserClicks.items)
+    earlier_start: np.ndarray  # (n,) int64
+    earlier_count: np.ndarray  # (n,) int64
 
     def __len__(self) -> int:
         return len(self.targets)
+
+    def take(self, index: np.ndarray | slice) -> Clicks:
+        """The examples at ``index`` (their earlier clicks still point into the shared array)."""
+        return Clicks(
+            self.targets[index],
+            self.history[index],
+            self.earlier_items,
+            self.earlier_start[index],
+            self.earlier_count[index],
+        )
+
+    def earlier_pairs(self) -> tuple[np.ndarray, np.ndarray]:
+        """(example, poster row) of every earlier click: the history keys and the user's earlier clicks."""
+        rows, slots = np.nonzero(self.history >= 0)
+        total = int(self.earlier_count.sum())
+        owner = np.repeat(np.arange(len(self)), self.earlier_count)
+        offset = np.arange(total) - np.repeat(
+            np.cumsum(self.earlier_count) - self.earlier_count, self.earlier_count
+        )
+        items = self.earlier_items[self.earlier_start[owner] + offset] if total else np.zeros(0, np.int64)
+        return np.r_[rows, owner].astype(np.int64), np.r_[self.history[rows, slots], items].astype(np.int64)
 
 
 @dataclass(frozen=True)
@@ -133,7 +210,7 @@ def read_posters(data_dir: Path) -> Posters:
         raise ValueError(
             f"{path}: COURIER needs at least two items with a poster vector, got {table.num_rows}"
         )
-    table = table.sort_by("item_id")
+    table = table.set_column(0, "item_id", table.column("item_id").cast(pa.string())).sort_by("item_id")
     embedding = table.column("embedding").combine_chunks()
     lengths = pc.list_value_length(embedding).to_numpy(zero_copy_only=False)
     if embedding.null_count or len(set(lengths.tolist())) != 1:
@@ -141,11 +218,13 @@ def read_posters(data_dir: Path) -> Posters:
     vectors = embedding.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(lengths), -1)
     if not np.isfinite(vectors).all():
         raise ValueError(f"{path}: embeddings hold NaN or infinite values")
-    item_ids = np.asarray(table.column("item_id").to_pylist(), dtype=object)
+    item_ids = np.asarray(table.column("item_id").cast(pa.string()).to_pylist(), dtype=object)  # ids are text
     if len(pd.unique(item_ids)) != len(item_ids):
         raise ValueError(f"{path}: item_id is not unique")
     backbones = pc.unique(table.column("backbone")).to_pylist()
-    return Posters(item_ids, vectors, table.column("content_hash").to_pylist(), ",".join(map(str, backbones)))
+    if len(backbones) != 1:  # vectors of two networks are two spaces: one head cannot read both
+        raise ValueError(f"{path}: the vectors come from {len(backbones)} backbones {backbones}; re-embed")
+    return Posters(item_ids, vectors, table.column("content_hash").to_pylist(), str(backbones[0]))
 
 
 def read_sample_rows(samples_dir: str | Path, split: str) -> pa.Table:
@@ -156,21 +235,32 @@ def read_sample_rows(samples_dir: str | Path, split: str) -> pa.Table:
     return pq.read_table(path, columns=list(SAMPLE_COLUMNS))
 
 
-def click_examples(rows: pa.Table, posters: Posters, history: int, min_history: int) -> Clicks:
-    """Positives of a sample split (label 1) whose target has a poster and whose history holds at least
-    ``min_history`` earlier clicks with one; keys are the newest ``history`` of those, in sample order."""
+def _check_columns(rows: pa.Table) -> None:
     for column in SAMPLE_COLUMNS:
         if column not in rows.column_names:
             raise ValueError(f"sample rows lack the column {column!r}")
+
+
+def click_examples(
+    rows: pa.Table, posters: Posters, history: int, min_history: int, earlier: UserClicks | None = None
+) -> Clicks:
+    """Positives of a sample split (label 1) whose target has a poster and whose history holds at least
+    ``min_history`` earlier clicks with one, the target itself not counted; keys are the newest ``history``
+    of those, in sample order. ``earlier``: the training split's clicks per user, whose clicks before each
+    example are left out of its ranking (None: only its history keys)."""
+    _check_columns(rows)
     positives = rows.filter(pc.equal(rows.column("label"), 1))
     targets = posters.codes(positives.column("item_id").to_numpy(zero_copy_only=False))
     lists = positives.column("hist_item_ids").combine_chunks()
+    if lists.null_count:
+        raise ValueError(f"hist_item_ids is null in {lists.null_count} sample rows; an empty history is []")
     lengths = pc.list_value_length(lists).to_numpy(zero_copy_only=False).astype(np.int64)
     flat = (
         posters.codes(lists.flatten().to_numpy(zero_copy_only=False)) if lengths.sum() else np.zeros(0, int)
     )
     owner = np.repeat(np.arange(len(lengths)), lengths)
-    owner, flat = owner[flat >= 0], flat[flat >= 0]  # earlier clicks without a poster are no keys
+    key = (flat >= 0) & (flat != targets[owner])  # no poster: no key; the target is no key of its own
+    owner, flat = owner[key], flat[key]
     counts = np.bincount(owner, minlength=len(lengths))
     keep = (targets >= 0) & (counts >= min_history)
     first = np.r_[0, np.cumsum(counts)[:-1]]
@@ -179,7 +269,20 @@ def click_examples(rows: pa.Table, posters: Posters, history: int, min_history: 
     newest = position >= skipped[owner]
     matrix = np.full((len(lengths), history), -1, dtype=np.int64)
     matrix[owner[newest], (position - skipped[owner])[newest]] = flat[newest]
-    return Clicks(targets[keep].astype(np.int64), matrix[keep])
+    kept = positives.filter(pa.array(keep))
+    if earlier is None:
+        items, start, count = (
+            np.zeros(0, np.int64),
+            np.zeros(int(keep.sum()), np.int64),
+            np.zeros(int(keep.sum()), np.int64),
+        )
+    else:
+        items = earlier.items
+        start, count = earlier.before(
+            kept.column("user_id").to_numpy(zero_copy_only=False),
+            kept.column("ts").cast(pa.int64()).to_numpy(zero_copy_only=False),
+        )
+    return Clicks(targets[keep].astype(np.int64), matrix[keep], items, start, count)
 
 
 class CourierHead(nn.Module):
@@ -224,14 +327,33 @@ def read_courier_head(data_dir: str | Path) -> dict[str, Any]:
             f"{path} not found: the courier table has no head beside it (written by an older version, or "
             "copied alone); run the courier stage (marn courier) again"
         )
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    head = CourierHead.from_state(state)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        head = CourierHead.from_state(state)
+    except Exception as err:  # a truncated, foreign or hand-made file: say which, not a bare KeyError
+        raise ValueError(
+            f"{path} is not a COURIER head ({type(err).__name__}: {err}); rerun marn courier"
+        ) from err
     posters = read_posters(data_dir)
-    table = pq.read_table(data_dir / COURIER_EMBEDDINGS, columns=["item_id", "embedding"])
-    rows = posters.codes(np.asarray(table.column("item_id").to_pylist(), dtype=object))
+    table = pq.read_table(
+        data_dir / COURIER_EMBEDDINGS, columns=["item_id", "embedding", "content_hash", "backbone"]
+    )
+    ids = np.asarray(table.column("item_id").cast(pa.string()).to_pylist(), dtype=object)
+    rows = posters.codes(ids)
     take = np.flatnonzero(rows >= 0)[:HEAD_CHECK_ITEMS]
     problem = None
-    if state["backbone"] != posters.backbone:
+    # the table must be of today's posters: the items re-embedded since (new, or a changed poster) would
+    # otherwise get a zero vector, or keep their old poster's
+    stale = set(zip(ids, table.column("content_hash").to_pylist(), strict=True)) != set(
+        zip(posters.item_ids, posters.content_hashes, strict=True)
+    )
+    if stale:
+        problem = (
+            "the backbone's posters changed since the table was written (items or content hashes differ)"
+        )
+    elif set(table.column("backbone").to_pylist()) != {f"courier-{posters.backbone}"}:
+        problem = f"the table was not made from the backbone {posters.backbone!r}"
+    elif state["backbone"] != posters.backbone:
         problem = f"its backbone {state['backbone']!r} is not the embed stage's {posters.backbone!r}"
     elif head.in_dim != posters.vectors.shape[1]:
         problem = f"it reads {head.in_dim}-d vectors, the embed stage wrote {posters.vectors.shape[1]}-d"
@@ -277,7 +399,8 @@ def train_courier(
     threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
     try:
-        return _train_courier(Path(data_dir), train_rows, valid_rows, cfg, progress, report)
+        with torch.random.fork_rng(devices=[]):  # seeded here; the caller's random stream is left alone
+            return _train_courier(Path(data_dir), train_rows, valid_rows, cfg, progress, report)
     finally:
         torch.set_num_threads(threads)
 
@@ -292,8 +415,9 @@ def _train_courier(
 ) -> CourierSummary:
     started, started_cpu = time.perf_counter(), time.process_time()
     posters = read_posters(data_dir)
-    train = click_examples(train_rows, posters, cfg.history, cfg.min_history)
-    valid = click_examples(valid_rows, posters, cfg.history, cfg.min_history)
+    earlier = UserClicks.from_rows(train_rows, posters)  # the training split only: no later click
+    train = click_examples(train_rows, posters, cfg.history, cfg.min_history, earlier)
+    valid = click_examples(valid_rows, posters, cfg.history, cfg.min_history, earlier)
     if len(valid) == 0:
         log.warning("courier: no validation click qualifies; no epoch selection, the last epoch is kept")
     if len(train) == 0:
@@ -303,7 +427,7 @@ def _train_courier(
         )
     vectors = torch.from_numpy(posters.vectors)
     mean = posters.vectors.mean(0)
-    scale = posters.vectors.std(0) + 1e-6  # the catalogue's posters only: no events involved
+    scale = standardisation_scale(posters.vectors)  # the catalogue's posters only: no events involved
     say = report or (lambda line: log.info("courier: %s", line))
 
     torch.manual_seed(cfg.seed)
@@ -343,6 +467,10 @@ def _train_courier(
     head.load_state_dict(best_state)
     with torch.no_grad():
         learned = head(vectors).numpy()
+    if not np.isfinite(learned).all():
+        raise ValueError(
+            f"COURIER's head maps some posters to NaN or infinity (lr {cfg.lr}); nothing written"
+        )
     recalls = {"courier": epochs[best_epoch - 1]["valid_recall"], **baselines}
 
     table = pa.table(
@@ -377,7 +505,12 @@ def _train_courier(
     metrics: dict[str, Any] = {
         "recall_at_k": recalls,
         "k": cfg.recall_k,
-        "split": "valid: each user's validation click; the user's earlier clicks are left out of the ranking",
+        "split": (
+            "valid: each user's validation click, ranked among every item with a poster; the user's "
+            "earlier training clicks and history are left out of the ranking (the target never); a tie "
+            "with the target counts as the expected hit under random tie-breaking"
+        ),
+        "selection": "courier: the recall of the epoch these clicks selected; the baselines: not selected",
         "epochs": epochs,
         "best_epoch": best_epoch,
         "train_examples": len(train),
@@ -416,7 +549,12 @@ def _train_epoch(
         progress(phase, 0, n_steps)
     for step in range(n_steps):
         batch = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
-        loss = _step_loss(head, vectors, train.targets[batch], train.history[batch], cfg, rng, full)
+        loss = _step_loss(head, vectors, train.take(batch), cfg, rng, full)
+        if not torch.isfinite(loss):  # diverged: every later step and the recall would be meaningless
+            raise ValueError(
+                f"COURIER's loss is not finite at {phase}, step {step + 1} (embed.courier.lr {cfg.lr}); "
+                "lower the learning rate"
+            )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -429,15 +567,15 @@ def _train_epoch(
 def _step_loss(
     head: CourierHead,
     vectors: torch.Tensor,
-    targets: np.ndarray,
-    history: np.ndarray,
+    batch: Clicks,
     cfg: CourierConfig,
     rng: np.random.Generator,
     full: bool,
 ) -> torch.Tensor:
     """InfoNCE of each example's target (column 0) against negatives shared by the batch (the whole
-    catalogue when ``full``); a negative that is the target or one of the example's earlier clicks is
+    catalogue when ``full``); a negative that is the target or one of the user's earlier clicks is
     masked. The cost per example grows with the negatives, not with the batch."""
+    targets, history = batch.targets, batch.history
     n_items = len(vectors)
     negatives = (
         np.arange(n_items) if full else np.sort(rng.choice(n_items, size=cfg.negatives, replace=False))
@@ -458,22 +596,21 @@ def _step_loss(
     )  # (B, L, 1 + K)
     gram = torch.bmm(keyed, keyed.transpose(1, 2))
     scores = reconstruction_scores(dots, gram, keys, cfg.tau_attention)  # (B, 1 + K)
-    masked = np.c_[np.zeros(len(targets), bool), _earlier_clicks(history, negatives, targets)]
+    masked = np.c_[np.zeros(len(targets), bool), _earlier_clicks(batch, negatives)]
     masked[:, 1:] |= negatives[None, :] == targets[:, None]
     scores = scores.masked_fill(torch.from_numpy(masked), float("-inf"))
     return nn.functional.cross_entropy(scores / cfg.tau, torch.zeros(len(targets), dtype=torch.long))
 
 
-def _earlier_clicks(history: np.ndarray, candidates: np.ndarray, targets: np.ndarray) -> np.ndarray:
-    """(B, C) True where a candidate (sorted, distinct) is among the example's earlier clicks, other than
-    its target."""
-    mask = np.zeros((len(history), len(candidates)), dtype=bool)
-    rows, slots = np.nonzero(history >= 0)
-    position = np.searchsorted(candidates, history[rows, slots])
-    inside = position < len(candidates)
-    hit = inside & (candidates[np.minimum(position, len(candidates) - 1)] == history[rows, slots])
+def _earlier_clicks(clicks: Clicks, candidates: np.ndarray) -> np.ndarray:
+    """(B, C) True where a candidate (sorted, distinct) is among the example's earlier clicks (history keys
+    and the user's earlier training clicks), other than its target."""
+    mask = np.zeros((len(clicks), len(candidates)), dtype=bool)
+    rows, items = clicks.earlier_pairs()
+    position = np.searchsorted(candidates, items)
+    hit = candidates[np.minimum(position, len(candidates) - 1)] == items if len(candidates) else position < 0
     mask[rows[hit], position[hit]] = True
-    mask[targets[:, None] == candidates[None, :]] = False
+    mask[clicks.targets[:, None] == candidates[None, :]] = False
     return mask
 
 
@@ -487,14 +624,16 @@ def recall_at_k(item_vectors: torch.Tensor, clicks: Clicks, k: int, tau_attentio
         return _hits_by_reconstruction(item_vectors, clicks, k, tau_attention) / len(clicks)
 
 
-def _hits_by_reconstruction(item_vectors: torch.Tensor, clicks: Clicks, k: int, tau_attention: float) -> int:
+def _hits_by_reconstruction(
+    item_vectors: torch.Tensor, clicks: Clicks, k: int, tau_attention: float
+) -> float:
     vectors = nn.functional.normalize(item_vectors.float(), dim=-1)
     n_items, width = vectors.shape[0], clicks.history.shape[1]
     chunk = max(1, EVAL_CELLS // (n_items * width))
-    hits = 0
+    hits = 0.0
     for start in range(0, len(clicks), chunk):
-        history = clicks.history[start : start + chunk]
-        targets = clicks.targets[start : start + chunk]
+        part = clicks.take(slice(start, start + chunk))
+        history = part.history
         keys = torch.from_numpy(history >= 0)
         seen, inverse = np.unique(np.maximum(history, 0), return_inverse=True)
         similarity = vectors @ vectors[torch.from_numpy(seen)].T  # (N, distinct history items)
@@ -503,7 +642,7 @@ def _hits_by_reconstruction(item_vectors: torch.Tensor, clicks: Clicks, k: int, 
         keyed = vectors[torch.from_numpy(np.maximum(history, 0))] * keys[:, :, None]
         gram = torch.bmm(keyed, keyed.transpose(1, 2))
         scores = reconstruction_scores(dots, gram, keys, tau_attention)
-        hits += _hits(scores, history, targets, k)
+        hits += _hits(scores, part, k)
     return hits
 
 
@@ -511,18 +650,38 @@ def popularity_recall(train: Clicks, valid: Clicks, n_items: int, k: int) -> flo
     """The same recall@k for a ranking by training clicks (no image at all): the floor to beat."""
     if len(valid) == 0:
         return None
-    counts = np.bincount(train.targets, minlength=n_items).astype(np.float32)
-    scores = torch.from_numpy(np.tile(counts, (len(valid), 1)))
-    return _hits(scores, valid.history, valid.targets, k) / len(valid)
+    counts = torch.from_numpy(np.bincount(train.targets, minlength=n_items).astype(np.float32))
+    chunk = max(1, EVAL_CELLS // n_items)
+    hits = sum(
+        _hits(counts.expand(len(part), -1), part, k)
+        for part in (valid.take(slice(s, s + chunk)) for s in range(0, len(valid), chunk))
+    )
+    return hits / len(valid)
 
 
-def _hits(scores: torch.Tensor, history: np.ndarray, targets: np.ndarray, k: int) -> int:
-    """Examples whose target beats all but fewer than ``k`` items that are not earlier clicks."""
-    earlier = torch.from_numpy(_earlier_clicks(history, np.arange(scores.shape[1]), targets))
-    scores = scores.masked_fill(earlier, float("-inf"))
-    target_scores = scores[torch.arange(len(targets)), torch.from_numpy(targets)]
-    rank = (scores > target_scores[:, None]).sum(1)
-    return int((rank < k).sum())
+def _hits(scores: torch.Tensor, clicks: Clicks, k: int) -> float:
+    """Expected top-``k`` hits of the examples' targets among the items that are not earlier clicks, ties
+    broken at random: a target with g rivals above it and t tied with it is a hit with probability
+    clip((k - g) / (t + 1), 0, 1). A NaN rival counts as above the target; a target scored NaN is a miss."""
+    targets = torch.from_numpy(clicks.targets)
+    target_scores = scores[torch.arange(len(targets)), targets]  # (B,)
+    earlier = torch.from_numpy(_earlier_clicks(clicks, np.arange(scores.shape[1])))
+    rivals = scores.nan_to_num(nan=float("inf")).masked_fill(earlier, float("-inf"))
+    rivals[torch.arange(len(targets)), targets] = float("-inf")  # the target is no rival of its own
+    above = (rivals > target_scores[:, None]).sum(1)
+    tied = (rivals == target_scores[:, None]).sum(1)
+    chance = ((k - above) / (tied + 1)).clamp(0.0, 1.0)
+    return float(torch.where(torch.isfinite(target_scores), chance, 0.0).sum())
+
+
+def standardisation_scale(vectors: np.ndarray) -> np.ndarray:
+    """(N, D) poster vectors -> (D,) the spread each channel is divided by: its own, floored at
+    ``STD_FLOOR`` of the median channel's (1 if no channel varies), so a channel that never varies across
+    the catalogue cannot blow a new poster's small deviation up into its whole vector."""
+    spread = vectors.std(0)
+    varying = spread[spread > 0]
+    floor = STD_FLOOR * float(np.median(varying)) if len(varying) else 1.0
+    return np.maximum(spread, floor).astype(np.float32)
 
 
 def _baseline_recalls(posters: Posters, train: Clicks, valid: Clicks, cfg: CourierConfig) -> dict[str, Any]:

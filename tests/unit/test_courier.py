@@ -19,7 +19,7 @@ from marn.config import ConfigError, EmbedConfig, FeaturesConfig, load_config
 from marn.data.files import write_parquet_atomic
 from marn.data.item_features import ItemFeatures, build_item_features, image_table
 from marn.data.samples import build_samples
-from marn.data.schema import COURIER_EMBEDDINGS, COURIER_HEAD, IMAGE_EMBEDDINGS, Dataset, read_dataset
+from marn.data.schema import COURIER_EMBEDDINGS, COURIER_HEAD, IMAGE_EMBEDDINGS, TS, Dataset, read_dataset
 from marn.data.stats import daily_item_stats
 from marn.data.synth import synthesize
 from marn.data.tensors import ItemCatalog, fit_statistics
@@ -27,9 +27,14 @@ from marn.embed.courier import (
     COURIER_METRICS,
     CourierHead,
     Posters,
+    UserClicks,
+    _earlier_clicks,
+    _hits,
     click_examples,
     read_courier_head,
+    read_posters,
     reconstruction_scores,
+    standardisation_scale,
     train_courier,
 )
 from serve.scoring import cold_image_rows
@@ -78,30 +83,82 @@ def test_scores_equal_the_cosine_of_the_attention_reconstruction():
         torch.testing.assert_close(scores[b], expected)
 
 
-def test_examples_keep_positives_with_a_poster_and_the_newest_keys_that_have_one():
-    posters = Posters(
-        np.array(["a", "b", "c", "d"], dtype=object), np.eye(4, dtype=np.float32), [""] * 4, "x"
-    )
-    rows = pa.table(
+POSTERS = Posters(np.array(["a", "b", "c", "d"], dtype=object), np.eye(4, dtype=np.float32), [""] * 4, "x")
+
+
+def sample_rows(users, days, labels, items, histories) -> pa.Table:
+    seconds = np.round(np.asarray(days, dtype=float) * 86400).astype("int64")
+    ts = pa.array(pd.Timestamp("2024-01-01", tz="UTC") + pd.to_timedelta(seconds, unit="s")).cast(TS)
+    return pa.table(
         {
-            "label": pa.array([1, 0, 1, 1, 1], pa.int8()),
-            "item_id": ["a", "b", "nope", "d", "c"],
-            "hist_item_ids": [
-                ["b", "gone", "c", "d"],
-                ["a", "c"],
-                ["a", "b"],
-                ["gone"],
-                ["a", "b", "c", "d", "a"],
-            ],
+            "user_id": users,
+            "ts": ts,
+            "label": pa.array(labels, pa.int8()),
+            "item_id": items,
+            "hist_item_ids": pa.array(histories, pa.list_(pa.string())),
         }
     )
-    clicks = click_examples(rows, posters, history=3, min_history=1)
+
+
+def test_examples_keep_positives_with_a_poster_and_the_newest_keys_that_have_one():
+    rows = sample_rows(
+        ["u"] * 5,
+        [1, 1, 2, 3, 4],
+        [1, 0, 1, 1, 1],
+        ["a", "b", "nope", "d", "c"],
+        [["b", "gone", "c", "d"], ["a", "c"], ["a", "b"], ["gone"], ["a", "b", "c", "d", "a"]],
+    )
+    clicks = click_examples(rows, POSTERS, history=3, min_history=1)
     assert clicks.targets.tolist() == [0, 2]  # a negative, a target without poster, no key with one: out
-    assert clicks.history.tolist() == [[1, 2, 3], [2, 3, 0]]  # "gone" dropped; newest three kept
-    short = click_examples(rows, posters, history=5, min_history=4)
-    assert short.targets.tolist() == [2] and short.history.tolist() == [[0, 1, 2, 3, 0]]
+    # "gone" dropped; the target is no key of its own ("c" of the last); the newest three kept
+    assert clicks.history.tolist() == [[1, 2, 3], [1, 3, 0]]
+    short = click_examples(rows, POSTERS, history=5, min_history=4)
+    assert short.targets.tolist() == [2] and short.history.tolist() == [[0, 1, 3, 0, -1]]
     with pytest.raises(ValueError, match="hist_item_ids"):
-        click_examples(rows.drop_columns(["hist_item_ids"]), posters, 3, 1)
+        click_examples(rows.drop_columns(["hist_item_ids"]), POSTERS, 3, 1)
+    nulls = rows.set_column(4, "hist_item_ids", pa.array([None, [], [], [], []], pa.list_(pa.string())))
+    with pytest.raises(ValueError, match="null"):
+        click_examples(nulls, POSTERS, 3, 1)
+
+
+def test_an_examples_earlier_clicks_are_every_training_click_of_its_user_before_it():
+    train = sample_rows(
+        ["u", "u", "u", "u", "v"], [1, 2, 2, 3, 1], [1, 1, 0, 1, 1], ["a", "b", "c", "d", "c"], [[]] * 5
+    )
+    earlier = UserClicks.from_rows(train, POSTERS)
+    queries = sample_rows(
+        ["u", "u", "u", "v", "w"], [1, 1 + 1 / 86400, 31, 5, 60], [1] * 5, ["a"] * 5, [[]] * 5
+    )
+    start, count = earlier.before(
+        queries.column("user_id").to_numpy(zero_copy_only=False),
+        queries.column("ts").cast(pa.int64()).to_numpy(zero_copy_only=False),
+    )
+    spans = [sorted(earlier.items[s : s + c].tolist()) for s, c in zip(start, count, strict=True)]
+    # strictly before (not at the same second); u's negative "c" is no click; v has its own; w has none
+    assert spans == [[], [0], [0, 1, 3], [2], []]
+    valid = sample_rows(["u"], [5], [1], ["b"], [["d"]])
+    clicks = click_examples(valid, POSTERS, history=2, min_history=1, earlier=earlier)
+    ranked = np.arange(4)
+    assert _earlier_clicks(clicks, ranked).tolist() == [
+        [True, False, False, True]
+    ]  # a and d; b is the target
+
+
+def test_recall_counts_ties_as_the_expected_hit_and_a_nan_target_as_a_miss():
+    clicks = click_examples(
+        sample_rows(["u"] * 3, [1, 2, 3], [1] * 3, ["a", "b", "c"], [["d"]] * 3), POSTERS, 1, 1
+    )
+    same = torch.zeros(3, 4)  # a collapsed space: every item scores the same
+    assert _hits(same, clicks, k=1) == pytest.approx(
+        3 * 1 / 3
+    )  # 3 candidates (d is an earlier click), 1 slot
+    assert _hits(same, clicks, k=3) == pytest.approx(3.0)
+    assert _hits(torch.full((3, 4), float("nan")), clicks, k=2) == 0.0  # a diverged space hits nothing
+    ordered = torch.tensor([[4.0, 3.0, 2.0, 9.0]] * 3)  # d (masked) scores highest: it is no rival
+    assert _hits(ordered, clicks, k=1) == pytest.approx(1.0)  # only a ranks first
+    rival_nan = ordered.clone()
+    rival_nan[:, 1] = float("nan")  # a NaN rival is counted above the target
+    assert _hits(rival_nan, clicks, k=1) == pytest.approx(0.0)
 
 
 def test_every_item_with_a_poster_gets_a_unit_vector_in_the_image_table_layout(world, tmp_path):
@@ -142,8 +199,10 @@ def test_an_item_no_one_clicked_gets_the_vector_of_its_poster(world, tmp_path):
 
 def test_events_after_the_training_cut_leave_the_table_bit_identical(world, tmp_path):
     """Each user's training range ends before their validation click. Replacing every user's test click
-    by another item, and new users clicking after the last event, change no training example; a seeded
-    one-thread run then writes the same bytes. Changing one training click does change the table."""
+    by another item, and new users too short for the protocol (one click each, after the last event),
+    change no training example; a seeded one-thread run then writes the same bytes. Changing one training
+    click does change the table. (The split is per user: a new user's training clicks would count, late or
+    not, as they do for every model; the courier module's docstring says so.)"""
     events = world.events.assign(ts=pd.to_datetime(world.events["ts"], utc=True))
     ordered = events.assign(_row=np.arange(len(events))).sort_values(["user_id", "ts", "_row"], kind="stable")
     last = ordered.groupby("user_id").tail(1).index  # every user's test click
@@ -343,6 +402,63 @@ def test_a_head_that_did_not_write_the_table_beside_it_is_refused(world, tmp_pat
     with pytest.raises(ValueError, match="does not map the backbone"):
         read_courier_head(other)
 
+    third = run_courier(world, tmp_path / "three").parent  # a new poster embedded since COURIER ran
+    posters = pq.read_table(third / IMAGE_EMBEDDINGS)
+    grown = pa.concat_tables([posters, posters.slice(0, 1).set_column(0, "item_id", pa.array(["new"]))])
+    write_parquet_atomic(grown, third / IMAGE_EMBEDDINGS)
+    with pytest.raises(ValueError, match="posters changed"):
+        read_courier_head(third)
+
+    (out / COURIER_HEAD).write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="not a COURIER head"):
+        read_courier_head(out)
     (out / COURIER_HEAD).unlink()
     with pytest.raises(FileNotFoundError, match="marn courier"):
         read_courier_head(out)
+
+
+def test_a_channel_that_never_varies_cannot_decide_a_new_posters_vector():
+    vectors = np.random.default_rng(0).normal(size=(50, 6)).astype(np.float32)
+    vectors[:, 0] = 0.0  # dead on every catalogue poster
+    scale = standardisation_scale(vectors)
+    np.testing.assert_allclose(scale[1:], vectors[:, 1:].std(0), rtol=1e-6)  # the varying ones: their own
+    assert scale[0] == pytest.approx(0.1 * np.median(vectors[:, 1:].std(0)))
+    torch.manual_seed(0)
+    head = CourierHead(vectors.mean(0), scale, hidden=16, dim=8)
+    new = np.random.default_rng(1).normal(size=(5, 6)).astype(np.float32)
+    new[:, 0] = 0.3  # slightly active on the new posters
+    with torch.no_grad():
+        mapped = head(torch.from_numpy(new))
+    cosine = mapped @ mapped.T
+    assert cosine[~torch.eye(5, dtype=torch.bool)].max() < 0.99  # still five different vectors
+    naive = CourierHead(vectors.mean(0), vectors.std(0) + 1e-6, hidden=16, dim=8)  # the old 1e-6 floor
+    naive.load_state_dict(head.state_dict() | {"scale": torch.from_numpy(vectors.std(0) + 1e-6)})
+    with torch.no_grad():
+        collapsed = naive(torch.from_numpy(new))
+    assert (collapsed @ collapsed.T).min() > 0.999  # what the floor prevents: one direction for all
+    assert (standardisation_scale(np.zeros((3, 2), np.float32)) == 1.0).all()
+
+
+def test_a_diverged_training_stops_with_a_clear_error_and_writes_nothing(world, tmp_path):
+    out = tmp_path / "diverged"
+    out.mkdir()
+    (out / IMAGE_EMBEDDINGS).write_bytes((world.root / IMAGE_EMBEDDINGS).read_bytes())
+    cfg = load_config(
+        None, {"samples": {"max_history": 8}, "embed": {"courier": {**COURIER, "epochs": 2, "lr": 1e20}}}
+    )
+    samples = build_samples(world, cfg.samples)
+    with pytest.raises(ValueError, match="not finite"):
+        train_courier(out, samples.train, samples.valid, cfg.embed.courier)
+    assert not (out / COURIER_EMBEDDINGS).exists() and not (out / COURIER_HEAD).exists()
+
+
+def test_posters_of_two_backbones_are_refused_and_numeric_ids_read_as_text(world, tmp_path):
+    posters = pq.read_table(world.root / IMAGE_EMBEDDINGS)
+    mixed = posters.set_column(3, "backbone", pa.array(["a"] + ["b"] * (posters.num_rows - 1)))
+    write_parquet_atomic(mixed, tmp_path / IMAGE_EMBEDDINGS)
+    with pytest.raises(ValueError, match="2 backbones"):
+        read_posters(tmp_path)
+    numbers = posters.set_column(0, "item_id", pa.array(range(posters.num_rows), pa.int64()))
+    write_parquet_atomic(numbers, tmp_path / IMAGE_EMBEDDINGS)
+    read = read_posters(tmp_path)
+    assert read.item_ids[read.codes(np.array(["7"], dtype=object))].tolist() == ["7"]
