@@ -22,7 +22,11 @@ Items without a poster keep an all-zero vector in every arm. Model selection is 
 validation AUC inside each run; the test split is scored once per run and read only here. Comparisons are
 paired per seed (the same seed trains both arms): mean delta AUC with a 95% t interval; a gain counts only
 when the interval excludes 0. A finished run (``WORK/MODEL/ARM/seed-K/metrics.json``) is read back, not
-retrained, so an interrupted benchmark resumes. Writes ``OUT.json`` and ``OUT.md`` with the command.
+retrained, so an interrupted benchmark resumes. WORK is claimed for one config and one DATA
+(``WORK/claim.json``, :mod:`benchmarks.work_claim`): a run with other settings into it is refused, so old and
+new runs are never paired. A run's ``metrics.json`` names its ``arm``, and the courier arms' ``model.pt``
+records the config they trained with (``embed.method`` courier, ``embed.courier.seed`` = the seed). Writes
+``OUT.json`` and ``OUT.md`` with the command.
 """
 
 from __future__ import annotations
@@ -40,7 +44,9 @@ import numpy as np
 
 from benchmarks.paper import DEFAULT_CONFIG, row_config, train_one
 from benchmarks.paper_report import significance
+from benchmarks.work_claim import claim_work, work_settings
 from marn.config import Config, load_config
+from marn.data.files import write_text_atomic
 from marn.data.samples import Samples, build_samples
 from marn.data.schema import COURIER_EMBEDDINGS, COURIER_HEAD, IMAGE_EMBEDDINGS, read_dataset
 from marn.embed.courier import COURIER_METRICS, train_courier
@@ -48,6 +54,9 @@ from marn.train import METRICS, RunInputs, prepare_inputs
 
 REPO = Path(__file__).resolve().parents[1]
 ARMS = ("imagenet", "imagenet_pca", "courier", "courier_permuted")
+COURIER_ARMS = ("courier", "courier_permuted")  # the arms whose vectors come from WORK/courier/seed-K
+# DATA's own COURIER files: never read here (the seed dirs train their own), so not part of WORK's claim
+COURIER_FILES = (COURIER_EMBEDDINGS, COURIER_HEAD, COURIER_METRICS)
 MODELS = ("marn", "din")
 # (arm, reference): what each paired delta answers
 COMPARISONS = (
@@ -90,7 +99,7 @@ def courier_dir(data: Path, work: Path, cfg: Config, seed: int, samples: Samples
     out.mkdir(parents=True, exist_ok=True)
     for entry in data.iterdir():
         link = out / entry.name
-        if entry.name not in (COURIER_EMBEDDINGS, COURIER_HEAD, COURIER_METRICS) and not link.exists():
+        if entry.name not in COURIER_FILES and not link.exists():
             link.symlink_to(entry.resolve())
     started = time.perf_counter()
     print(f"[courier] training the head, seed {seed}", flush=True)
@@ -129,6 +138,15 @@ def arm_inputs(
     raise ValueError(f"unknown arm {arm!r}; known: {', '.join(ARMS)}")
 
 
+def arm_config(arm: str, cfg: Config, seed: int) -> Config:
+    """The config ``arm``'s run records (``train_one`` saves it in ``model.pt``): the courier arms' vectors
+    come from the head trained with ``embed.courier.seed`` = ``seed``. Only ``embed`` changes, which
+    ``train_one`` does not read (the image rows are in the run inputs), so training is the same."""
+    if arm in COURIER_ARMS:
+        return cfg.with_overrides({"embed.method": "courier", "embed.courier.seed": seed})
+    return cfg
+
+
 def run_arms(
     data: Path, cfg: Config, work: Path, seeds: list[int], arms: list[str], models: list[str]
 ) -> dict[str, dict[str, dict[int, dict[str, Any]]]]:
@@ -139,6 +157,7 @@ def run_arms(
     if not (data / IMAGE_EMBEDDINGS).exists():
         raise FileNotFoundError(f"{data / IMAGE_EMBEDDINGS} is missing: run `marn embed --data {data}` first")
     cfg = cfg.with_overrides({"embed.method": "imagenet", "features.image": "embeddings"})
+    claim_work(work, work_settings("courier", cfg, data, exclude=COURIER_FILES))  # before WORK is read
     dataset = read_dataset(data)
     samples = build_samples(dataset, cfg.samples)
     imagenet = prepare_inputs(dataset, cfg, samples=samples)
@@ -152,9 +171,20 @@ def run_arms(
                     if inputs is None:
                         inputs = arm_inputs(arm, data, work, cfg, seed, samples, imagenet)
                     print(f"[courier] {model} {arm} seed {seed}", flush=True)
-                    train_one(inputs, row_config(cfg, model), model, seed, str(run))
-                out.setdefault(model, {}).setdefault(arm, {})[seed] = json.loads((run / METRICS).read_text())
+                    train_one(inputs, row_config(arm_config(arm, cfg, seed), model), model, seed, str(run))
+                out.setdefault(model, {}).setdefault(arm, {})[seed] = named_arm(run / METRICS, arm)
     return out
+
+
+def named_arm(path: Path, arm: str) -> dict[str, Any]:
+    """A run's metrics, with ``arm`` added to the file (atomically) if ``train_one`` left it out."""
+    metrics = json.loads(path.read_text())
+    if metrics.get("arm") != arm:
+        if "arm" in metrics:
+            raise ValueError(f"{path} names arm {metrics['arm']!r}, but it is in {arm!r}'s directory")
+        metrics["arm"] = arm
+        write_text_atomic(path, json.dumps(metrics, indent=2, allow_nan=True) + "\n")
+    return metrics
 
 
 def summarise(
@@ -180,9 +210,12 @@ def summarise(
                 if a in aucs and r in aucs
             ],
         }
-    courier = {}
-    for metrics in sorted((work / "courier").glob(f"seed-*/{COURIER_METRICS}")):
-        courier[metrics.parent.name] = json.loads(metrics.read_text())
+    courier = {}  # the heads behind these runs only: seeds run for a courier arm
+    seeds = {s for by_arm in runs.values() for arm in COURIER_ARMS for s in by_arm.get(arm, {})}
+    for seed in sorted(seeds):
+        metrics = work / "courier" / f"seed-{seed}" / COURIER_METRICS
+        if metrics.exists():
+            courier[metrics.parent.name] = json.loads(metrics.read_text())
     return {"command": command, "models": models, "courier": courier}
 
 

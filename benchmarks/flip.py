@@ -16,6 +16,8 @@ AUC with a 95% t interval; a gain counts only when the interval excludes 0.
 
 A finished run (``WORK/ARM/seed-N/flip_metrics.json``) is read back, not retrained, so an interrupted
 benchmark resumes; one pretraining per seed and loss set (``WORK/pretrained/``) serves every strategy.
+WORK is claimed for one config and one DATA (``WORK/claim.json``, :mod:`benchmarks.work_claim`): a run with
+other settings into it is refused, so old and new runs are never paired.
 Writes ``OUT.json`` and ``OUT.md`` with the command that made them.
 """
 
@@ -32,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.paper_report import significance
+from benchmarks.work_claim import claim_work, work_settings
 from marn.config import Config, load_config
 from marn.data.schema import Dataset, read_dataset
 from marn.flip.run import FLIP_METRICS, FlipInputs, prepare_flip_inputs, run_flip
@@ -84,6 +87,7 @@ def run_arms(
     unknown = [a for a in arms if a not in ARMS]
     if unknown:
         raise ValueError(f"unknown arm(s) {unknown}; known: {', '.join(ARMS)}")
+    claim_work(work, work_settings("flip", cfg, dataset.root))  # before any run in WORK is read back
     inputs: FlipInputs | None = None
     out: dict[str, dict[int, dict[str, Any]]] = {}
     for arm in arms:

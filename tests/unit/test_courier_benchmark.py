@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from conftest import TINY_MODEL, write_posters  # tests/ is on sys.path
 
 from benchmarks.courier import ARMS, COMPARISONS, markdown, pca_rows, permuted_rows, run_arms, summarise
@@ -84,6 +85,17 @@ def test_the_harness_trains_every_arm_per_seed_and_pairs_them(poster_world, tmp_
         low, high = c["ci95"]
         assert low <= c["mean"] <= high and c["gain"] == (low > 0)
     assert set(summary["courier"]) == {"seed-1", "seed-2"}
+    one_seed = {"din": {arm: {1: by_seed[1]} for arm, by_seed in runs["din"].items()}}
+    assert set(summarise(one_seed, work, "...")["courier"]) == {"seed-1"}  # only the heads of these runs
+    no_head = {"din": {arm: runs["din"][arm] for arm in ("imagenet", "imagenet_pca")}}
+    assert summarise(no_head, work, "...")["courier"] == {}
+    for arm in ARMS:  # each run says what it trained: the arm, and the head's method and seed
+        run = work / "din" / arm / "seed-2"
+        assert json.loads((run / "metrics.json").read_text())["arm"] == arm == runs["din"][arm][2]["arm"]
+        embed = torch.load(run / "model.pt", weights_only=False)["config"]["embed"]
+        courier_arm = arm in ("courier", "courier_permuted")
+        assert embed["method"] == ("courier" if courier_arm else "imagenet")
+        assert embed["courier"]["seed"] == (2 if courier_arm else 7)
     text = markdown(summary)
     assert "courier - imagenet_pca" in text and "recall@20" in text
     json.dumps(summary)  # the results file is plain JSON
@@ -91,3 +103,6 @@ def test_the_harness_trains_every_arm_per_seed_and_pairs_them(poster_world, tmp_
     again = run_arms(poster_world, cfg, work, [1], ["courier"], ["din"])  # finished runs are read back
     assert again["din"]["courier"][1] == runs["din"]["courier"][1]
     assert (work / "din" / "courier" / "seed-1" / "metrics.json").stat().st_mtime_ns == stamp
+    refused = r"(?s)config\.train\.epochs: 1 -> 2.*another --work"  # WORK is claimed for one config
+    with pytest.raises(ValueError, match=refused):
+        run_arms(poster_world, cfg.with_overrides({"train.epochs": 2}), work, [1], ["courier"], ["din"])
