@@ -292,8 +292,12 @@ class FlipConfig(Strict):
     strategy: Literal["id", "text", "joint"] = "id"  # finetune the ID tower, the text tower, or both
     losses: tuple[Literal["icl", "mtm", "mlm"], ...] = ("icl", "mtm", "mlm")  # pretraining losses, 1 or more
     history_titles: int = Field(3, ge=0)  # newest history items whose segments join the sample's prompt
-    title_tokens: int = Field(24, ge=1)  # word pieces kept of a title (MovieLens titles carry a plot)
-    field_tokens: int = Field(16, ge=1)  # word pieces kept of any other value (MovieLens: up to 6 genres)
+    # word pieces kept of a title (MovieLens titles carry a plot); MiniLM was trained on 256-piece inputs
+    title_tokens: int = Field(24, ge=1, le=256)
+    field_tokens: int = Field(16, ge=1, le=256)  # word pieces kept of any other value (MovieLens: 6 genres)
+    # users.parquet columns in the profile segment, in order; [] none. None: its text (string/categorical)
+    # columns only, as a number there may be a statistic over the whole log (Yelp's average_stars)
+    user_fields: tuple[str, ...] | None = None
     projection_dim: int = Field(128, ge=1)  # the ICL heads' output (the note: 128)
     temperature: float = Field(0.07, gt=0)  # ICL, over L2-normalised vectors
     mask_ratio: float = Field(0.15, gt=0, lt=1)  # share of the ID fields MTM masks (at least one)
@@ -315,6 +319,13 @@ class FlipConfig(Strict):
         if len(set(losses)) != len(losses):
             raise ValueError(f"losses must not repeat, got {losses}")
         return losses
+
+    @field_validator("user_fields")
+    @classmethod
+    def _distinct_user_fields(cls, fields: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        if fields is not None and len(set(fields)) != len(fields):
+            raise ValueError(f"user_fields must not repeat, got {fields}")
+        return fields
 
 
 class Config(Strict):

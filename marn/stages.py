@@ -149,7 +149,7 @@ def flip_train_stage(data_dir: Path, samples_dir: Path, cfg: Config, out_dir: Pa
     directory is an ordinary one of ``flip.tower``, which the later stages gate, register and serve."""
     from marn.data.samples import read_samples
     from marn.data.schema import read_dataset
-    from marn.flip.run import prepare_flip_inputs, run_flip
+    from marn.flip.run import describe_epoch, prepare_flip_inputs, run_flip
 
     dataset = read_dataset(data_dir)
     print(f"flip: encoding the prompts' segments with the frozen MiniLM ({cfg.flip.tower})", flush=True)
@@ -162,8 +162,7 @@ def flip_train_stage(data_dir: Path, samples_dir: Path, cfg: Config, out_dir: Pa
     metrics = run_flip(dataset, cfg, out_dir, inputs=inputs, show_progress=False)
     summary = metrics["flip"]
     for epoch in summary["pretrain_history"]:
-        losses = ", ".join(f"{name} {epoch[name]:.4f}" for name in summary["losses"])
-        print(f"flip: pretraining epoch {epoch['epoch']}: {losses} ({epoch['seconds']:.1f} s)", flush=True)
+        print(f"flip: {describe_epoch(epoch, summary['losses'])}", flush=True)
     print(
         f"flip: finetuned in {summary['finetune_s']:.1f} s, best epoch {metrics['best_epoch']}, "
         f"test AUC {metrics['auc']:.4f}",

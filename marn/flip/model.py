@@ -8,7 +8,7 @@ Notation: B batch, L history length, N prompt tokens, d text width (384), H the 
          L_icl = (CE(z w^T / tau, I) + CE(w z^T / tau, I)) / 2
     MTM: h~ from the ID fields with ``mask_ratio`` of them set to 0 (PAD: a reserved code, never an id)
          c = sum_n softmax_n(LN(W_q h~) . T_n / sqrt(d)) T_n          (B, d)   padding masked out
-         logits over V_i of each masked field f from [h~; c; pos_f]; L_mtm = CE
+         logits over V_i of each masked field f from [h~; c; pos_f]; L_mtm = CE over the known items
     MLM: one candidate field's word pieces replaced by [MASK], encoded (frozen, cached): T~ at those places
          logits over V_w = W_2 tanh(W_1 [T~_n; h]) at up to ``mlm_positions`` of them; L_mlm = CE
 """
@@ -31,6 +31,9 @@ from marn.models.layers import MLP, sequence_mask
 from marn.models.registry import MODELS
 
 LOSSES = ("icl", "mtm", "mlm")
+# The IDs-only registry models whose logit comes from a ``predict`` MLP, whose input is FLIP's h. lr and fm
+# sum their terms into the logit and have none; a test builds every IDs-only model to keep this list true.
+TOWERS = ("base_ids",)
 
 
 class Projection(nn.Module):
@@ -48,12 +51,18 @@ class Projection(nn.Module):
 
 
 def check_tower(name: str) -> None:
-    """FLIP's ID side must be a registry model on IDs alone, so its finetuned weights serve as that model."""
+    """FLIP's ID side must be a registry model on IDs alone, so its finetuned weights serve as that model,
+    and end in a ``predict`` MLP (its input is h). Cheap: called before any text is encoded."""
     if name not in MODELS:
         raise ValueError(f"flip.tower: unknown model {name!r}; registered: {', '.join(MODELS)}")
     info = MODEL_INFO.get(name)
     if info is None or info.modalities != ("ids",):
         raise ValueError(f"flip.tower: {name!r} does not read IDs alone; pick an ID model such as base_ids")
+    if name not in TOWERS:
+        raise ValueError(
+            f"flip.tower: {name!r} has no `predict` MLP whose input could be FLIP's h (its logit is a sum "
+            f"of terms); pick one of {', '.join(TOWERS)}"
+        )
 
 
 def tower_width(tower: CTRModel) -> int:
@@ -147,8 +156,12 @@ class FlipPretrainer(nn.Module):
         context = torch.einsum("bn,bnd->bd", attention.nan_to_num(0.0), states)  # (B, d)
         rows, fields = mask.nonzero(as_tuple=True)
         targets = torch.cat([batch["item"][:, None], batch["hist_items"]], dim=1)[rows, fields]
+        known = targets != PAD  # an unknown item (PAD, not in the catalogue) is nothing to reconstruct
+        if not known.any():
+            return masked.sum() * 0.0  # a zero on the graph; the mean over no target would be NaN
+        rows, fields, targets = rows[known], fields[known], targets[known]
         inputs = torch.cat([masked[rows], context[rows], self.field_position(fields)], dim=1)
-        return F.cross_entropy(self.mtm_head(inputs), targets, ignore_index=PAD)
+        return F.cross_entropy(self.mtm_head(inputs), targets)
 
     def masked_language(
         self, h: torch.Tensor, batch: dict[str, torch.Tensor], generator: torch.Generator

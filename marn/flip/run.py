@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -25,6 +26,8 @@ from marn.progress import progress_bar
 from marn.train import RunInputs, fit, predict, prepare_inputs, save_run, seed_everything
 
 FLIP_METRICS = "flip_metrics.json"
+
+logger = logging.getLogger(__name__)
 
 
 @contextmanager
@@ -71,6 +74,7 @@ def prepare_flip_inputs(
             flip.title_tokens,
             flip.field_tokens,
             flip.encode_batch_size,
+            flip.user_fields,
         )
     splits = {name: with_user_codes(getattr(inputs, name), cache) for name in ("train", "valid", "test")}
     return FlipInputs(replace(inputs, **splits), cache, time.perf_counter() - started)
@@ -95,10 +99,11 @@ def pretrain(
     cfg: FlipConfig,
     show_progress: bool = True,
     checkpoint: PretrainCheckpoint | None = None,
-) -> tuple[FlipPretrainer, list[dict[str, float]]]:
+) -> tuple[FlipPretrainer, list[dict[str, float | None]]]:
     """Align ``tower`` with the text side on the training rows only (AdamW; the encoder stays frozen).
     Labels are removed from the rows first: pretraining cannot read them. Returns the pretrainer (its
-    ``tower`` is the aligned registry model) and the per-epoch mean losses and seconds."""
+    ``tower`` is the aligned registry model) and the per-epoch mean losses and seconds; an epoch that took
+    no step (no batch of 2 rows) has None for its losses, not a measured 0."""
     if not cfg.losses:
         raise ValueError("flip.losses is empty: nothing to pretrain with")
     train = replace(train, tensors={k: v for k, v in train.tensors.items() if k != "label"})  # unread: gone
@@ -129,9 +134,11 @@ def pretrain(
                     sums[name] += value.item() * len(index)
                 seen += len(index)
                 bar.update(task, advance=1, description=f"flip pretrain epoch {epoch}")
+            if not seen:
+                logger.warning("flip: pretraining epoch %d took no step: no batch had 2 rows", epoch)
             history.append(
                 {"epoch": epoch, "seconds": time.perf_counter() - started}
-                | {name: total / max(seen, 1) for name, total in sums.items()}
+                | {name: total / seen if seen else None for name, total in sums.items()}
             )
             if checkpoint is not None and epoch < cfg.pretrain_epochs:
                 state = {
@@ -147,12 +154,20 @@ def pretrain(
     return model, history
 
 
+def describe_epoch(epoch: dict[str, Any], losses: Sequence[str]) -> str:
+    """One pretraining epoch of the history for a log line; "no step" where nothing was measured."""
+    parts = [
+        f"{name} {epoch[name]:.4f}" if epoch[name] is not None else f"{name} (no step)" for name in losses
+    ]
+    return f"pretraining epoch {epoch['epoch']}: {', '.join(parts)} ({epoch['seconds']:.1f} s)"
+
+
 def _resume_pretraining(
     checkpoint: PretrainCheckpoint,
     model: FlipPretrainer,
     optimizer: torch.optim.Optimizer,
     generators: dict[str, torch.Generator],
-) -> list[dict[str, float]]:
+) -> list[dict[str, float | None]]:
     """Load a checkpoint's state into the pretraining objects; return the finished epochs' history."""
     saved = torch.load(checkpoint.path, map_location="cpu", weights_only=True)
     if saved["settings"] != checkpoint.settings:

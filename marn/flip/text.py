@@ -6,8 +6,10 @@ A sample's prompt is the concatenation of segments, each encoded on its own and 
 
 - item segment: ``category: ... brand: ... shop: ... title: ...`` from ``items.parquet`` (static item
   fields; a missing field is left out). Item codes index the cache; code 0 (PAD / unknown) is empty.
-- user segment: the profile columns of ``users.parquet`` (static, e.g. gender, age bucket); empty when the
-  dataset has none.
+- user segment: the profile columns of ``users.parquet`` named by ``flip.user_fields``, or by default its
+  text (string / categorical) columns: a number in a profile table may be a statistic over the whole log
+  (RecBole's Yelp users carry review_count, average_stars), so numeric columns enter only when listed.
+  Empty when the dataset has none.
 
 No statistic, no label and nothing of the sample's own event or later enters a prompt: the history items
 are the sample's history (strictly before its time, marn.data.samples) and every segment is a static field
@@ -20,6 +22,7 @@ states at the masked positions with the word pieces they hide.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -33,6 +36,8 @@ from marn.data.tensors import ItemCatalog, Vocab
 ITEM_FIELDS = ("category_id", "brand_id", "shop_id", "title")  # in prompt order; MLM masks one of them
 FIELD_LABELS = {"category_id": "category", "brand_id": "brand", "shop_id": "shop", "title": "title"}
 
+logger = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class TextEncoder:
@@ -44,6 +49,11 @@ class TextEncoder:
     @property
     def dim(self) -> int:
         return int(self.model.config.hidden_size)
+
+    @property
+    def max_positions(self) -> int:
+        """The longest id sequence the encoder has position embeddings for (MiniLM: 512)."""
+        return int(self.model.config.max_position_embeddings)
 
 
 def load_minilm() -> TextEncoder:
@@ -82,19 +92,32 @@ class Segment:
     spans: dict[str, tuple[int, int]]
 
 
+def word_pieces(tokenizer: object, text: str, limit: int | None = None) -> list[int]:
+    """``text``'s word pieces, at most ``limit``. Data is plain text: a literal "[MASK]" or "[SEP]" in a
+    title is split like any other word (split_special_tokens), never read as the encoder's special token.
+    Cut while tokenising, so a huge value costs no more than ``limit`` pieces."""
+    return tokenizer(
+        text,
+        add_special_tokens=False,
+        split_special_tokens=True,
+        truncation=limit is not None,
+        max_length=limit,
+    )["input_ids"]
+
+
 def build_segment(tokenizer: object, fields: Sequence[tuple[str, str, int]]) -> Segment:
     """``fields``: (name, value, max word pieces). Each value is tokenised on its own, so its span is known
     exactly and masking it replaces exactly its word pieces."""
     ids, spans, parts = [tokenizer.cls_token_id], {}, []
     for name, value, limit in fields:
         label = FIELD_LABELS.get(name, name.replace("_", " "))
-        pieces = tokenizer(value, add_special_tokens=False)["input_ids"][:limit]
+        pieces = word_pieces(tokenizer, value, limit)
         if not pieces:
             continue
-        ids += tokenizer(f"{label} :", add_special_tokens=False)["input_ids"]
+        ids += word_pieces(tokenizer, f"{label} :")
         spans[name] = (len(ids), len(ids) + len(pieces))
         ids += pieces
-        ids += tokenizer(".", add_special_tokens=False)["input_ids"]
+        ids += word_pieces(tokenizer, ".")
         parts.append(f"{label}: {tokenizer.decode(pieces)}.")
     ids.append(tokenizer.sep_token_id)
     return Segment(" ".join(parts), tuple(ids), spans)
@@ -120,25 +143,93 @@ def item_segments(
     return segments
 
 
+def profile_columns(users: pd.DataFrame, user_fields: Sequence[str] | None) -> list[str]:
+    """The users.parquet columns a profile segment reads, in prompt order.
+
+    ``user_fields`` None: the text columns (object, string, category). Numeric and other columns are left
+    out, and said so once: a number in a profile table may be a statistic over the whole log (a review
+    count, a mean rating measured after every interaction), which no prompt may read. A list: exactly those
+    columns, in that order (a static numeric field such as MovieLens' age at sign-up enters this way).
+    """
+    present = [c for c in users.columns if c != "user_id"]
+    if user_fields is not None:
+        missing = [c for c in user_fields if c not in users.columns]
+        if missing:
+            raise ValueError(
+                f"flip.user_fields names {missing}, which the users table lacks; its columns: {present}"
+            )
+        return list(user_fields)
+    text = [
+        c
+        for c in present
+        if pd.api.types.is_object_dtype(users[c])
+        or pd.api.types.is_string_dtype(users[c].dtype)
+        or isinstance(users[c].dtype, pd.CategoricalDtype)
+    ]
+    left_out = [f"{c} ({users[c].dtype})" for c in present if c not in text]
+    if left_out:
+        logger.warning(
+            "flip: the users table's columns %s are not text and stay out of the prompt: a number in a "
+            "profile table may be a statistic over the whole log (e.g. a review count or mean rating "
+            "measured after every interaction), which no prompt may read. To include static ones, list the "
+            "profile columns in flip.user_fields.",
+            ", ".join(left_out),
+        )
+    return text
+
+
+def value_text(value: object) -> str:
+    """A profile value as prompt text: a whole float reads as an integer ("24", not "24.0")."""
+    if isinstance(value, float | np.floating) and float(value).is_integer():
+        return str(int(value))
+    return str(value)
+
+
 def user_segments(
-    users: pd.DataFrame | None, tokenizer: object, field_tokens: int
+    users: pd.DataFrame | None,
+    tokenizer: object,
+    field_tokens: int,
+    user_fields: Sequence[str] | None = None,
 ) -> tuple[Vocab, list[Segment]]:
-    """The user vocabulary (codes 1..n; 0 unknown) and one profile segment per code (index 0 empty)."""
+    """The user vocabulary (codes 1..n; 0 unknown) and one profile segment per code (index 0 empty), of the
+    columns :func:`profile_columns` picks (``user_fields``: flip.user_fields)."""
     empty = [build_segment(tokenizer, [])]
-    if users is None or len(users.columns) <= 1:
+    if users is None:
+        if user_fields:
+            raise ValueError(
+                f"flip.user_fields names {list(user_fields)}, but the dataset has no users table"
+            )
+        return Vocab(()), empty
+    columns = profile_columns(users, user_fields)
+    if not columns:
         return Vocab(()), empty
     users = users.drop_duplicates("user_id")
     vocab = Vocab.build(users["user_id"].astype(str))
     rows = users.set_index(users["user_id"].astype(str))
-    columns = [c for c in users.columns if c != "user_id"]
     segments = list(empty)
     for user_id in vocab.values:
         row = rows.loc[user_id]
         fields = [
-            (c, str(row[c]), field_tokens) for c in columns if not pd.isna(row[c]) and str(row[c]).strip()
+            (c, value_text(row[c]), field_tokens)
+            for c in columns
+            if not pd.isna(row[c]) and str(row[c]).strip()
         ]
         segments.append(build_segment(tokenizer, fields))
     return vocab, segments
+
+
+def check_lengths(
+    segments: Sequence[Segment], kind: str, names: Sequence[str], limit: int, shorten: str
+) -> None:
+    """Refuse a segment longer than the encoder's positions before anything is encoded (BertModel would
+    fail deep inside its embeddings, naming no setting). ``names[i]``: what segment i is, for the message."""
+    longest = max(range(len(segments)), key=lambda i: len(segments[i].ids))
+    length = len(segments[longest].ids)
+    if length > limit:
+        raise ValueError(
+            f"flip: the {kind} segment of {names[longest]!r} is {length} word pieces long, but the encoder "
+            f"reads at most {limit} positions; shorten it with {shorten}"
+        )
 
 
 @dataclass(frozen=True)
@@ -291,10 +382,27 @@ def build_text_cache(
     title_tokens: int,
     field_tokens: int,
     batch_size: int,
+    user_fields: Sequence[str] | None = None,
 ) -> TextCache:
-    """Encode every item's and user's segment once, and every item's single-field-masked variants."""
+    """Encode every item's and user's segment once, and every item's single-field-masked variants.
+    ``user_fields``: the profile columns (flip.user_fields; None: the text ones, :func:`profile_columns`)."""
     item_segs = item_segments(items, catalog, encoder.tokenizer, title_tokens, field_tokens)
-    users_vocab, user_segs = user_segments(users, encoder.tokenizer, field_tokens)
+    users_vocab, user_segs = user_segments(users, encoder.tokenizer, field_tokens, user_fields)
+    limit = encoder.max_positions
+    check_lengths(
+        item_segs,
+        "item",
+        ["(none)", *catalog.items.values],
+        limit,
+        f"flip.title_tokens ({title_tokens}) or flip.field_tokens ({field_tokens})",
+    )
+    check_lengths(
+        user_segs,
+        "user",
+        ["(none)", *users_vocab.values],
+        limit,
+        f"flip.field_tokens ({field_tokens}) or fewer profile columns in flip.user_fields",
+    )
     return TextCache(
         item_segments=item_segs,
         user_segments=user_segs,

@@ -7,6 +7,7 @@ real all-MiniLM-L6-v2 is loaded only by the slow test. Both skip when the packag
 
 from __future__ import annotations
 
+import logging
 from dataclasses import replace
 from pathlib import Path
 
@@ -19,12 +20,22 @@ from marn.config import ConfigError, load_config
 from marn.data.schema import Dataset, read_dataset
 from marn.data.stats import daily_item_stats
 from marn.data.synth import synthesize
+from marn.data.tensors import ItemCatalog
 from marn.features.representations import serves_representations
 from marn.flip import run as flip_run
-from marn.flip.model import FlipJoint, FlipPretrainer, field_mask, with_fields_masked
-from marn.flip.run import PretrainCheckpoint, finetune_model, prepare_flip_inputs, pretrain, run_flip
-from marn.flip.text import TextEncoder, frozen
+from marn.flip.model import TOWERS, FlipJoint, FlipPretrainer, field_mask, tower_width, with_fields_masked
+from marn.flip.run import (
+    PretrainCheckpoint,
+    describe_epoch,
+    finetune_model,
+    prepare_flip_inputs,
+    pretrain,
+    run_flip,
+)
+from marn.flip.text import TextEncoder, build_segment, build_text_cache, frozen, user_segments
 from marn.models import build_model
+from marn.models.catalog import MODEL_INFO
+from marn.models.registry import MODELS
 from marn.registry import GateDecision, champion, register_model
 from marn.train import load_trained, predict
 
@@ -411,3 +422,164 @@ def test_minilm_from_the_package_matches_sentence_transformers_and_pretrains(wor
     assert cosine > 0.99
     metrics = run_flip(world, config(strategy="joint"), tmp_path, show_progress=False)
     assert 0.0 <= metrics["auc"] <= 1.0
+
+
+def yelp_like_users() -> pd.DataFrame:
+    """A RecBole-style user table: a text field, a static number and two snapshot statistics."""
+    return pd.DataFrame(
+        {
+            "user_id": ["u1", "u2"],
+            "gender": ["F", "M"],
+            "age": np.array([24, 31], dtype=np.int64),
+            "review_count": [585.0, 3.0],
+            "average_stars": [3.91, 5.0],
+        }
+    )
+
+
+def test_by_default_only_text_profile_columns_enter_the_prompt_and_numbers_are_logged(encoder, caplog):
+    with caplog.at_level(logging.WARNING, logger="marn.flip.text"):
+        vocab, segments = user_segments(yelp_like_users(), encoder.tokenizer, 16)
+    assert vocab.values == ("u1", "u2")
+    assert [s.text for s in segments] == ["", "gender: f.", "gender: m."]
+    (record,) = caplog.records  # said once, not once per user
+    message = record.getMessage()
+    assert "review_count" in message and "average_stars" in message and "age" in message
+    assert "statistic over the whole log" in message and "flip.user_fields" in message
+
+
+def test_listed_profile_columns_enter_exactly_in_their_order(encoder, caplog):
+    with caplog.at_level(logging.WARNING, logger="marn.flip.text"):
+        _, segments = user_segments(yelp_like_users(), encoder.tokenizer, 16, ["age", "gender"])
+    assert segments[1].text == "age: 24. gender: f." and not caplog.records
+    _, segments = user_segments(yelp_like_users(), encoder.tokenizer, 16, ["review_count"])
+    assert segments[1].text == "review count: 585."  # a whole float reads as an integer, not "585. 0"
+    vocab, segments = user_segments(yelp_like_users(), encoder.tokenizer, 16, [])
+    assert len(vocab.values) == 0 and [s.text for s in segments] == [""]  # [] = no profile
+    with pytest.raises(ValueError, match=r"\['zip'\].*lacks.*'gender', 'age', 'review_count'"):
+        user_segments(yelp_like_users(), encoder.tokenizer, 16, ["gender", "zip"])
+    with pytest.raises(ValueError, match="no users table"):
+        user_segments(None, encoder.tokenizer, 16, ["gender"])
+
+
+def test_flip_user_fields_reaches_the_prompts_and_the_config_checks_it(world, encoder):
+    picked = prepare_flip_inputs(world, config(user_fields=["gender"]), encoder)
+    prompts = picked.cache.prompts(whole(picked.run.train.subset(torch.arange(4))))
+    assert all(p.startswith("gender: ") and "age bucket" not in p for p in prompts)
+    assert config().flip.user_fields is None and config(user_fields=[]).flip.user_fields == ()
+    with pytest.raises(ConfigError, match="must not repeat"):
+        config(user_fields=["gender", "gender"])
+    shipped = load_config(Path(__file__).parents[2] / "configs" / "flip-movielens.yaml")
+    assert shipped.flip.user_fields == ("age", "gender", "occupation", "zip")
+
+
+def test_literal_special_token_strings_in_the_data_are_plain_text(encoder):
+    tok = encoder.tokenizer
+    segment = build_segment(
+        tok, [("title", "Best [MASK] ever [SEP] [PAD] [CLS] [UNK]", 40), ("[MASK]", "x", 4)]
+    )
+    inner = segment.ids[1:-1]
+    special = {tok.mask_token_id, tok.sep_token_id, tok.pad_token_id, tok.cls_token_id, tok.unk_token_id}
+    assert not special & set(inner), inner
+    assert segment.ids[0] == tok.cls_token_id and segment.ids[-1] == tok.sep_token_id
+    assert "[ mask ]" in segment.text
+
+
+def short_encoder(encoder: TextEncoder, positions: int) -> TextEncoder:
+    config = transformers.BertConfig(
+        vocab_size=encoder.tokenizer.vocab_size,
+        hidden_size=8,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=8,
+        max_position_embeddings=positions,
+    )
+    torch.manual_seed(0)
+    return TextEncoder(encoder.tokenizer, frozen(transformers.BertModel(config)))
+
+
+def test_a_segment_longer_than_the_encoders_positions_is_refused_naming_the_settings(encoder):
+    short = short_encoder(encoder, 24)
+    items = pd.DataFrame(
+        {
+            "item_id": ["a", "b"],
+            "category_id": ["c1", "c2"],
+            "brand_id": [None, None],
+            "shop_id": [None, None],
+            "title": ["a short one", " ".join(["word"] * 100)],
+        }
+    )
+    catalog = ItemCatalog.from_items(items)
+    users = pd.DataFrame({"user_id": ["u1"], **{f"field_{k}": [f"value {k}"] for k in range(8)}})
+
+    def cache(title_tokens: int, users: pd.DataFrame | None = None):
+        return build_text_cache(items, users, catalog, short, 1, title_tokens, 4, 8)
+
+    with pytest.raises(ValueError, match=r"item segment of 'b' is 3\d word pieces.*at most 24.*title_tokens"):
+        cache(30)
+    with pytest.raises(ValueError, match=r"user segment of 'u1' is \d+ word pieces.*flip\.user_fields"):
+        cache(4, users)
+    assert cache(4).items.states.shape[1] <= 24  # within the positions: encoded
+    with pytest.raises(ConfigError, match="title_tokens"):
+        config(title_tokens=257)
+    with pytest.raises(ConfigError, match="field_tokens"):
+        config(field_tokens=257)
+
+
+def test_towers_without_a_predict_mlp_are_refused_before_the_text_is_encoded(world, encoder, monkeypatch):
+    def no_encoding(*args, **kwargs):
+        raise AssertionError("the text cache was built before the tower was checked")
+
+    monkeypatch.setattr(flip_run, "build_text_cache", no_encoding)
+    monkeypatch.setattr(flip_run, "prepare_inputs", no_encoding)
+    for name in ("lr", "fm"):
+        with pytest.raises(ValueError, match=rf"flip\.tower: '{name}' has no `predict` MLP.*base_ids"):
+            prepare_flip_inputs(world, config(tower=name), encoder)
+
+
+def test_the_flip_towers_are_exactly_the_id_models_with_a_predict_mlp(inputs):
+    run = inputs.run
+    for name in MODELS:
+        info = MODEL_INFO.get(name)
+        if info is None or info.modalities != ("ids",):
+            continue
+        tower = build_model(name, run.catalog, run.features, config().model)
+        try:
+            tower_width(tower)
+            has_predict = True
+        except ValueError:
+            has_predict = False
+        assert has_predict == (name in TOWERS), name
+
+
+def test_mtm_is_a_zero_on_the_graph_when_every_masked_item_is_unknown(inputs):
+    run = inputs.run
+    cfg = config(losses=["mtm"])
+    tower = build_model("base_ids", run.catalog, run.features, cfg.model)
+    model = FlipPretrainer(tower, inputs.cache, len(run.catalog.items), 8, cfg.flip)
+    batch = whole(run.train.subset(torch.arange(4)))
+    unknown = {
+        **batch,
+        "item": torch.zeros_like(batch["item"]),
+        "hist_items": torch.zeros_like(batch["hist_items"]),
+    }
+    loss = model.masked_tabular(unknown, torch.Generator().manual_seed(0))
+    assert loss.item() == 0.0 and loss.requires_grad
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in tower.parameters() if p.grad is not None)
+    known = model.masked_tabular(batch, torch.Generator().manual_seed(0))
+    assert torch.isfinite(known) and known > 0
+
+
+def test_an_epoch_without_a_step_reports_no_loss_rather_than_zero(inputs, caplog):
+    run, cfg = inputs.run, config()
+    tower = build_model("base_ids", run.catalog, run.features, cfg.model)
+    one_row = run.train.subset(torch.arange(1))  # ICL needs 2 rows: no batch is used
+    with caplog.at_level(logging.WARNING, logger="marn.flip.run"):
+        _, history = pretrain(tower, inputs.cache, one_row, len(run.catalog.items), 8, cfg.flip, False)
+    assert [history[0][name] for name in ("icl", "mtm", "mlm")] == [None, None, None]
+    assert "took no step" in caplog.text
+    line = describe_epoch(history[0], cfg.flip.losses)
+    assert line.startswith("pretraining epoch 1: icl (no step), mtm (no step), mlm (no step)")
+    measured = {"epoch": 2, "seconds": 1.5, "icl": 0.5, "mtm": 1.25, "mlm": 2.0}
+    assert describe_epoch(measured, ("icl",)) == "pretraining epoch 2: icl 0.5000 (1.5 s)"
