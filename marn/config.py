@@ -360,6 +360,17 @@ class Config(Strict):
             )
         return self
 
+    @model_validator(mode="after")
+    def _courier_history(self) -> Config:
+        # COURIER's keys come from the samples' histories: a window they cannot fill would drop every click
+        courier, window = self.embed.courier, self.samples.max_history
+        if self.embed.method == "courier" and courier.min_history > window:
+            raise ValueError(
+                f"embed.courier.min_history ({courier.min_history}) exceeds samples.max_history ({window}): "
+                "no click could have that many earlier clicks in its sample history"
+            )
+        return self
+
     def with_overrides(self, overrides: Mapping[str, Any]) -> Config:
         """A copy with dotted keys set (``{"model.lambda0": 0.2, "train.lr": 0.05}``): the one way tuned or
         per-run values enter a config. The whole merged config is validated again, so every field validator

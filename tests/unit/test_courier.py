@@ -283,6 +283,10 @@ def test_config_defaults_to_imagenet_and_rejects_unknown_courier_keys():
         load_config(None, {"embed": {"method": "courier", "courier": {"temperature": 0.1}}})
     with pytest.raises(ConfigError, match=r"embed\.method"):
         load_config(None, {"embed": {"method": "clip"}})
+    short = {"samples": {"max_history": 2}, "embed": {"method": "courier", "courier": {"min_history": 3}}}
+    with pytest.raises(ConfigError, match="exceeds samples.max_history"):
+        load_config(None, short)
+    load_config(None, {**short, "embed": {"courier": {"min_history": 3}}})  # not used: no constraint
 
 
 def test_no_poster_table_is_a_clear_error(world, tmp_path):
