@@ -284,7 +284,7 @@ def test_config_defaults_to_imagenet_and_rejects_unknown_courier_keys():
     with pytest.raises(ConfigError, match=r"embed\.method"):
         load_config(None, {"embed": {"method": "clip"}})
     short = {"samples": {"max_history": 2}, "embed": {"method": "courier", "courier": {"min_history": 3}}}
-    with pytest.raises(ConfigError, match="exceeds samples.max_history"):
+    with pytest.raises(ConfigError, match=r"exceeds samples\.max_history"):
         load_config(None, short)
     load_config(None, {**short, "embed": {"courier": {"min_history": 3}}})  # not used: no constraint
 
