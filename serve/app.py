@@ -21,6 +21,7 @@ parsed hardened (400) before FastAPI validates them against the models (422).
 
 # No `from __future__ import annotations`: FastAPI reads the route functions' annotations at runtime.
 import asyncio
+import contextlib
 import json
 import logging
 import math
@@ -63,7 +64,7 @@ from serve.ledger_store import (
     LedgerStore,
     SQLiteLedgerStore,
 )
-from serve.scoring import ScoreRequest
+from serve.scoring import ScoreRequest, ScoringError
 from serve.tokens import CLOCK_SKEW_S, RequestSigner, TokenError, resolve_secret
 
 log = logging.getLogger(__name__)
@@ -74,6 +75,9 @@ MAX_ERROR_DETAILS = 10
 FLUSH_EVERY_S = 0.2  # the router sends its buffered events to the ledger this often
 FLUSH_AT = 256  # ... or when this many are waiting
 LEDGER_TIMEOUT_S = 10.0  # a ledger call waiting longer than this is given up (and retried for flushes)
+# A scorer call waiting longer than this (a hung Feast or Redis read) fails like a dead replica: retried
+# once, then the other arm is tried, so a request holds a router slot at most about 4x this before its 503.
+SCORE_TIMEOUT_S = 10.0
 
 # Feedback refused, by reason: the status code and where it is counted (GET /ab "rejected_feedback").
 REJECTION_STATUS = {
@@ -272,6 +276,10 @@ class RouterCore:
         self.buffer = EventBuffer(serve_cfg.max_buffered_events)
         self.history = history or HistoryRing(self.arms)
         self.flusher: asyncio.Task | None = None
+        # One flush in flight: take() hands out the same unacknowledged batch until it is acknowledged, so a
+        # second flush at the same time would send it again.
+        self.flush_lock = asyncio.Lock()
+        self.flush_due = asyncio.Event()  # FLUSH_AT events wait: the flusher sends them before its next tick
         self.background: set[asyncio.Task] = set()
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
@@ -287,7 +295,6 @@ class RouterCore:
         log.info("router weights %s, shadow %s", weights, settings.shadow)
 
     async def predict(self, body: PredictBody) -> PredictResponse | JSONResponse:
-        started = time.perf_counter()
         if len(body.candidates) > self.max_candidates:
             return error(
                 422, f"at most {self.max_candidates} candidates a request, got {len(body.candidates)}"
@@ -301,15 +308,17 @@ class RouterCore:
             for other in self.arms:
                 if other != arm:
                     self._shadow(other, work)
-        answer = await self._score(arm, work)
-        if answer is None:  # the arm is down: the other arm answers rather than the client seeing an error
-            for other in self.arms:
-                if other != arm:
-                    answer = await self._score(other, work)
-                    if answer is not None:
-                        break
-        latency_ms = 1000 * (time.perf_counter() - started)
-        self._event(("request", body.user_id, arm, latency_ms, answer is not None, False, time.time()))
+        answer = None
+        # The assigned arm first; when it is down, the other arm answers rather than the client seeing an
+        # error. Each arm tried is counted for itself: an error for one that failed, a request with its
+        # own latency for the one that answered (its token then gets the feedback).
+        for tried in [arm, *(other for other in self.arms if other != arm)]:
+            started = time.perf_counter()
+            answer = await self._score(tried, work)
+            latency_ms = 1000 * (time.perf_counter() - started)
+            self._event(("request", body.user_id, tried, latency_ms, answer is not None, False, time.time()))
+            if answer is not None:
+                break
         if answer is None:
             return error(503, "no arm could score this request; retry later")
         # Signed for the arm and version that answered (the fallback's, when the assigned arm was down).
@@ -411,10 +420,15 @@ class RouterCore:
         self._event(("rejected", reason, time.time()))
 
     async def _score(self, arm: str, work: ScoreRequest) -> dict[str, Any] | None:
-        """The arm's answer; one retry (Serve routes it to another replica when one died), else None."""
+        """The arm's answer; one retry (Serve routes it to another replica when one died), else None. No
+        answer within SCORE_TIMEOUT_S is a failure too: a hung read must not hold the router's slots."""
         for attempt in range(2):
             try:
-                return dict(await self.score(arm, work))
+                return dict(await asyncio.wait_for(self.score(arm, work), SCORE_TIMEOUT_S))
+            except TimeoutError:
+                log.warning(
+                    "%s scorer gave no answer in %g s (attempt %d)", arm, SCORE_TIMEOUT_S, attempt + 1
+                )
             except Exception as err:  # a dead replica or a scorer error: counted, never a 500 to the client
                 log.warning("%s scorer failed (attempt %d): %r", arm, attempt + 1, err)
         return None
@@ -436,17 +450,23 @@ class RouterCore:
     def _event(self, event: tuple) -> None:
         self.buffer.add(event)
         if len(self.buffer) >= FLUSH_AT:
-            self._background(self._flush())
+            # Wakes the one flusher: a burst asks for one flush, never one per event.
+            self._start_flusher()
+            self.flush_due.set()
 
-    async def _flush(self) -> None:
-        """Send what is buffered; a batch the ledger did not acknowledge is resent (with its id) next time."""
-        while (batch := self.buffer.take()) is not None:
-            try:
-                await asyncio.wait_for(self.ledger.record(batch), LEDGER_TIMEOUT_S)
-            except Exception as err:  # the ledger restarting: the batch stays for the next flush
-                log.warning("ledger unavailable, %d events kept: %r", len(self.buffer), err)
-                return
-            self.buffer.acknowledged(batch)
+    async def _flush(self) -> bool:
+        """Send what is buffered; a batch the ledger did not acknowledge is resent (with its id) next time.
+        A flush asked for while one runs waits for it (the running one sends what arrives meanwhile too).
+        False when the ledger is unavailable."""
+        async with self.flush_lock:
+            while (batch := self.buffer.take()) is not None:
+                try:
+                    await asyncio.wait_for(self.ledger.record(batch), LEDGER_TIMEOUT_S)
+                except Exception as err:  # the ledger restarting: the batch stays for the next flush
+                    log.warning("ledger unavailable, %d events kept: %r", len(self.buffer), err)
+                    return False
+                self.buffer.acknowledged(batch)
+        return True
 
     def _start_flusher(self) -> None:
         if self.flusher is None or self.flusher.done():
@@ -454,8 +474,11 @@ class RouterCore:
 
     async def _flush_forever(self) -> None:
         while True:
-            await asyncio.sleep(FLUSH_EVERY_S)
-            await self._flush()
+            with contextlib.suppress(TimeoutError):  # every FLUSH_EVERY_S, or as soon as FLUSH_AT events wait
+                await asyncio.wait_for(self.flush_due.wait(), FLUSH_EVERY_S)
+            self.flush_due.clear()
+            if not await self._flush():
+                await asyncio.sleep(FLUSH_EVERY_S)  # the ledger is down: retried each tick, not per event
             if self.history.due(time.time()):
                 await self._snapshot()
 
@@ -571,9 +594,11 @@ class Scorer:
         log.info("%s scorer: %s %s from %s", arm, self.scorer.name, self.version, current.path)
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.002)
-    async def score(self, requests: list[ScoreRequest]) -> list[dict[str, Any]]:
-        scores = self.scorer.score(requests, now_us=time.time_ns() // 1000)
-        return [{"arm": self.arm, "model_version": self.version, "scores": s} for s in scores]
+    async def score(self, requests: list[ScoreRequest]) -> list[dict[str, Any] | ScoringError]:
+        # A request that failed gets its own ScoringError (the router raises it); the others their scores.
+        results = self.scorer.score_each(requests, now_us=time.time_ns() // 1000)
+        served = {"arm": self.arm, "model_version": self.version}
+        return [r if isinstance(r, ScoringError) else {**served, "scores": r} for r in results]
 
 
 @serve.deployment(num_replicas=1, max_ongoing_requests=256)
@@ -620,7 +645,10 @@ class Router:
         return asgi_app(self.core)
 
     async def _score_remote(self, arm: str, work: ScoreRequest) -> dict[str, Any]:
-        return await self.scorers[arm].score.remote(work)
+        answer = await self.scorers[arm].score.remote(work)
+        if isinstance(answer, ScoringError):  # this request failed alone; its batch-mates were scored
+            raise answer
+        return answer
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         self.core.reconfigure(user_config)

@@ -16,6 +16,7 @@ import logging
 import math
 import sqlite3
 import time
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,7 +56,16 @@ EMPTY_HISTORY = UserHistory([], [], [])
 class FeatureFetcher:
     """Reads the Feast online store of the repo at ``repo_dir`` (sqlite locally, Redis on a cluster)."""
 
-    def __init__(self, repo_dir: str | Path, item_cache_s: float = 60.0, max_cached_items: int = 200_000):
+    def __init__(
+        self,
+        repo_dir: str | Path,
+        item_cache_s: float = 60.0,
+        max_cached_items: int = 200_000,
+        max_cached_unknown: int = 20_000,
+    ):
+        """``max_cached_items`` rows of items Feast knows and ``max_cached_unknown`` ids it does not are
+        kept, each bounded on its own (the oldest read goes first): made-up candidate ids, which any client
+        can send, never push out the catalogue's rows."""
         if not (Path(repo_dir) / "feature_store.yaml").exists():
             raise FileNotFoundError(f"{repo_dir}: no feature_store.yaml; run the pipeline's features stage")
         self.store = open_store(repo_dir)  # with the Redis password from the environment, if any
@@ -69,8 +79,10 @@ class FeatureFetcher:
         ]
         self.representations: str | None = None  # the one representations view these item rows carry
         self.item_cache_s = item_cache_s
-        self.max_cached_items = max_cached_items
-        self._items: dict[str, tuple[float, dict[str, Any]]] = {}  # item_id -> (read at, row)
+        self.max_cached_items, self.max_cached_unknown = max_cached_items, max_cached_unknown
+        # item_id -> (read at, row), oldest read first; ids Feast has no value for -> read at, apart.
+        self._items: OrderedDict[str, tuple[float, dict[str, Any]]] = OrderedDict()
+        self._unknown: OrderedDict[str, float] = OrderedDict()
 
     def histories(self, user_ids: Sequence[str]) -> list[UserHistory]:
         """The latest materialized sequence of each user (oldest first); empty for unknown users."""
@@ -95,24 +107,40 @@ class FeatureFetcher:
         self.store.refresh_registry()  # online reads resolve the view through the cached registry
         other = copy.copy(self)
         other.item_refs = [*self.item_refs, f"{view}:{REP_COLUMN}"]
-        other.representations, other._items = view, {}
+        other.representations, other._items, other._unknown = view, OrderedDict(), OrderedDict()
         return other
 
     def items(self, item_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
         """item_id -> {feature: value or None} for every distinct id asked; cached for item_cache_s."""
         now = time.monotonic()
         fresh = now - self.item_cache_s
-        wanted = [i for i in dict.fromkeys(item_ids) if self._items.get(i, (-math.inf, None))[0] < fresh]
-        if len(self._items) + len(wanted) > self.max_cached_items:  # bounded: unknown ids cannot grow it
-            self._items = {i: entry for i, entry in self._items.items() if entry[0] >= fresh}
-            if len(self._items) + len(wanted) > self.max_cached_items:
-                self._items = {}
+        names = [ref.split(":", 1)[1] for ref in self.item_refs]
+        # The answer is built before anything is evicted, so every id asked is in it however full the
+        # caches are (one request may even ask for more ids than they hold).
+        answer: dict[str, dict[str, Any]] = {}
+        wanted = []
+        for item in dict.fromkeys(item_ids):
+            if self._items.get(item, (-math.inf, None))[0] >= fresh:
+                answer[item] = self._items[item][1]
+            elif self._unknown.get(item, -math.inf) >= fresh:
+                answer[item] = dict.fromkeys(names)
+            else:
+                wanted.append(item)
         if wanted:
             rows = self._item_rows(wanted)
-            names = [ref.split(":", 1)[1] for ref in self.item_refs]
+            names = [ref.split(":", 1)[1] for ref in self.item_refs]  # a deleted view may have been dropped
             for k, item in enumerate(wanted):
-                self._items[item] = (now, {name: _vector_or_value(rows[name][k]) for name in names})
-        return {i: self._items[i][1] for i in item_ids}
+                row = {name: _vector_or_value(rows[name][k]) for name in names}
+                answer[item] = row
+                self._items.pop(item, None)  # re-inserted at the end: the order stays oldest read first
+                self._unknown.pop(item, None)
+                if all(value is None for value in row.values()):
+                    self._unknown[item] = now
+                else:
+                    self._items[item] = (now, row)
+            _evict_oldest(self._items, self.max_cached_items)
+            _evict_oldest(self._unknown, self.max_cached_unknown)
+        return {item: answer[item] for item in dict.fromkeys(item_ids)}  # in the order asked
 
     def _item_rows(self, item_ids: list[str]) -> dict[str, list[Any]]:
         from feast.errors import FeatureViewNotFoundException
@@ -128,6 +156,12 @@ class FeatureFetcher:
             log.warning("%s is gone (%r): item rows without it", self.representations, err)
             self.item_refs = [ref for ref in self.item_refs if not ref.startswith(f"{self.representations}:")]
             return self.store.get_online_features(features=self.item_refs, entity_rows=entity_rows).to_dict()
+
+
+def _evict_oldest(cache: OrderedDict, limit: int) -> None:
+    """Drop the oldest reads past ``limit`` (entries are inserted in read order, so stale ones go first)."""
+    while len(cache) > limit:
+        cache.popitem(last=False)
 
 
 def _micros(value: Any) -> int:

@@ -71,11 +71,21 @@ def cold_image_rows(
     return rows, mismatched
 
 
+class ScoringError(RuntimeError):
+    """A request its arm could not score. ``ArmScorer.score_each`` returns it in that request's place rather
+    than raising, so the other requests of its micro-batch keep their answers; the router raises it."""
+
+
 @dataclass(frozen=True)
 class ScoreRequest:
     user_id: str
     candidates: list[str]
     history: list[str] | None = None  # the caller's recent item ids, newest last; None: read Feast
+
+
+def _scoring_error(request: ScoreRequest, err: Exception) -> ScoringError:
+    log.warning("scoring %d candidates for a user failed: %r", len(request.candidates), err)
+    return ScoringError(f"{type(err).__name__}: {str(err)[:300]}")  # a plain message: it crosses Ray
 
 
 class ArmScorer:
@@ -138,24 +148,45 @@ class ArmScorer:
             start += len(r.candidates)
         return out
 
+    def score_each(self, requests: Sequence[ScoreRequest], now_us: int) -> list[list[float] | ScoringError]:
+        """:meth:`score`, with a request that fails answered by its own :class:`ScoringError`: the
+        micro-batch is scored together, and only when that fails is each request scored alone."""
+        try:
+            return list(self.score(requests, now_us))
+        except Exception as err:
+            if len(requests) == 1:
+                return [_scoring_error(requests[0], err)]
+            log.warning("%s: a batch of %d failed (%r); scoring each alone", self.name, len(requests), err)
+        out: list[list[float] | ScoringError] = []
+        for request in requests:
+            try:
+                out.extend(self.score([request], now_us))
+            except Exception as err:
+                out.append(_scoring_error(request, err))
+        return out
+
     def histories(self, requests: Sequence[ScoreRequest], now_us: int) -> list[UserHistory]:
-        """The caller's history when given, else the user's latest sequence from Feast (before now)."""
+        """The caller's history when given, else the user's latest sequence from Feast (before now); only
+        the newest ``max_history`` items, the ones the model reads, so older ones are never looked up."""
         lookup = [r.user_id for r in requests if r.history is None]
         found = iter(self.fetcher.histories(lookup) if lookup else [])
         out = []
         for r in requests:
             if r.history is not None:
-                out.append(UserHistory(list(r.history), [DEFAULT_BEHAVIOR] * len(r.history), None))
+                items = r.history[max(len(r.history) - self.max_history, 0) :]
+                out.append(UserHistory(list(items), [DEFAULT_BEHAVIOR] * len(items), None))
                 continue
             history = next(found)
-            if history.ts_us is not None:  # only what happened before the request (replays of the past)
-                keep = [k for k, t in enumerate(history.ts_us) if t < now_us]
-                if len(keep) < len(history.items):
-                    history = UserHistory(
-                        [history.items[k] for k in keep],
-                        [history.behaviors[k] for k in keep],
-                        [history.ts_us[k] for k in keep],
-                    )
+            times = history.ts_us
+            # Only what happened before the request (replays of the past), and of that the newest.
+            keep = [k for k in range(len(history.items)) if times is None or times[k] < now_us]
+            keep = keep[max(len(keep) - self.max_history, 0) :]
+            if len(keep) < len(history.items):
+                history = UserHistory(
+                    [history.items[k] for k in keep],
+                    [history.behaviors[k] for k in keep],
+                    None if times is None else [times[k] for k in keep],
+                )
             out.append(history if history.items else EMPTY_HISTORY)
         return out
 
