@@ -281,6 +281,8 @@ class ServeConfig(Strict):
     feedback_window_s: float = Field(3600.0, gt=0)  # feedback on a response is accepted this long
     ledger_path: Path | None = None  # the ledger's SQLite file; None: <paths.work_dir>/serve/ledger.sqlite
     max_buffered_events: int = Field(100_000, ge=1)  # router events held while the ledger is down
+    # the ledger's event log keeps its newest this many rows (80-320 bytes each; the counters lose nothing)
+    ledger_max_events: int = Field(2_000_000, ge=1_000)
 
 
 class FlipConfig(Strict):

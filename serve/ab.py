@@ -368,5 +368,8 @@ class ABSummary(Answer):
     ctr_test: CtrDifference
     rejected_feedback: dict[str, int] = Field(description="refused feedback by reason (never in the CTR)")
     events_folded: int = Field(description="events counted without latency sample (router buffer was full)")
+    events_pruned: int = Field(
+        0, description="event-log rows dropped as the oldest beyond serve.ledger_max_events (counted first)"
+    )
     events_buffered: int = Field(description="events this router replica has not flushed to the ledger yet")
     canary: CanaryState | None = Field(None, description="absent unless exactly two arms")

@@ -609,7 +609,9 @@ class Ledger:
     def __init__(self, arms: list[str], config: str):
         cfg = parse_config(config)
         # The replay set must outlive the window plus the clock skew a request id may have.
-        self.store = SQLiteLedgerStore(ledger_path(cfg), arms, cfg.serve.feedback_window_s + CLOCK_SKEW_S)
+        self.store = SQLiteLedgerStore(
+            ledger_path(cfg), arms, cfg.serve.feedback_window_s + CLOCK_SKEW_S, cfg.serve.ledger_max_events
+        )
 
     # Every method is async, so they all run on the replica's one event loop: the SQLite connection is
     # never used from two threads (Serve runs sync methods in a thread pool).

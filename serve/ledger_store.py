@@ -109,6 +109,10 @@ CREATE INDEX IF NOT EXISTS seen_issued ON seen (issued_at);
 """
 
 
+# The event log's newest rows kept (80-320 bytes each: about 0.2-0.6 GiB, inside the cluster's 1 GiB volume)
+MAX_EVENT_ROWS = 2_000_000
+
+
 class SQLiteLedgerStore:
     """The ledger in one SQLite file, WAL with synchronous=NORMAL: a commit survives the ledger process dying
     (a crash, ``ray.kill``), the failure the replica restarts cover; a power cut or kernel crash may undo
@@ -116,8 +120,11 @@ class SQLiteLedgerStore:
     disk shared with Feast's online store), for a machine failure the single-file store cannot survive
     anyway (a Redis or Postgres store replicates; see LedgerStore)."""
 
-    def __init__(self, path: Path, arms: list[str], replay_window_s: float):
+    def __init__(
+        self, path: Path, arms: list[str], replay_window_s: float, max_event_rows: int = MAX_EVENT_ROWS
+    ):
         self.path, self.arms, self.replay_window_s = Path(path), list(arms), replay_window_s
+        self.max_event_rows = max_event_rows
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # User ids and clicks: readable by this user only (SQLite gives -wal and -shm the file's mode).
         os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600))
@@ -219,6 +226,7 @@ class SQLiteLedgerStore:
                 previous = int(self._meta("events_folded") or 0)
                 self._set_meta("events_folded", str(previous + batch.folded))
             self.db.execute("DELETE FROM batches WHERE applied_at < ?", (now - BATCH_MEMORY_S,))
+            self._prune_events()
         return True
 
     def claim_feedback(self, claims: list[FeedbackClaim]) -> list[FeedbackOutcome]:
@@ -256,7 +264,22 @@ class SQLiteLedgerStore:
                     outcomes.append("replayed")
             # Past the window a request id is refused as expired before it gets here: forget its items.
             self.db.execute("DELETE FROM seen WHERE issued_at < ?", (now - self.replay_window_s,))
+            self._prune_events()
         return outcomes
+
+    def _prune_events(self) -> None:
+        """Keep the newest ``max_event_rows`` of the event log: unbounded, it filled the volume (a flood of
+        requests or feedback in an hour, ordinary traffic in days), after which every write failed and the
+        A/B test froze. The counters the canary reads are kept apart and lose nothing; the dropped rows are
+        counted (``events_pruned``)."""
+        newest = self.db.execute("SELECT max(id) FROM events").fetchone()[0]
+        if newest is None or newest <= self.max_event_rows:
+            return
+        dropped = self.db.execute(
+            "DELETE FROM events WHERE id <= ?", (newest - self.max_event_rows,)
+        ).rowcount
+        if dropped:
+            self._set_meta("events_pruned", str(int(self._meta("events_pruned") or 0) + dropped))
 
     def _counters(self, scope: str, arm: str, since_event: int) -> ArmCounters:
         row = self.db.execute(
@@ -296,12 +319,14 @@ class SQLiteLedgerStore:
                 view.shadow[arm] = self._counters("shadow", arm, 0)
             rejected = dict(self.db.execute("SELECT reason, count FROM rejected ORDER BY reason").fetchall())
             folded = int(self._meta("events_folded") or 0)
+            pruned = int(self._meta("events_pruned") or 0)
         finally:
             self.db.execute("COMMIT")
         return {
             **view.summary(),
             "rejected_feedback": rejected,
             "events_folded": folded,  # counted, but with no latency sample or log row (router buffer full)
+            "events_pruned": pruned,  # log rows dropped as the oldest beyond max_event_rows (counted before)
         }
 
     def close(self) -> None:

@@ -133,3 +133,19 @@ def test_an_unacknowledged_batch_is_resent_with_its_id_before_newer_events(tmp_p
     assert buffer.take() is None and len(buffer) == 0
     with pytest.raises(ValueError):
         EventBuffer(limit=0)
+
+
+def test_the_event_log_keeps_its_newest_rows_and_the_counters_lose_nothing(tmp_path):
+    store = SQLiteLedgerStore(tmp_path / "capped.sqlite", ARMS, replay_window_s=3600, max_event_rows=5)
+    for b in range(3):
+        assert store.apply(Batch(f"b{b}", [_request(f"u{b}{k}", "marn", 10.0 + b) for k in range(4)]))
+    outcomes = store.claim_feedback([_claim("r1", "u00", "marn", f"i{k}", k == 0) for k in range(3)])
+    assert outcomes == ["accepted"] * 3
+    rows = store.db.execute("SELECT kind, latency_ms FROM events ORDER BY id").fetchall()
+    assert len(rows) == 5  # 12 requests + 3 feedback logged, the newest 5 kept
+    assert [kind for kind, _ in rows] == ["request", "request", "feedback", "feedback", "feedback"]
+    summary = store.summary()
+    marn = summary["arms"]["marn"]
+    assert (marn["requests"], marn["feedback"], marn["clicks"]) == (12, 3, 1)  # counted before pruning
+    assert summary["events_pruned"] == 10
+    assert marn["latency_ms"]["p50"] == 12.0  # from the rows kept: the last batch's

@@ -169,7 +169,12 @@ class SlowLedger:
         return "accepted"
 
     async def summary(self) -> dict[str, Any]:
-        return {**ABLedger(["marn", "dupn"]).summary(), "rejected_feedback": {}, "events_folded": 0}
+        return {
+            **ABLedger(["marn", "dupn"]).summary(),
+            "rejected_feedback": {},
+            "events_folded": 0,
+            "events_pruned": 0,
+        }
 
 
 def test_a_burst_of_events_gets_one_flush_in_flight_and_every_event_counted_once():
