@@ -65,14 +65,15 @@ class LoadResult:
 
 def run_load(
     url: str,
+    key: str,
     bodies: list[dict],
     clients: int,
     max_requests: int,
     max_seconds: float,
     during: Callable[[float], None] | None = None,
 ) -> LoadResult:
-    """``clients`` threads POST /predict until ``max_requests`` in all or ``max_seconds``; ``during(t0)``
-    runs in the calling thread meanwhile (fault injection)."""
+    """``clients`` threads POST /predict (as the client ``key``) until ``max_requests`` in all or
+    ``max_seconds``; ``during(t0)`` runs in the calling thread meanwhile (fault injection)."""
     result = LoadResult(clients)
     lock, counter = threading.Lock(), [0]
     start = time.perf_counter()
@@ -80,6 +81,7 @@ def run_load(
 
     def client(index: int) -> None:
         session = requests.Session()
+        session.headers["Authorization"] = f"Bearer {key}"
         while time.perf_counter() < deadline:
             with lock:
                 if counter[0] >= max_requests:
@@ -179,7 +181,7 @@ def kill_one_scorer(gcs_address: str, arm: str) -> str:
 
 def fault_windows(url: str, state, cfg, bodies: list[dict], clients: int, seconds: float) -> dict:
     """Kill a MARN scorer replica at 20% of the run and change the weights at 60%; errors per window."""
-    from serve.control import set_weights
+    from serve.control import caller_key, set_weights
 
     events: dict[str, float] = {}
 
@@ -192,7 +194,15 @@ def fault_windows(url: str, state, cfg, bodies: list[dict], clients: int, second
         set_weights(state, {cfg.pipeline.model: 0.25, cfg.pipeline.baseline: 0.75})
         events["weights_applied"] = time.perf_counter()
 
-    result = run_load(url, bodies, clients, max_requests=100_000, max_seconds=seconds, during=inject)
+    result = run_load(
+        url,
+        caller_key(cfg, "client"),
+        bodies,
+        clients,
+        max_requests=100_000,
+        max_seconds=seconds,
+        during=inject,
+    )
 
     def window(t0: float, length: float) -> dict:
         inside = [s for s in result.samples if t0 <= s.sent < t0 + length]
@@ -233,7 +243,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="write the figures as JSON here")
     args = parser.parse_args()
 
-    from serve.control import read_state
+    from serve.control import caller_key, read_state
 
     cfg = load_config(args.config)
     state = read_state(cfg)
@@ -250,13 +260,14 @@ def main() -> None:
     data = args.data or cfg.paths.work_dir / "demo" / "data"
     bodies = request_bodies(data, args.candidates, 500, seed=11)
     floors = model_floor(cfg, bodies)
-    run_load(state.url, bodies, 2, 40, 20)  # warm-up: caches, lazy imports
+    key = caller_key(cfg, "client")
+    run_load(state.url, key, bodies, 2, 40, 20)  # warm-up: caches, lazy imports
 
     table = Table("clients", "requests", "errors", "p50 ms", "p95 ms", "p99 ms", "req/s", "p50 / forward")
     levels = []
     mean_forward = statistics.mean(f["forward_ms"] for f in floors.values())
     for clients in args.clients:
-        s = run_load(state.url, bodies, clients, args.requests, args.seconds).summary()
+        s = run_load(state.url, key, bodies, clients, args.requests, args.seconds).summary()
         levels.append(s)
         table.add_row(
             str(clients),

@@ -279,6 +279,13 @@ class ServeConfig(Strict):
     # a KFP parameter or the Serve config; `marn serve up` generates one when it is unset).
     secret_env: str = Field("MARN_SERVE_SECRET", pattern=r"^[A-Z_][A-Z0-9_]*$")
     feedback_window_s: float = Field(3600.0, gt=0)  # feedback on a response is accepted this long
+    # Callers (``Authorization: Bearer KEY``): name:role:sha256-digest entries in this environment variable
+    # (serve/callers.py; `marn serve up` makes a client and an operator key when it is unset)
+    callers_env: str = Field("MARN_SERVE_CALLERS", pattern=r"^[A-Z_][A-Z0-9_]*$")
+    # Feedback counted per response: at most the items of a slate, and this many clicks (more is refused,
+    # 429, and counted as response_limit / click_limit; never in the CTR)
+    max_feedback_per_response: int = Field(50, ge=1)
+    max_clicks_per_response: int = Field(5, ge=1)
     ledger_path: Path | None = None  # the ledger's SQLite file; None: <paths.work_dir>/serve/ledger.sqlite
     max_buffered_events: int = Field(100_000, ge=1)  # router events held while the ledger is down
     # the ledger's event log keeps its newest this many rows (80-320 bytes each; the counters lose nothing)

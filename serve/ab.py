@@ -1,14 +1,17 @@
 """A/B traffic logic without Ray: sticky assignment, the per-arm ledger, the CTR test and the canary ramp.
 
-Assignment hashes the user id to a point u in [0, 1) and walks the arms' cumulative weights in their
-configured order, the candidate first. A user therefore keeps an arm while weights stay put, and when the
-candidate's share grows from 5% to 25% the first 5% of users stay in it (a ramp moves users one way).
+Assignment hashes the user id, keyed with the experiment's secret salt, to a point u in [0, 1) and walks
+the arms' cumulative weights in their configured order, the candidate first. A user therefore keeps an arm
+while weights stay put, and when the candidate's share grows from 5% to 25% the first 5% of users stay in it
+(a ramp moves users one way). The salt (the ledger's, made with it: one per experiment) keeps anyone
+outside from working out a user's arm offline, and a new experiment from starting with the same users first.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
+import secrets
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -41,15 +44,25 @@ class RouterSettings(BaseModel):
         return weights
 
 
-def user_point(user_id: str) -> float:
-    """A stable point in [0, 1) per user id (blake2b: the same on every replica, process and machine)."""
-    digest = hashlib.blake2b(user_id.encode("utf-8"), digest_size=8).digest()
+SALT_BYTES = 32
+
+
+def new_salt() -> str:
+    return secrets.token_hex(SALT_BYTES)
+
+
+def user_point(user_id: str, salt: bytes) -> float:
+    """A stable point in [0, 1) per user id and salt (keyed blake2b: the same on every replica, process and
+    machine; unpredictable without the salt)."""
+    if len(salt) < 16:
+        raise ValueError(f"the assignment salt must be at least 16 bytes, got {len(salt)}")
+    digest = hashlib.blake2b(user_id.encode("utf-8"), digest_size=8, key=salt[:64]).digest()
     return int.from_bytes(digest, "big") / 2**64
 
 
-def assign_arm(user_id: str, weights: dict[str, float]) -> str:
+def assign_arm(user_id: str, weights: dict[str, float], salt: bytes) -> str:
     """The user's arm under ``weights`` (see the module docstring)."""
-    point, edge = user_point(user_id), 0.0
+    point, edge = user_point(user_id, salt), 0.0
     arms = [arm for arm, w in weights.items() if w > 0]
     for arm in arms:
         edge += weights[arm]
@@ -372,4 +385,8 @@ class ABSummary(Answer):
         0, description="event-log rows dropped as the oldest beyond serve.ledger_max_events (counted first)"
     )
     events_buffered: int = Field(description="events this router replica has not flushed to the ledger yet")
+    refused_callers: dict[str, int] = Field(
+        default_factory=dict,
+        description="requests this router replica refused before reading them (401/403), by reason",
+    )
     canary: CanaryState | None = Field(None, description="absent unless exactly two arms")

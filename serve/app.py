@@ -26,6 +26,8 @@ import json
 import logging
 import math
 import time
+import uuid
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, Protocol
@@ -54,6 +56,7 @@ from serve.ab import (
     canary_decision,
     starting_weights,
 )
+from serve.callers import CallerGate, CallerKeys, resolve_callers
 from serve.dashboard.history import ABHistory, HistoryRing
 from serve.dashboard.page import add_dashboard
 from serve.ledger_store import (
@@ -89,6 +92,15 @@ REJECTION_STATUS = {
     "expired": 410,
     "not_served": 422,
     "replayed": 409,
+    "response_limit": 429,
+    "click_limit": 429,
+}
+
+
+LEDGER_REFUSALS = {
+    "replayed": "feedback for this request and item was already counted",
+    "response_limit": "this response already has serve.max_feedback_per_response items counted",
+    "click_limit": "this response already has serve.max_clicks_per_response clicks counted",
 }
 
 
@@ -237,6 +249,25 @@ def json_body_route(on_refused: Callable[[], None] | None = None) -> type[APIRou
     return JSONBodyRoute
 
 
+BEARER = {"security": [{"callerKey": []}]}  # serve/callers.py: a client key, or an operator key for /ab
+
+
+def declare_bearer(app: FastAPI) -> None:
+    """Name the caller keys in the OpenAPI document, so /docs offers "Authorize" (CallerGate checks them)."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        schema = build()
+        schema.setdefault("components", {}).setdefault("securitySchemes", {})["callerKey"] = {
+            "type": "http",
+            "scheme": "bearer",
+            "description": "A caller key: client for /predict and /feedback, operator for /ab",
+        }
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
 def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
     return {status: {"model": ErrorBody} for status in statuses}
 
@@ -250,6 +281,8 @@ class LedgerClient(Protocol):
     async def feedback(self, claim: FeedbackClaim) -> FeedbackOutcome: ...
 
     async def summary(self) -> dict[str, Any]: ...
+
+    async def assignment_salt(self) -> str: ...
 
 
 ScoreFn = Callable[[str, ScoreRequest], Awaitable[dict[str, Any]]]
@@ -265,9 +298,14 @@ class RouterCore:
         ledger: LedgerClient,
         serve_cfg: ServeConfig,
         secret: bytes,
+        callers: CallerKeys,
         history: HistoryRing | None = None,
     ):
-        self.arms, self.score, self.ledger = list(arms), score, ledger
+        self.arms, self.score, self.ledger, self.callers = list(arms), score, ledger, callers
+        self.salt: bytes | None = None  # the ledger's assignment salt, read at the first /predict
+        self.refused_callers: Counter[str] = (
+            Counter()
+        )  # this replica's 401/403s, by reason (never the ledger)
         self.max_candidates, self.canary = serve_cfg.max_candidates, serve_cfg.canary
         self.signer = RequestSigner(secret, serve_cfg.feedback_window_s)
         # Weights come only from user_config (reconfigure): a router restart re-sends the live weights,
@@ -302,7 +340,14 @@ class RouterCore:
         if self.settings is None:
             return error(503, "the router has no weights yet; retry later")
         self._start_flusher()
-        arm = assign_arm(body.user_id, self.settings.weights)
+        if self.salt is None:
+            try:
+                salt = await asyncio.wait_for(self.ledger.assignment_salt(), LEDGER_TIMEOUT_S)
+            except Exception as err:  # the ledger restarting: no arm can be assigned consistently yet
+                log.warning("ledger unavailable for the assignment salt: %r", err)
+                return error(503, "the ledger is unavailable; retry later")
+            self.salt = bytes.fromhex(salt)
+        arm = assign_arm(body.user_id, self.settings.weights, self.salt)
         work = ScoreRequest(body.user_id, body.candidates, body.history)
         if self.settings.shadow:
             for other in self.arms:
@@ -354,16 +399,15 @@ class RouterCore:
             body.item_id,
             body.clicked,
             served.issued_at,
+            uuid.uuid4().hex,
         )
         try:
             outcome = await asyncio.wait_for(self.ledger.feedback(claim), LEDGER_TIMEOUT_S)
         except Exception as err:  # the ledger restarting: not counted; the client retries the same body
             log.warning("ledger unavailable for feedback: %r", err)
             return error(503, "the ledger is unavailable; retry later (a 409 on the retry means it counted)")
-        if outcome == "replayed":  # counted by the ledger itself, in the claim's transaction
-            return error(
-                REJECTION_STATUS["replayed"], "feedback for this request and item was already counted"
-            )
+        if outcome != "accepted":  # counted by the ledger itself, in the claim's transaction
+            return error(REJECTION_STATUS[outcome], LEDGER_REFUSALS[outcome], {"reason": outcome})
         return FeedbackAccepted(arm=served.arm)
 
     async def ab(self) -> ABSummary | JSONResponse:
@@ -399,6 +443,7 @@ class RouterCore:
         summary["weights"] = self.settings.weights if self.settings else None  # this replica's
         summary["shadow"] = self.settings.shadow if self.settings else None
         summary["events_buffered"] = len(self.buffer)
+        summary["refused_callers"] = dict(self.refused_callers)
         if len(self.arms) == 2 and self.settings is not None:
             decision = canary_decision(summary, self.arms[0], self.arms[1], self.canary)
             summary["canary"] = {
@@ -501,7 +546,8 @@ def asgi_app(core: RouterCore) -> FastAPI:
         core.predict,
         methods=["POST"],
         response_model=PredictResponse,
-        responses=_errors(400, 413, 415, 422, 503),
+        responses=_errors(400, 401, 403, 413, 415, 422, 503),
+        openapi_extra=BEARER,
         route_class_override=json_body_route(),
         summary="Score candidates for a user on the user's arm",
     )
@@ -511,20 +557,34 @@ def asgi_app(core: RouterCore) -> FastAPI:
         methods=["POST"],
         status_code=202,
         response_model=FeedbackAccepted,
-        responses=_errors(400, 403, 409, 410, 413, 415, 422, 503),
+        responses=_errors(400, 401, 403, 409, 410, 413, 415, 422, 429, 503),
+        openapi_extra=BEARER,
         route_class_override=json_body_route(core.invalid_feedback_body),
         summary="Count a click (or a view without one) on an item a /predict answer served",
     )
     app.get(
-        "/ab", response_model=ABSummary, responses=_errors(503), summary="Per-arm numbers, the canary's move"
+        "/ab",
+        response_model=ABSummary,
+        responses=_errors(401, 403, 503),
+        openapi_extra=BEARER,
+        summary="Per-arm numbers, the canary's move",
     )(core.ab)
     app.get(
         "/ab/history",
         response_model=ABHistory,
+        responses=_errors(401, 403),
+        openapi_extra=BEARER,
         summary="This router replica's ring of /ab snapshots (the dashboard's)",
     )(core.ab_history)
     app.get("/healthz", response_model=Health)(core.healthz)
     add_dashboard(app)
+    declare_bearer(app)
+    app.add_middleware(
+        CallerGate,
+        keys=core.callers,
+        on_refused=lambda reason: core.refused_callers.update([reason]),
+        refuse=error,
+    )
     return app
 
 
@@ -543,6 +603,9 @@ class LocalLedger:
     async def summary(self) -> dict[str, Any]:
         return self.store.summary()
 
+    async def assignment_salt(self) -> str:
+        return self.store.assignment_salt()
+
 
 class HandleLedger:
     """A LedgerClient over the ``ab_ledger`` deployment."""
@@ -558,6 +621,9 @@ class HandleLedger:
 
     async def summary(self) -> dict[str, Any]:
         return await self.handle.summary.remote()
+
+    async def assignment_salt(self) -> str:
+        return await self.handle.assignment_salt.remote()
 
 
 def ledger_path(cfg: Config) -> Path:
@@ -610,7 +676,12 @@ class Ledger:
         cfg = parse_config(config)
         # The replay set must outlive the window plus the clock skew a request id may have.
         self.store = SQLiteLedgerStore(
-            ledger_path(cfg), arms, cfg.serve.feedback_window_s + CLOCK_SKEW_S, cfg.serve.ledger_max_events
+            ledger_path(cfg),
+            arms,
+            cfg.serve.feedback_window_s + CLOCK_SKEW_S,
+            cfg.serve.ledger_max_events,
+            cfg.serve.max_feedback_per_response,
+            cfg.serve.max_clicks_per_response,
         )
 
     # Every method is async, so they all run on the replica's one event loop: the SQLite connection is
@@ -624,6 +695,9 @@ class Ledger:
 
     async def summary(self) -> dict[str, Any]:
         return self.store.summary()
+
+    async def assignment_salt(self) -> str:
+        return self.store.assignment_salt()
 
 
 @serve.deployment(max_ongoing_requests=128, health_check_period_s=5)
@@ -641,6 +715,7 @@ class Router:
             HandleLedger(ledger),
             cfg.serve,
             resolve_secret(cfg.serve.secret_env),
+            resolve_callers(cfg.serve.callers_env),
         )
 
     def __serve_build_asgi_app__(self) -> FastAPI:

@@ -1,5 +1,5 @@
-"""``marn serve``: the Ray Serve A/B app on this machine (up, down, status, promote, weights, replay), its
-table printers, and the demo's last step (start the service, send one request).
+"""``marn serve``: the Ray Serve A/B app on this machine (up, down, status, promote, weights, replay, key),
+its table printers, and the demo's last step (start the service, send one request).
 
 The group is added to ``marn`` by the top-level ``cli`` package. Ray and the service's modules are imported
 inside the commands so that ``marn --help`` stays quick.
@@ -60,7 +60,8 @@ def serve_status(config: ConfigOption = None) -> None:
     """Deployments, weights and per-arm A/B numbers of the running app."""
     from serve.control import APP_NAME, ab_summary, read_state, serve_details
 
-    state = read_state(load_cli_config(config))
+    cfg = load_cli_config(config)
+    state = read_state(cfg)
     if state is None:
         err_console.print("not running (`marn serve up`)")
         raise typer.Exit(1)
@@ -69,7 +70,7 @@ def serve_status(config: ConfigOption = None) -> None:
     for name, deployment in app_details.get("deployments", {}).items():
         replicas = ", ".join(r["state"] for r in deployment.get("replicas", []))
         console.print(f"  {name}: {deployment['status']} ({replicas})")
-    _print_ab(ab_summary(state))
+    _print_ab(ab_summary(cfg, state))
 
 
 @app.command("promote")
@@ -135,7 +136,7 @@ def serve_replay(
     config: ConfigOption = None,
 ) -> None:
     """Offline A/B simulation: held-out users against the service, feedback from their real next item."""
-    from serve.control import read_state
+    from serve.control import ServeError, caller_key, read_state
     from serve.replay import replay
 
     cfg = load_cli_config(config)
@@ -145,10 +146,16 @@ def serve_replay(
             err_console.print("not running (`marn serve up`), and no --url")
             raise typer.Exit(1)
         url = state.url
+    try:
+        key = caller_key(cfg, "client")
+    except ServeError as err:
+        err_console.print(f"[red]{err}[/red]")
+        raise typer.Exit(1) from None
     with progress_bar(console) as bar:
         task = bar.add_task("replaying users", total=None)
         result = replay(
             url,
+            key,
             data,
             users,
             candidates,
@@ -169,6 +176,28 @@ def serve_replay(
     if result["failed"]:
         err_console.print(f"[red]{result['failed']} requests failed[/red]")
         raise typer.Exit(1)
+
+
+@app.command("key")
+def serve_key(
+    name: Annotated[str, typer.Option(help="The caller's name (letters, digits, _ . -)")],
+    role: Annotated[str, typer.Option(help="client (/predict, /feedback) or operator (/ab)")] = "client",
+) -> None:
+    """A new caller key, and the entry that lets it in: add the entry to $MARN_SERVE_CALLERS (the cluster's
+    Secret marn-serve, key callers) and give the key to the caller only."""
+    from serve.callers import ROLES, caller_entry, new_key
+
+    if role not in ROLES:
+        err_console.print(f"[red]--role must be one of {', '.join(ROLES)}[/red]")
+        raise typer.Exit(2)
+    key = new_key()
+    try:
+        entry = caller_entry(name, role, key)  # type: ignore[arg-type]  # checked above
+    except ValueError as err:
+        err_console.print(f"[red]{err}[/red]")
+        raise typer.Exit(2) from None
+    console.print(f"key (give to {name} only): {key}", markup=False, highlight=False, soft_wrap=True)
+    console.print(f"entry (for $MARN_SERVE_CALLERS): {entry}", markup=False, highlight=False, soft_wrap=True)
 
 
 def _print_ab(summary: dict) -> None:
@@ -200,6 +229,10 @@ def _print_ab(summary: dict) -> None:
         console.print(
             "rejected feedback: " + ", ".join(f"{r} {n}" for r, n in summary["rejected_feedback"].items())
         )
+    if summary.get("refused_callers"):  # 401/403 before the body was read
+        console.print(
+            "refused callers: " + ", ".join(f"{r} {n}" for r, n in summary["refused_callers"].items())
+        )
     if summary.get("events_folded"):
         console.print(f"[yellow]{summary['events_folded']} events counted without latency/log row[/yellow]")
 
@@ -209,7 +242,7 @@ def serve_demo(cfg: Config, config: Path | None, data: Path) -> None:
     import pandas as pd
     import requests
 
-    from serve.control import down
+    from serve.control import caller_headers, down
 
     console.rule("[bold]A/B service")
     if down(cfg):
@@ -220,7 +253,9 @@ def serve_demo(cfg: Config, config: Path | None, data: Path) -> None:
         "user_id": str(events["user_id"].iloc[0]),
         "candidates": events["item_id"].astype(str).unique()[:5].tolist(),
     }
-    answer = requests.post(f"{state.url}/predict", json=body, timeout=30)
+    answer = requests.post(
+        f"{state.url}/predict", json=body, headers=caller_headers(cfg, "client"), timeout=30
+    )
     # one unwrapped line each, taken literally: the answer carries a long request_id and JSON brackets
     console.print(
         f"POST {state.url}/predict {json.dumps(body)}\n-> {answer.status_code} {answer.text}",

@@ -28,12 +28,15 @@ from marn.ray_runtime import local_auth_env, local_token_path
 from marn.registry import champion
 from marn.stages import registry_dir
 from serve.ab import CanaryDecision, RouterSettings, canary_decision, starting_weights
+from serve.callers import ROLES, Role, callers_entries, new_caller_keys
 from serve.tokens import new_secret
 
 APP_NAME = "marn-ab"
 IMPORT_PATH = "serve.app:build_app"
 ROUTER = "router"
 STATE_FILE = "serve.json"
+KEYS_FILE = "keys.json"  # the local caller keys, by role (0600)
+KEY_ENV = {"client": "MARN_SERVE_CLIENT_KEY", "operator": "MARN_SERVE_OPERATOR_KEY"}  # a client's own key
 DEPLOY_TIMEOUT_S = 240
 
 
@@ -91,6 +94,42 @@ def state_path(cfg: Config) -> Path:
     return cfg.paths.work_dir / "serve" / STATE_FILE
 
 
+def keys_path(cfg: Config) -> Path:
+    return cfg.paths.work_dir / "serve" / KEYS_FILE
+
+
+def local_caller_keys(cfg: Config) -> dict[str, str]:
+    """The client and operator keys a local ``up`` lets in: made once (readable by this user only) and
+    kept, so clients go on working across restarts. Delete the file to revoke them."""
+    path = keys_path(cfg)
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as out:
+            json.dump(new_caller_keys(), out)
+    keys = json.loads(path.read_text())
+    if (
+        not isinstance(keys, dict)
+        or set(keys) != set(ROLES)
+        or not all(isinstance(k, str) for k in keys.values())
+    ):
+        raise ServeError(f"{path}: expected {{'client': KEY, 'operator': KEY}}; delete it to make new keys")
+    return keys
+
+
+def caller_key(cfg: Config, role: Role) -> str:
+    """This process's key for ``role``: ``$MARN_SERVE_CLIENT_KEY`` / ``$MARN_SERVE_OPERATOR_KEY`` (a remote
+    service), else the local ``up``'s keys file."""
+    if os.environ.get(KEY_ENV[role]):
+        return os.environ[KEY_ENV[role]]
+    if keys_path(cfg).exists():
+        return local_caller_keys(cfg)[role]
+    raise ServeError(f"no {role} key: set ${KEY_ENV[role]} or start the service here (`marn serve up`)")
+
+
+def caller_headers(cfg: Config, role: Role) -> dict[str, str]:
+    return {"Authorization": f"Bearer {caller_key(cfg, role)}"}
+
+
 def read_state(cfg: Config) -> ServeState | None:
     path = state_path(cfg)
     if not path.exists():
@@ -126,6 +165,9 @@ def up(cfg: Config, config_path: str | None, say: Callable[[str], None] = print)
     # The request-id signing secret reaches the routers only through the Ray processes' environment
     # (never a file or the Serve config); generated per `up` unless the caller exported one.
     env.setdefault(cfg.serve.secret_env, new_secret())
+    # The callers: the operator's own list when exported, else this machine's client and operator keys.
+    if not env.get(cfg.serve.callers_env):
+        env[cfg.serve.callers_env] = callers_entries(local_caller_keys(cfg))  # type: ignore[arg-type]
     ray_cli = Path(sys.executable).with_name("ray")
     command = [
         str(ray_cli), "start", "--head", "--block", f"--port={gcs_port}", "--node-ip-address=127.0.0.1",
@@ -214,8 +256,8 @@ def app_status(state: ServeState) -> str | None:
     return None if app is None else app["status"]
 
 
-def ab_summary(state: ServeState) -> dict[str, Any]:
-    response = requests.get(f"{state.url}/ab", timeout=10)
+def ab_summary(cfg: Config, state: ServeState) -> dict[str, Any]:
+    response = requests.get(f"{state.url}/ab", headers=caller_headers(cfg, "operator"), timeout=10)
     response.raise_for_status()
     return response.json()
 
@@ -255,7 +297,7 @@ def promote(cfg: Config, state: ServeState) -> CanaryDecision:
     Safe to call at any interval (``--auto``): the decision's test is always valid under repeated looks
     (serve/sequential.py), and each weight change restarts the counts it judges."""
     candidate, baseline = arms(cfg)
-    decision = canary_decision(ab_summary(state), candidate, baseline, cfg.serve.canary)
+    decision = canary_decision(ab_summary(cfg, state), candidate, baseline, cfg.serve.canary)
     if decision.action in ("advance", "rollback"):
         set_weights(state, decision.weights)
     return decision

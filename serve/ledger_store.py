@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-from serve.ab import LATENCY_WINDOW, ABLedger, ArmCounters
+from serve.ab import LATENCY_WINDOW, ABLedger, ArmCounters, new_salt
 from serve.sequential import ClusterSums
 
 log = logging.getLogger(__name__)
@@ -62,9 +62,14 @@ class FeedbackClaim:
     item_id: str
     clicked: bool
     issued_at: float
+    # One per /feedback call: the same claim delivered twice (Serve re-sending a call whose reply was lost
+    # when the ledger replica died) is accepted once and not refused as a replay of itself.
+    claim_id: str
 
 
-FeedbackOutcome = Literal["accepted", "replayed"]
+# replayed: this (response, item) was counted before; response_limit: the response already has
+# serve.max_feedback_per_response items counted (more than a slate shows); click_limit: ... that many clicks
+FeedbackOutcome = Literal["accepted", "replayed", "response_limit", "click_limit"]
 
 
 class LedgerStore(Protocol):
@@ -76,6 +81,9 @@ class LedgerStore(Protocol):
 
     def summary(self) -> dict[str, Any]:
         """``GET /ab``'s numbers (ABLedger.summary's shape) plus rejected feedback per reason."""
+
+    def assignment_salt(self) -> str:
+        """The experiment's secret assignment salt (hex), made with the store: every router reads it."""
 
     def close(self) -> None: ...
 
@@ -102,10 +110,14 @@ CREATE TABLE IF NOT EXISTS events (  -- the event log: every request, feedback, 
 CREATE INDEX IF NOT EXISTS events_latency ON events (kind, arm, shadow, ok, id);
 CREATE TABLE IF NOT EXISTS batches (batch_id TEXT PRIMARY KEY, applied_at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS seen (
-    request_key TEXT NOT NULL, item_id TEXT NOT NULL, issued_at REAL NOT NULL,
+    request_key TEXT NOT NULL, item_id TEXT NOT NULL, issued_at REAL NOT NULL, claim_id TEXT,
     PRIMARY KEY (request_key, item_id)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS seen_issued ON seen (issued_at);
+CREATE TABLE IF NOT EXISTS responses (  -- per response: what its feedback has counted so far (the limits)
+    request_key TEXT PRIMARY KEY, feedback INTEGER NOT NULL, clicks INTEGER NOT NULL, issued_at REAL NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS responses_issued ON responses (issued_at);
 """
 
 
@@ -121,10 +133,18 @@ class SQLiteLedgerStore:
     anyway (a Redis or Postgres store replicates; see LedgerStore)."""
 
     def __init__(
-        self, path: Path, arms: list[str], replay_window_s: float, max_event_rows: int = MAX_EVENT_ROWS
+        self,
+        path: Path,
+        arms: list[str],
+        replay_window_s: float,
+        max_event_rows: int = MAX_EVENT_ROWS,
+        max_feedback_per_response: int = 50,
+        max_clicks_per_response: int = 5,
     ):
         self.path, self.arms, self.replay_window_s = Path(path), list(arms), replay_window_s
         self.max_event_rows = max_event_rows
+        self.max_feedback_per_response = max_feedback_per_response
+        self.max_clicks_per_response = max_clicks_per_response
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # User ids and clicks: readable by this user only (SQLite gives -wal and -shm the file's mode).
         os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600))
@@ -132,11 +152,15 @@ class SQLiteLedgerStore:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.executescript(SCHEMA)  # idempotent; executescript commits on its own
+        if "claim_id" not in {row[1] for row in self.db.execute("PRAGMA table_info(seen)")}:
+            self.db.execute("ALTER TABLE seen ADD COLUMN claim_id TEXT")  # a ledger from before claim ids
         with self._transaction():
             found = self._meta("schema")
             if found is not None and found != SCHEMA_VERSION:
                 raise RuntimeError(f"{self.path}: ledger schema {found}, this code writes {SCHEMA_VERSION}")
             self._set_meta("schema", SCHEMA_VERSION)
+            if self._meta("assignment_salt") is None:  # one per ledger, that is per experiment
+                self._set_meta("assignment_salt", new_salt())
 
     @contextmanager
     def _transaction(self) -> Iterator[None]:
@@ -233,39 +257,72 @@ class SQLiteLedgerStore:
         now, outcomes = time.time(), []
         with self._transaction():
             for claim in claims:
-                fresh = self.db.execute(
-                    "INSERT OR IGNORE INTO seen (request_key, item_id, issued_at) VALUES (?, ?, ?)",
-                    (claim.request_key, claim.item_id, claim.issued_at),
-                ).rowcount
-                if fresh:
-                    for scope in ("total", "step"):
-                        self._add(scope, claim.arm, feedback=1, clicks=int(claim.clicked))
-                        self.db.execute(
-                            "INSERT INTO user_feedback (scope, arm, user_id, clicks, feedback) "
-                            "VALUES (?, ?, ?, ?, 1) ON CONFLICT (scope, arm, user_id) DO UPDATE SET "
-                            "clicks = clicks + excluded.clicks, feedback = feedback + 1",
-                            (scope, claim.arm, claim.user_id, int(claim.clicked)),
-                        )
-                    self.db.execute(
-                        "INSERT INTO events (ts, kind, user_id, arm, item_id, clicked, detail) "
-                        "VALUES (?, 'feedback', ?, ?, ?, ?, ?)",
-                        (
-                            now,
-                            claim.user_id,
-                            claim.arm,
-                            claim.item_id,
-                            int(claim.clicked),
-                            claim.model_version,
-                        ),
-                    )
+                refused = self._refusal(claim)
+                if refused == "delivered":  # this very claim was counted already: answer as then
                     outcomes.append("accepted")
-                else:
-                    self._reject("replayed")
-                    outcomes.append("replayed")
+                    continue
+                if refused is not None:
+                    self._reject(refused)
+                    outcomes.append(refused)
+                    continue
+                self.db.execute(
+                    "INSERT INTO seen (request_key, item_id, issued_at, claim_id) VALUES (?, ?, ?, ?)",
+                    (claim.request_key, claim.item_id, claim.issued_at, claim.claim_id),
+                )
+                self.db.execute(
+                    "INSERT INTO responses (request_key, feedback, clicks, issued_at) VALUES (?, 1, ?, ?) "
+                    "ON CONFLICT (request_key) DO UPDATE SET feedback = feedback + 1, "
+                    "clicks = clicks + excluded.clicks",
+                    (claim.request_key, int(claim.clicked), claim.issued_at),
+                )
+                for scope in ("total", "step"):
+                    self._add(scope, claim.arm, feedback=1, clicks=int(claim.clicked))
+                    self.db.execute(
+                        "INSERT INTO user_feedback (scope, arm, user_id, clicks, feedback) "
+                        "VALUES (?, ?, ?, ?, 1) ON CONFLICT (scope, arm, user_id) DO UPDATE SET "
+                        "clicks = clicks + excluded.clicks, feedback = feedback + 1",
+                        (scope, claim.arm, claim.user_id, int(claim.clicked)),
+                    )
+                self.db.execute(
+                    "INSERT INTO events (ts, kind, user_id, arm, item_id, clicked, detail) "
+                    "VALUES (?, 'feedback', ?, ?, ?, ?, ?)",
+                    (
+                        now,
+                        claim.user_id,
+                        claim.arm,
+                        claim.item_id,
+                        int(claim.clicked),
+                        claim.model_version,
+                    ),
+                )
+                outcomes.append("accepted")
             # Past the window a request id is refused as expired before it gets here: forget its items.
             self.db.execute("DELETE FROM seen WHERE issued_at < ?", (now - self.replay_window_s,))
+            self.db.execute("DELETE FROM responses WHERE issued_at < ?", (now - self.replay_window_s,))
             self._prune_events()
         return outcomes
+
+    def _refusal(self, claim: FeedbackClaim) -> FeedbackOutcome | Literal["delivered"] | None:
+        """Why this claim is not counted, or None; "delivered" when this same claim was counted before. A
+        response's feedback is bounded: a genuine request id must not let one caller write 1,000 clicks (one
+        per candidate) into the test the canary acts on."""
+        seen = self.db.execute(
+            "SELECT claim_id FROM seen WHERE request_key = ? AND item_id = ?",
+            (claim.request_key, claim.item_id),
+        ).fetchone()
+        if seen is not None:
+            return "delivered" if seen[0] == claim.claim_id else "replayed"
+        feedback, clicks = self.db.execute(
+            "SELECT feedback, clicks FROM responses WHERE request_key = ?", (claim.request_key,)
+        ).fetchone() or (0, 0)
+        if feedback >= self.max_feedback_per_response:
+            return "response_limit"
+        if claim.clicked and clicks >= self.max_clicks_per_response:
+            return "click_limit"
+        return None
+
+    def assignment_salt(self) -> str:
+        return self._meta("assignment_salt")  # type: ignore[return-value]  # set in __init__
 
     def _prune_events(self) -> None:
         """Keep the newest ``max_event_rows`` of the event log: unbounded, it filled the volume (a flood of

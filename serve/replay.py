@@ -53,6 +53,7 @@ def replay_cases(
 
 def replay(
     url: str,
+    key: str,
     data_dir: Path,
     users: int = 500,
     candidates: int = 100,
@@ -61,15 +62,18 @@ def replay(
     max_history: int = 50,
     progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
-    """Play the cases against ``url``; per-arm users, shown, clicks, CTR, recall@K and errors."""
+    """Play the cases against ``url`` with the client ``key``; per-arm users, shown, clicks, CTR, recall@K
+    and errors."""
     cases = replay_cases(data_dir, users, candidates, max_history, seed)
     local = threading.local()
     done = [0]
     lock = threading.Lock()
 
     def play(case: dict[str, Any]) -> dict[str, Any]:
-        session = getattr(local, "session", None) or requests.Session()
-        local.session = session
+        session = getattr(local, "session", None)
+        if session is None:
+            session = local.session = requests.Session()
+            session.headers["Authorization"] = f"Bearer {key}"
         body = {"user_id": case["user_id"], "candidates": case["candidates"], "history": case["history"]}
         outcome: dict[str, Any] = {"arm": None, "hit": False, "shown": 0, "failed": 0}
         try:

@@ -1,9 +1,10 @@
 """``GET /dashboard`` and its assets: fixed files read once when the app is built, served under a strict CSP.
 
-The page is static: its script fetches ``ab/history`` (same origin) and writes every value with
-``textContent`` or into canvas charts, never as markup, so the data cannot inject script; the policy allows
-scripts, styles and fetches from this origin only (no inline script, no CDN: the cluster and CI may be
-offline), and no framing.
+The page is static: its script fetches ``ab/history`` (same origin, with the operator key the page's
+user gives it in the URL fragment: ``dashboard#key=KEY``, kept in the tab's sessionStorage) and writes
+every value with ``textContent`` or into canvas charts, never as markup, so the data cannot inject script;
+the policy allows scripts, styles and fetches from this origin only (no inline script, no CDN: the cluster
+and CI may be offline), and no framing.
 """
 
 from __future__ import annotations

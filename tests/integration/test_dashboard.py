@@ -30,6 +30,7 @@ from PIL import Image
 
 from marn.config import ServeConfig
 from serve.app import LocalLedger, RouterCore, asgi_app
+from serve.callers import callers_entries, new_caller_keys, parse_callers
 from serve.dashboard.history import HistoryRing
 from serve.ledger_store import SQLiteLedgerStore
 from serve.scoring import ScoreRequest
@@ -68,8 +69,10 @@ class UvicornService:
     def __init__(self, tmp: Path):
         self.store = SQLiteLedgerStore(tmp / "ledger.sqlite", ARMS, replay_window_s=3660)
         history = HistoryRing(ARMS, every_s=0.25, size=400)
+        self.keys = new_caller_keys()
+        callers = parse_callers(callers_entries(self.keys, "test"))
         self.core = RouterCore(
-            ARMS, delayed_scorer, LocalLedger(self.store), ServeConfig(), b"k" * 32, history
+            ARMS, delayed_scorer, LocalLedger(self.store), ServeConfig(), b"k" * 32, callers, history
         )
         self.core.reconfigure({"weights": {"marn": 0.5, "dupn": 0.5}})
         self.socket = socket.socket()
@@ -112,11 +115,11 @@ def service(tmp_path_factory) -> Iterator[UvicornService]:
     running.close()
 
 
-def send_traffic(url: str, phase: int, rng: random.Random) -> dict[str, int]:
+def send_traffic(url: str, key: str, phase: int, rng: random.Random) -> dict[str, int]:
     """REQUESTS_PER_PHASE predicts, each followed by feedback on its first candidate; bounded in time too."""
     statuses: dict[str, int] = {}
     deadline = time.monotonic() + TRAFFIC_DEADLINE_S
-    with httpx.Client(base_url=url, timeout=30) as client:
+    with httpx.Client(base_url=url, timeout=30, headers={"authorization": f"Bearer {key}"}) as client:
         for n in range(REQUESTS_PER_PHASE):
             if time.monotonic() > deadline:
                 break
@@ -136,8 +139,9 @@ def send_traffic(url: str, phase: int, rng: random.Random) -> dict[str, int]:
     return statuses
 
 
-def run_chromium(url: str, out: Path, *mode: str, budget_ms: int) -> subprocess.CompletedProcess:
-    """Headless Chromium on ``url``; every host but 127.0.0.1 resolves to nothing, background traffic off."""
+def run_chromium(page: str, out: Path, *mode: str, budget_ms: int) -> subprocess.CompletedProcess:
+    """Headless Chromium on the ``page`` URL; every host but 127.0.0.1 resolves to nothing, background
+    traffic off."""
     command = [
         chromium(),
         "--headless",
@@ -155,7 +159,7 @@ def run_chromium(url: str, out: Path, *mode: str, budget_ms: int) -> subprocess.
         f"--window-size={WINDOW[0]},{WINDOW[1]}",
         f"--virtual-time-budget={budget_ms}",
         *mode,
-        f"{url}/dashboard",
+        page,
     ]
     done = subprocess.run(command, capture_output=True, text=True, timeout=CHROMIUM_TIMEOUT_S)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -173,23 +177,29 @@ def colour_pixels(image: Image.Image, rgb: tuple[int, int, int]) -> int:
 
 def test_the_dashboard_draws_every_chart_in_a_real_browser(service, tmp_path):
     # Before any traffic the history has no series: the page must not claim to be ready.
-    empty = run_chromium(service.url, tmp_path, "--dump-dom", budget_ms=3000).stdout
+    keyless = run_chromium(f"{service.url}/dashboard", tmp_path, "--dump-dom", budget_ms=3000).stdout
+    assert "needs the operator key" in keyless and 'data-ready="true"' not in keyless, keyless[:2000]
+    client_key = f"{service.url}/dashboard#key={service.keys['client']}"  # a client may not read /ab
+    refused = run_chromium(client_key, tmp_path, "--dump-dom", budget_ms=3000).stdout
+    assert "the key was refused (HTTP 403)" in refused, refused[:2000]
+    page = f"{service.url}/dashboard#key={service.keys['operator']}"
+    empty = run_chromium(page, tmp_path, "--dump-dom", budget_ms=3000).stdout
+    assert service.keys["operator"] not in empty  # the key left the address bar
     assert re.search(r'id="status"[^>]*>\d+ snapshots', empty), empty[:2000]  # it read ab/history
     assert 'data-ready="true"' not in empty
 
     rng = random.Random(7)
-    first = send_traffic(service.url, 0, rng)
+    first = send_traffic(service.url, service.keys["client"], 0, rng)
     service.set_weights({"marn": 0.25, "dupn": 0.75})  # a ramp step: the weights chart and canary history
-    second = send_traffic(service.url, 1, rng)
+    second = send_traffic(service.url, service.keys["client"], 1, rng)
     for statuses in (first, second):
         assert statuses == {"predict 200": REQUESTS_PER_PHASE, "feedback 202": REQUESTS_PER_PHASE}, statuses
-    history = httpx.get(f"{service.url}/ab/history", timeout=30).json()
+    operator = {"authorization": f"Bearer {service.keys['operator']}"}
+    history = httpx.get(f"{service.url}/ab/history", headers=operator, timeout=30).json()
     assert len(history["snapshots"]) >= 4 and len(history["weight_changes"]) == 2  # one every 0.25 s
 
     screenshot = tmp_path / "dashboard.png"
-    dom = run_chromium(
-        service.url, tmp_path, "--dump-dom", f"--screenshot={screenshot}", budget_ms=10_000
-    ).stdout
+    dom = run_chromium(page, tmp_path, "--dump-dom", f"--screenshot={screenshot}", budget_ms=10_000).stdout
     (tmp_path / "dashboard.html").write_text(dom)  # beside the screenshot, for a failure's post-mortem
     assert re.search(r'<html[^>]*data-ready="true"', dom), dom[:2000]
     assert "MARN A/B dashboard (ready)" in dom

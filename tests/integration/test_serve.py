@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -32,6 +33,7 @@ from marn.features.materialize import materialize_features
 from marn.registry import GateDecision, champion, register_model
 from marn.stages import publish_item_representations, registry_dir, work_path
 from marn.train import load_trained, predict, train_model
+from serve.control import caller_headers
 
 pytestmark = pytest.mark.slow
 
@@ -226,11 +228,26 @@ def marn(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     return subprocess.run([str(MARN), *args], capture_output=True, text=True, env=env, timeout=timeout)
 
 
+AUTH: dict[str, dict[str, str]] = {}  # role -> the Authorization header of `serve up`'s local key
+
+
+def client_post(url: str, **kwargs: Any) -> requests.Response:
+    """POST as the local client (/predict, /feedback)."""
+    return requests.post(url, headers={**AUTH["client"], **kwargs.pop("headers", {})}, **kwargs)
+
+
+def operator_get(url: str, **kwargs: Any) -> requests.Response:
+    """GET as the local operator (/ab, /ab/history)."""
+    return requests.get(url, headers={**AUTH["operator"], **kwargs.pop("headers", {})}, **kwargs)
+
+
 @pytest.fixture(scope="module")
 def service(world):
     config = str(world["config"])
     up = marn("serve", "up", "--config", config)
     assert up.returncode == 0, up.stdout + up.stderr
+    for role in ("client", "operator"):
+        AUTH[role] = caller_headers(world["cfg"], role)
     yield f"http://127.0.0.1:{world['cfg'].serve.port}"
     down = marn("serve", "down", "--config", config)
     assert down.returncode == 0 and "stopped" in down.stdout
@@ -243,7 +260,7 @@ def test_outside_client_gets_sticky_arms_both_arms_and_probabilities(world, serv
     seen = {}
     for user in world["users"][:40]:
         for _ in range(2):
-            response = requests.post(
+            response = client_post(
                 f"{service}/predict", json={"user_id": user, "candidates": items}, timeout=30
             )
             assert response.status_code == 200
@@ -261,7 +278,7 @@ def test_cold_start_is_served_not_an_error(world, service):
         "candidates": ["brand-new-item", world["items"][0]],
         "history": ["new"],
     }
-    response = requests.post(f"{service}/predict", json=body, timeout=30)
+    response = client_post(f"{service}/predict", json=body, timeout=30)
     assert response.status_code == 200 and len(response.json()["scores"]) == 2
 
 
@@ -284,7 +301,7 @@ BAD_BODIES = {
 @pytest.mark.parametrize("case", sorted(BAD_BODIES))
 def test_bad_input_gets_a_4xx_json_error(service, case):
     body, status = BAD_BODIES[case]
-    response = requests.post(
+    response = client_post(
         f"{service}/predict", data=body, headers={"content-type": "application/json"}, timeout=30
     )
     assert response.status_code == status
@@ -293,18 +310,18 @@ def test_bad_input_gets_a_4xx_json_error(service, case):
 
 def test_feedback_is_accepted_and_counted_per_arm(world, service):
     user = world["users"][10]
-    answer = requests.post(
+    answer = client_post(
         f"{service}/predict", json={"user_id": user, "candidates": ["i001"]}, timeout=30
     ).json()
     arm = answer["arm"]
-    before = requests.get(f"{service}/ab", timeout=30).json()["arms"][arm]["feedback"]
+    before = operator_get(f"{service}/ab", timeout=30).json()["arms"][arm]["feedback"]
     click = {"user_id": user, "item_id": "i001", "clicked": True, "request_id": answer["request_id"]}
-    response = requests.post(f"{service}/feedback", json=click, timeout=30)
+    response = client_post(f"{service}/feedback", json=click, timeout=30)
     assert response.status_code == 202
-    assert requests.post(f"{service}/feedback", json=click, timeout=30).status_code == 409  # a replay
-    bad = requests.post(f"{service}/feedback", json={"user_id": user, "item_id": "i001"}, timeout=30)
+    assert client_post(f"{service}/feedback", json=click, timeout=30).status_code == 409  # a replay
+    bad = client_post(f"{service}/feedback", json={"user_id": user, "item_id": "i001"}, timeout=30)
     assert bad.status_code == 422 and "error" in bad.json()
-    ab = requests.get(f"{service}/ab", timeout=30).json()
+    ab = operator_get(f"{service}/ab", timeout=30).json()
     assert ab["arms"][arm]["feedback"] == before + 1
     assert ab["arms"][arm]["requests"] >= 1 and ab["arms"][arm]["latency_ms"]["p50"] > 0
     assert set(ab["weights"]) == {"marn", "dupn"} and "ctr_test" in ab and "canary" in ab
@@ -318,8 +335,13 @@ def test_the_serve_router_serves_openapi_docs_and_the_dashboard(service):
     assert docs.status_code == 200 and "SwaggerUIBundle" in docs.text
     page = requests.get(f"{service}/dashboard", timeout=30)
     assert page.status_code == 200 and "script-src 'self'" in page.headers["content-security-policy"]
-    history = requests.get(f"{service}/ab/history", timeout=30).json()
+    history = operator_get(f"{service}/ab/history", timeout=30).json()
     assert history["arms"] == ["marn", "dupn"] and history["snapshots"]
+    # Through Serve's proxy too, a caller needs its key, and the key of its own role.
+    assert requests.get(f"{service}/ab", timeout=30).status_code == 401
+    anonymous = requests.post(f"{service}/predict", json={"user_id": "u", "candidates": ["i001"]}, timeout=30)
+    assert anonymous.status_code == 401 and anonymous.headers["www-authenticate"].startswith("Bearer")
+    assert requests.get(f"{service}/ab", headers=AUTH["client"], timeout=30).status_code == 403
 
 
 def _load(url: str, users: list[str], items: list[str], clients: int, seconds: float, max_requests: int):
@@ -329,6 +351,7 @@ def _load(url: str, users: list[str], items: list[str], clients: int, seconds: f
 
     def client(k: int) -> None:
         session = requests.Session()
+        session.headers.update(AUTH["client"])
         for n in range(max_requests // clients):
             if time.monotonic() > deadline:
                 return
@@ -391,7 +414,7 @@ def test_weight_changes_and_a_killed_scorer_replica_lose_no_requests(world, serv
     arms = set()
     while time.monotonic() < deadline and "marn" not in arms:
         for k in range(30):
-            r = requests.post(
+            r = client_post(
                 f"{service}/predict", json={"user_id": f"u{k:03d}", "candidates": ["i001"]}, timeout=30
             )
             arms.add(r.json()["arm"])

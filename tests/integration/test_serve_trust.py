@@ -1,24 +1,35 @@
 """The A/B service under attack and under failure, for real (Ray Serve on 127.0.0.1, the SQLite ledger).
 
-1. The forged-feedback attack of issue 17: feedback for user ids that hash into the candidate arm, without
-   a request id, with forged ones, replayed ones and other users' ones, changes no count and no canary
-   decision.
-2. Killing the ledger replica mid-load loses no count: counts before + sent during = counts after.
+1. The forged-feedback attack of issue 17: feedback for user ids that hash into the candidate arm (the
+   attacker given the secret assignment salt, the worst case), without a request id, with forged ones,
+   replayed ones and other users' ones, without a key or with the wrong role's, changes no count and no
+   canary decision.
+2. One genuine response cannot carry more clicks than serve.max_clicks_per_response.
+3. Killing the ledger replica mid-load loses no count: counts before + sent during = counts after.
 
 The service is test_serve.py's (the same registered models and Feast store, its own instance here).
 """
 
 from __future__ import annotations
 
+import sqlite3
 import threading
 import time
 from typing import Any
 
 import pytest
 import requests
-from test_serve import kill_replica, service, world  # noqa: F401 (fixtures: this module gets its own service)
+from test_serve import (  # noqa: F401 (fixtures: this module gets its own service)
+    AUTH,
+    client_post,
+    kill_replica,
+    operator_get,
+    service,
+    world,
+)
 
 from serve.ab import assign_arm, canary_decision
+from serve.app import ledger_path
 from serve.control import read_state
 
 pytestmark = pytest.mark.slow
@@ -28,7 +39,7 @@ COUNTS = ("requests", "errors", "feedback", "clicks")
 
 
 def _ab(url: str) -> dict[str, Any]:
-    response = requests.get(f"{url}/ab", timeout=30)
+    response = operator_get(f"{url}/ab", timeout=30)
     assert response.status_code == 200, response.text
     return response.json()
 
@@ -47,13 +58,19 @@ def _counts(summary: dict[str, Any]) -> dict[str, int]:
 
 
 def _predict(url: str, user: str, items: list[str]) -> dict[str, Any]:
-    response = requests.post(f"{url}/predict", json={"user_id": user, "candidates": items}, timeout=30)
+    response = client_post(f"{url}/predict", json={"user_id": user, "candidates": items}, timeout=30)
     assert response.status_code == 200, response.text
     return response.json()
 
 
-def _feedback(url: str, body: dict[str, Any]) -> requests.Response:
-    return requests.post(f"{url}/feedback", json=body, timeout=30)
+def _feedback(url: str, body: dict[str, Any], headers: dict[str, str] | None = None) -> requests.Response:
+    return client_post(f"{url}/feedback", json=body, headers=headers or {}, timeout=30)
+
+
+def _salt(cfg: Any) -> bytes:
+    """The experiment's assignment salt, read from the ledger file (an attacker never has it)."""
+    with sqlite3.connect(f"file:{ledger_path(cfg)}?mode=ro", uri=True) as db:
+        return bytes.fromhex(db.execute("SELECT value FROM meta WHERE key = 'assignment_salt'").fetchone()[0])
 
 
 def test_forged_feedback_changes_no_count_and_no_canary_decision(request):
@@ -76,7 +93,9 @@ def test_forged_feedback_changes_no_count_and_no_canary_decision(request):
     before = _ab(url)
     weights = before["weights"]
     decision_before = canary_decision(before, "marn", "dupn", cfg.serve.canary)
-    attackers = [u for u in (f"attacker-{k}" for k in range(400)) if assign_arm(u, weights) == "marn"][:10]
+    salt = _salt(cfg)
+    attackers = [u for u in (f"attacker-{k}" for k in range(400)) if assign_arm(u, weights, salt) == "marn"]
+    attackers = attackers[:10]
     assert len(attackers) == 10
     _, fields, digests, mac = token.split(".")
     attempts: dict[str, list[dict[str, Any]]] = {
@@ -105,14 +124,48 @@ def test_forged_feedback_changes_no_count_and_no_canary_decision(request):
             response = _feedback(url, body)
             assert response.status_code == expected_status[reason], (reason, response.text)
             assert isinstance(response.json()["error"], str)
+    # Without a key, with a made-up one or with the operator's, a genuine click is refused before it is read.
+    genuine_click = {**genuine[0], "request_id": token, "user_id": built["users"][40], "item_id": items[0]}
+    outsiders = {
+        "missing": ({"Authorization": ""}, 401),
+        "unknown": ({"Authorization": "Bearer marn_" + "x" * 43}, 401),
+        "wrong_role": (AUTH["operator"], 403),
+    }
+    for reason, (headers, status) in outsiders.items():
+        for _ in range(3):
+            assert _feedback(url, genuine_click, headers).status_code == status, reason
     after = _ab(url)
     assert _counts(after) == _counts(before)
     for reason, bodies in attempts.items():
         assert after["rejected_feedback"].get(reason, 0) - before["rejected_feedback"].get(reason, 0) == len(
             bodies
         )
+    refused = {r: after["refused_callers"].get(r, 0) - before["refused_callers"].get(r, 0) for r in outsiders}
+    assert all(n >= 3 for n in refused.values()), refused  # this replica's (1 router replica here)
     assert canary_decision(after, "marn", "dupn", cfg.serve.canary) == decision_before
     assert after["canary"]["next"] == before["canary"]["next"]
+
+
+def test_one_response_counts_at_most_max_clicks_per_response(request):
+    built, url = request.getfixturevalue("world"), request.getfixturevalue("service")
+    limit = built["cfg"].serve.max_clicks_per_response
+    items = built["items"][: limit + 3]
+    user = built["users"][41]
+    answer = _predict(url, user, items)
+    before = _ab(url)
+    statuses = [
+        _feedback(url, {"user_id": user, "item_id": i, "clicked": True, "request_id": answer["request_id"]})
+        for i in items
+    ]
+    assert [r.status_code for r in statuses] == [202] * limit + [429] * 3
+    assert {r.json()["details"]["reason"] for r in statuses[limit:]} == {"click_limit"}
+    after = _ab(url)
+    arm = answer["arm"]
+    assert after["arms"][arm]["clicks"] - before["arms"][arm]["clicks"] == limit
+    assert (
+        after["rejected_feedback"].get("click_limit", 0) - before["rejected_feedback"].get("click_limit", 0)
+        == 3
+    )
 
 
 def test_killing_the_ledger_mid_load_loses_no_count(request):
@@ -124,6 +177,7 @@ def test_killing_the_ledger_mid_load_loses_no_count(request):
 
     def client(k: int) -> None:
         session = requests.Session()
+        session.headers.update(AUTH["client"])
         for n in range(150):  # bounded in count and time
             if time.monotonic() > deadline:
                 return
@@ -167,7 +221,7 @@ def test_killing_the_ledger_mid_load_loses_no_count(request):
     assert sent["lost"] == 0 and sent["requests"] > 30 and sent["feedback"] > 10
     recovered = time.monotonic() + 120
     while time.monotonic() < recovered:
-        response = requests.get(f"{url}/ab", timeout=30)
+        response = operator_get(f"{url}/ab", timeout=30)
         if response.status_code == 200 and response.json()["events_buffered"] == 0:
             break
         time.sleep(1)

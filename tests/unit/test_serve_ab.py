@@ -20,25 +20,26 @@ from serve.ab import (
 )
 
 USERS = [f"user-{k}" for k in range(20_000)]
+SALT = bytes(range(32))
 
 
 def test_assignment_is_sticky_and_follows_the_weights():
     weights = {"marn": 0.3, "dupn": 0.7}
-    first = [assign_arm(u, weights) for u in USERS]
-    assert first == [assign_arm(u, dict(weights)) for u in USERS]  # same answer on every call
+    first = [assign_arm(u, weights, SALT) for u in USERS]
+    assert first == [assign_arm(u, dict(weights), SALT) for u in USERS]  # same answer on every call
     share = first.count("marn") / len(USERS)
     assert abs(share - 0.3) < 0.02  # 20k users: the binomial sd is 0.0032
 
 
 def test_a_ramp_only_moves_users_into_the_candidate():
-    before = {u: assign_arm(u, {"marn": 0.05, "dupn": 0.95}) for u in USERS}
-    after = {u: assign_arm(u, {"marn": 0.25, "dupn": 0.75}) for u in USERS}
+    before = {u: assign_arm(u, {"marn": 0.05, "dupn": 0.95}, SALT) for u in USERS}
+    after = {u: assign_arm(u, {"marn": 0.25, "dupn": 0.75}, SALT) for u in USERS}
     assert all(after[u] == "marn" for u in USERS if before[u] == "marn")
     assert sum(a == "marn" for a in after.values()) > 3 * sum(b == "marn" for b in before.values())
 
 
 def test_zero_weight_arm_gets_nobody():
-    assert {assign_arm(u, {"marn": 0.0, "dupn": 1.0}) for u in USERS[:2000]} == {"dupn"}
+    assert {assign_arm(u, {"marn": 0.0, "dupn": 1.0}, SALT) for u in USERS[:2000]} == {"dupn"}
 
 
 def test_ctr_test_matches_a_hand_computed_z():

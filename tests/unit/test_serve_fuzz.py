@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 
 from marn.config import ServeConfig
 from serve.app import MAX_BODY_BYTES, LocalLedger, RouterCore, asgi_app
+from serve.callers import CallerKeys, callers_entries, new_caller_keys, parse_callers, required_role
 from serve.ledger_store import SQLiteLedgerStore
 from serve.scoring import ScoreRequest
 
@@ -34,25 +35,48 @@ async def id_scorer(arm: str, work: ScoreRequest) -> dict[str, Any]:
     return {"arm": arm, "model_version": "v1", "scores": [(hash(i) % 1000) / 1000 for i in work.candidates]}
 
 
+def make_callers() -> tuple[CallerKeys, dict[str, str]]:
+    """A client and an operator key, and the callers that let them in."""
+    keys = new_caller_keys()
+    return parse_callers(callers_entries(keys, "test")), dict(keys)
+
+
+def auth(keys: dict[str, str], path: str) -> dict[str, str]:
+    """The Authorization header a path's role needs (none for the open paths)."""
+    role = required_role(path)
+    return {} if role is None else {"authorization": f"Bearer {keys[role]}"}
+
+
 class InProcessService:
-    """The router's ASGI app on one event loop, with a client that posts raw bytes to it."""
+    """The router's ASGI app on one event loop, with a client that posts raw bytes to it, sending the key
+    each path's role needs unless the headers given name their own ``authorization``."""
 
     def __init__(self, tmp: Path, serve_cfg: ServeConfig | None = None):
-        self.store = SQLiteLedgerStore(tmp / "ledger.sqlite", ARMS, replay_window_s=3660)
-        self.core = RouterCore(
-            ARMS, id_scorer, LocalLedger(self.store), serve_cfg or ServeConfig(), b"k" * 32
+        cfg = serve_cfg or ServeConfig()
+        self.store = SQLiteLedgerStore(
+            tmp / "ledger.sqlite",
+            ARMS,
+            replay_window_s=3660,
+            max_feedback_per_response=cfg.max_feedback_per_response,
+            max_clicks_per_response=cfg.max_clicks_per_response,
         )
+        callers, self.keys = make_callers()
+        self.core = RouterCore(ARMS, id_scorer, LocalLedger(self.store), cfg, b"k" * 32, callers)
         self.core.reconfigure({"weights": {"marn": 0.5, "dupn": 0.5}})
         self.app = asgi_app(self.core)
         self.loop = asyncio.new_event_loop()
         self.client = httpx.AsyncClient(transport=httpx.ASGITransport(app=self.app), base_url="http://router")
 
     def post(self, path: str, body: bytes, headers: dict[str, str] | None = None) -> httpx.Response:
-        headers = {"content-type": "application/json", **(headers or {})}
+        headers = {"content-type": "application/json", **auth(self.keys, path), **(headers or {})}
         return self.loop.run_until_complete(self.client.post(path, content=body, headers=headers))
 
+    def get(self, path: str, headers: dict[str, str] | None = None) -> httpx.Response:
+        headers = {**auth(self.keys, path), **(headers or {})}
+        return self.loop.run_until_complete(self.client.get(path, headers=headers))
+
     def post_get(self, path: str) -> dict[str, Any]:
-        response = self.loop.run_until_complete(self.client.get(path))
+        response = self.get(path)
         assert response.status_code == 200, response.text
         return response.json()
 
@@ -274,6 +298,7 @@ def test_an_oversized_streamed_body_is_refused_before_it_is_read_whole(service, 
         messages.append(message)
 
     headers = [(b"content-type", b"application/json")]
+    headers += [(b"authorization", f"Bearer {service.keys['client']}".encode())]
     headers += [] if declared is None else [(b"content-length", declared.encode())]
     scope = {
         "type": "http",

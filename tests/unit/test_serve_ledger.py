@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+import uuid
 
 import pytest
 
@@ -21,7 +22,7 @@ def _request(user: str, arm: str, latency_ms: float = 10.0, ok: bool = True, sha
 
 
 def _claim(key: str, user: str, arm: str, item: str, clicked: bool, issued_at: float = 1e12) -> FeedbackClaim:
-    return FeedbackClaim(key, user, arm, "v1", item, clicked, issued_at)
+    return FeedbackClaim(key, user, arm, "v1", item, clicked, issued_at, uuid.uuid4().hex)
 
 
 def test_counts_survive_closing_and_reopening_the_file_in_wal_mode(tmp_path):
@@ -149,3 +150,33 @@ def test_the_event_log_keeps_its_newest_rows_and_the_counters_lose_nothing(tmp_p
     assert (marn["requests"], marn["feedback"], marn["clicks"]) == (12, 3, 1)  # counted before pruning
     assert summary["events_pruned"] == 10
     assert marn["latency_ms"]["p50"] == 12.0  # from the rows kept: the last batch's
+
+
+def test_the_same_claim_delivered_twice_counts_once_and_is_not_a_replay(tmp_path):
+    """Serve may deliver a call again when the ledger replica died after its commit; a second /feedback
+    call for the same (request, item) is a replay."""
+    store = _store(tmp_path)
+    claim = _claim("r1", "u1", "marn", "i1", True)
+    assert store.claim_feedback([claim]) == ["accepted"]
+    assert store.claim_feedback([claim, claim]) == ["accepted", "accepted"]  # the same claim again
+    assert store.claim_feedback([_claim("r1", "u1", "marn", "i1", True)]) == ["replayed"]  # a new call
+    summary = store.summary()
+    assert (summary["arms"]["marn"]["feedback"], summary["arms"]["marn"]["clicks"]) == (1, 1)
+    assert summary["rejected_feedback"] == {"replayed": 1}
+    store.close()
+
+
+def test_a_ledger_from_before_claim_ids_is_migrated_in_place(tmp_path):
+    path = tmp_path / "old.sqlite"
+    old = sqlite3.connect(path)
+    old.execute(
+        "CREATE TABLE seen (request_key TEXT NOT NULL, item_id TEXT NOT NULL, issued_at REAL NOT NULL, "
+        "PRIMARY KEY (request_key, item_id)) WITHOUT ROWID"
+    )
+    old.execute("INSERT INTO seen VALUES ('r0', 'i0', 1e12)")
+    old.commit()
+    old.close()
+    store = SQLiteLedgerStore(path, ARMS, replay_window_s=3600)
+    assert store.claim_feedback([_claim("r0", "u1", "marn", "i0", True)]) == ["replayed"]  # kept its rows
+    assert store.claim_feedback([_claim("r1", "u1", "marn", "i0", True)]) == ["accepted"]
+    store.close()

@@ -9,7 +9,7 @@ import json
 from types import SimpleNamespace
 from typing import Any
 
-from test_serve_fuzz import InProcessService, id_scorer
+from test_serve_fuzz import InProcessService, id_scorer, make_callers
 
 import serve.app
 import serve.features
@@ -106,8 +106,13 @@ def test_a_request_that_fails_gets_its_own_error_and_its_batch_mates_their_score
 # -- the ledger's view of a fallback -------------------------------------------------------------------------
 
 
-def _users(arm: str, n: int) -> list[str]:
-    return [u for u in (f"user-{k}" for k in range(10 * n)) if assign_arm(u, WEIGHTS) == arm][:n]
+SALT = "5a" * 32  # SlowLedger's assignment salt
+
+
+def _users(arm: str, n: int, salt: str = SALT) -> list[str]:
+    """Users the router assigns to ``arm`` (it reads the salt from its ledger)."""
+    key = bytes.fromhex(salt)
+    return [u for u in (f"user-{k}" for k in range(10 * n)) if assign_arm(u, WEIGHTS, key) == arm][:n]
 
 
 def test_a_fallback_counts_an_error_for_the_dead_arm_and_a_request_for_the_arm_that_answered(tmp_path):
@@ -120,7 +125,8 @@ def test_a_fallback_counts_an_error_for_the_dead_arm_and_a_request_for_the_arm_t
     try:
         service.core.score = marn_down
         tokens = []
-        for user in _users("marn", 5) + _users("dupn", 3):
+        salt = service.store.assignment_salt()
+        for user in _users("marn", 5, salt) + _users("dupn", 3, salt):
             body = {"user_id": user, "candidates": ["a", "b"]}
             answer = service.post("/predict", json.dumps(body).encode()).json()
             assert answer["arm"] == "dupn"
@@ -168,6 +174,9 @@ class SlowLedger:
     async def feedback(self, claim: Any) -> str:
         return "accepted"
 
+    async def assignment_salt(self) -> str:
+        return SALT
+
     async def summary(self) -> dict[str, Any]:
         return {
             **ABLedger(["marn", "dupn"]).summary(),
@@ -180,7 +189,7 @@ class SlowLedger:
 def test_a_burst_of_events_gets_one_flush_in_flight_and_every_event_counted_once():
     async def burst() -> tuple[SlowLedger, RouterCore]:
         ledger = SlowLedger()
-        core = RouterCore(["marn", "dupn"], id_scorer, ledger, ServeConfig(), b"k" * 32)
+        core = RouterCore(["marn", "dupn"], id_scorer, ledger, ServeConfig(), b"k" * 32, make_callers()[0])
         core.reconfigure({"weights": WEIGHTS})
         for wave in range(3):
             bodies = [PredictBody(user_id=f"u{wave}-{i}", candidates=["a"]) for i in range(400)]
@@ -213,7 +222,7 @@ def test_a_hung_scorer_is_given_up_on_and_the_other_arm_answers(monkeypatch):
                 await asyncio.Event().wait()  # a Feast read that never returns
             return await id_scorer(arm, work)
 
-        core = RouterCore(["marn", "dupn"], score, SlowLedger(), ServeConfig(), b"k" * 32)
+        core = RouterCore(["marn", "dupn"], score, SlowLedger(), ServeConfig(), b"k" * 32, make_callers()[0])
         core.reconfigure({"weights": WEIGHTS})
         answer = await asyncio.wait_for(
             core.predict(PredictBody(user_id=_users("marn", 1)[0], candidates=["a"])), 5

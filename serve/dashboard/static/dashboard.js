@@ -256,9 +256,33 @@
     }
   }
 
+  // The operator key: from the URL fragment (dashboard#key=KEY; a fragment is never sent to a server),
+  // then kept for this tab only and taken out of the address bar and the browser history.
+  const KEY_STORE = "marn-operator-key";
+  let refusal = null; // why the last key was dropped: shown until a new key is given
+  function operatorKey() {
+    const match = /(?:^#|&)key=([^&]+)/.exec(location.hash);
+    if (match) {
+      refusal = null;
+      sessionStorage.setItem(KEY_STORE, decodeURIComponent(match[1]));
+      history.replaceState(null, "", location.pathname + location.search);
+    }
+    return sessionStorage.getItem(KEY_STORE);
+  }
+
   async function poll() {
     try {
-      const response = await fetch("ab/history", { cache: "no-store", headers: { accept: "application/json" } });
+      const key = operatorKey();
+      if (!key) throw new Error(refusal || "needs the operator key: open dashboard#key=KEY (marn serve up keeps it in serve/keys.json)");
+      const response = await fetch("ab/history", {
+        cache: "no-store",
+        headers: { accept: "application/json", authorization: "Bearer " + key },
+      });
+      if (response.status === 401 || response.status === 403) {
+        sessionStorage.removeItem(KEY_STORE);
+        refusal = "the key was refused (HTTP " + response.status + "): open dashboard#key=KEY with an operator key";
+        throw new Error(refusal);
+      }
       if (!response.ok) throw new Error("HTTP " + response.status);
       render(parseHistory(await response.json()));
     } catch (err) {

@@ -540,20 +540,24 @@ SERVE_SECRET = "marn-serve"  # key request-id-secret: signs /predict's request i
 
 @needs_kubectl
 @pytest.mark.parametrize("target", TARGETS)
-def test_every_serving_pod_signs_request_ids_with_the_secret(target: str) -> None:
-    """Every RayService pod can host a router replica, so each reads the one signing key from the Secret
-    (the variable marn reads: serve.secret_env), and no manifest writes a key in."""
+def test_every_serving_pod_reads_the_signing_key_and_the_callers_from_the_secret(target: str) -> None:
+    """Every RayService pod can host a router replica, so each reads the one signing key and the callers
+    list from the Secret (the variables marn reads: serve.secret_env, serve.callers_env), and no manifest
+    writes either in."""
     from marn.config import load_config
 
     variable = load_config(str(CLUSTER_CONFIG)).serve.secret_env
     service = the(render(target), "RayService")
     pods = list(containers(service))
     assert len(pods) == 3  # head, serve workers, the ledger worker
+    callers = load_config(str(CLUSTER_CONFIG)).serve.callers_env
     for where, container in pods:
         assert secret_ref(env_of(container)[variable]) == (SERVE_SECRET, "request-id-secret"), where
+        assert secret_ref(env_of(container)[callers]) == (SERVE_SECRET, "callers"), where
     for doc in render(target):
         for where, container in containers(doc):
-            assert "value" not in env_of(container).get(variable, {}), f"{where}: a signing key in a manifest"
+            for name in (variable, callers):
+                assert "value" not in env_of(container).get(name, {}), f"{where}: {name} in a manifest"
 
 
 @needs_kubectl
