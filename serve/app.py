@@ -319,6 +319,9 @@ class RouterCore:
         self.flush_lock = asyncio.Lock()
         self.flush_due = asyncio.Event()  # FLUSH_AT events wait: the flusher sends them before its next tick
         self.background: set[asyncio.Task] = set()
+        # A weight change the ledger has not been sent yet: feedback waits for it to reach the ledger first,
+        # or a click counted meanwhile would land in the old step and be erased with it.
+        self.weights_unsent = False
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         settings = RouterSettings.model_validate(user_config)
@@ -329,6 +332,7 @@ class RouterCore:
         self.settings = RouterSettings(weights=weights, shadow=settings.shadow)
         now = time.time()
         self.buffer.add(("weights", weights, now))
+        self.weights_unsent = True
         self.history.weights_changed(weights, now)
         log.info("router weights %s, shadow %s", weights, settings.shadow)
 
@@ -391,6 +395,8 @@ class RouterCore:
             return self._refuse("wrong_user", "request_id was issued for another user")
         if served.arm not in self.arms or not served.served(body.item_id):
             return self._refuse("not_served", "item_id was not a candidate of that response")
+        if self.weights_unsent and not await self._flush():
+            return error(503, "the ledger is unavailable; retry later")
         claim = FeedbackClaim(
             served.key,
             body.user_id,
@@ -511,6 +517,7 @@ class RouterCore:
                     log.warning("ledger unavailable, %d events kept: %r", len(self.buffer), err)
                     return False
                 self.buffer.acknowledged(batch)
+            self.weights_unsent = False  # everything buffered so far reached the ledger
         return True
 
     def _start_flusher(self) -> None:

@@ -264,3 +264,24 @@ def test_only_the_newest_max_history_items_are_looked_up():
 def test_an_empty_history_is_a_valid_request_for_a_new_user():
     body = PredictBody.model_validate({"user_id": "new", "candidates": ["a"], "history": []})
     assert body.history == []
+
+
+# -- a weight change and the feedback right after it -------------------------------------------------------
+
+
+def test_feedback_right_after_a_weight_change_counts_in_the_new_step(tmp_path):
+    """Review finding 13: a click claimed after ``reconfigure`` but before the router's next flush was
+    counted in the old step, then erased with it when the flush brought the weight change."""
+    service = InProcessService(tmp_path)
+    try:
+        body = {"user_id": "u1", "candidates": ["a", "b"]}
+        answer = service.post("/predict", json.dumps(body).encode()).json()
+        service.post_get("/ab")  # flushed: the ledger has the starting weights and the request
+        service.core.reconfigure({"weights": {"marn": 0.25, "dupn": 0.75}})
+        click = {"user_id": "u1", "item_id": "a", "clicked": True, "request_id": answer["request_id"]}
+        assert service.post("/feedback", json.dumps(click).encode()).status_code == 202
+        arm = service.post_get("/ab")["arms"][answer["arm"]]
+    finally:
+        service.close()
+    assert (arm["feedback"], arm["clicks"]) == (1, 1)
+    assert (arm["since_weight_change"]["feedback"], arm["since_weight_change"]["clicks"]) == (1, 1)
