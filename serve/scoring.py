@@ -21,6 +21,7 @@ either is the padding item. Neither is an error.
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,7 +107,10 @@ class ArmScorer:
         self.statistics, self.image_encoder = trained.statistics, trained.image_encoder
         self.fetcher, self.max_history, self.max_cold_items = fetcher, max_history, max_cold_items
         self.behaviors = Vocab(BEHAVIORS)
-        self._cold: dict[str, int] = {}  # item id the model never saw -> code added by ItemModalities.extend
+        # item id the model never saw -> its code (added by ItemModalities.extend), least recently used first:
+        # when all max_cold_items slots are taken, the least recently used are given to new cold items
+        self._cold: OrderedDict[str, int] = OrderedDict()
+        self.cold_reused = 0  # slots given to another item since start (logged)
         self.uses_representations = serves_representations(self.name)
         self.version = version
         if self.uses_representations:
@@ -317,16 +321,22 @@ class ArmScorer:
         distinct = list(dict.fromkeys(item_ids))
         known = self.catalog.items.encode(distinct)
         codes = dict(zip(distinct, known.tolist(), strict=True))
-        unseen = [i for i, c in codes.items() if c == PAD and i not in self._cold]
-        if unseen and len(self._cold) < self.max_cold_items:
-            self._add_cold_items(unseen[: self.max_cold_items - len(self._cold)])
-        for item, code in codes.items():
-            if code == PAD:
-                codes[item] = self._cold.get(item, PAD)
+        unseen = [i for i, c in codes.items() if c == PAD]
+        for item in unseen:
+            if item in self._cold:
+                self._cold.move_to_end(item)  # in use: the last to be given away
+        new = [i for i in unseen if i not in self._cold]
+        if new:
+            self._add_cold_items(new[: self.max_cold_items], in_use=set(unseen))
+        for item in unseen:
+            codes[item] = self._cold.get(item, PAD)
         return codes
 
-    def _add_cold_items(self, item_ids: list[str]) -> None:
-        """Give items the model never saw their known features: attributes and image vector from Feast."""
+    def _add_cold_items(self, item_ids: list[str], in_use: set[str]) -> None:
+        """Give items the model never saw their known features: attributes and image vector from Feast, in
+        new rows while fewer than ``max_cold_items`` are taken, then in the rows of the least recently used
+        cold items not ``in_use`` by this call (so one client's flood of cold ids cannot leave every later
+        new item scored as padding)."""
         embedding = getattr(self.model, "embedding", None)
         if not isinstance(embedding, ItemModalities):  # a model without modality tables: PAD it is
             return
@@ -351,9 +361,25 @@ class ArmScorer:
                 self.name,
                 mismatched,
             )
-        new_codes = embedding.extend(torch.from_numpy(attributes), image)
-        self._cold.update(zip(known, new_codes.tolist(), strict=True))
-        log.info("%s: %d cold items added from their Feast features", self.name, len(known))
+        fresh = min(len(known), self.max_cold_items - len(self._cold))
+        if fresh:
+            new_codes = embedding.extend(torch.from_numpy(attributes[:fresh]), image[:fresh])
+            self._cold.update(zip(known[:fresh], new_codes.tolist(), strict=True))
+        victims = [i for i in self._cold if i not in in_use][: len(known) - fresh]
+        if victims:
+            reused = [self._cold.pop(v) for v in victims]
+            taken = slice(fresh, fresh + len(victims))
+            embedding.overwrite(torch.tensor(reused), torch.from_numpy(attributes[taken]), image[taken])
+            self._cold.update(zip(known[taken], reused, strict=True))
+            self.cold_reused += len(victims)
+            log.warning(
+                "%s: all %d cold-item slots taken: %d least recently used given to new items (%d so far)",
+                self.name,
+                self.max_cold_items,
+                len(victims),
+                self.cold_reused,
+            )
+        log.info("%s: %d cold items added from their Feast features", self.name, fresh + len(victims))
 
     def _check_representations(self) -> None:
         """Feast's representations must be this model's: a stale publication would serve wrong scores."""

@@ -379,6 +379,21 @@ class ItemModalities(nn.Module):
         self.title = torch.cat([self.title, self.title.new_zeros((k, *self.title.shape[1:]))])
         return torch.arange(start, start + k, device=self.attributes.device)
 
+    def overwrite(self, codes: torch.Tensor, attributes: torch.Tensor, image: torch.Tensor) -> None:
+        """Give rows added by :meth:`extend` to other cold items (a serving replica's bounded cold slots):
+        codes (K,), attributes (K, 3), image (K, D_img). A trained item's row is never written."""
+        trained = self.id_tables[0].num_embeddings
+        if len(codes) and int(codes.min()) < trained:
+            raise ValueError(f"overwrite may reuse only rows added by extend (codes >= {trained})")
+        if attributes.shape != (len(codes), 3) or image.shape != (len(codes), *self.image.shape[1:]):
+            raise ValueError(
+                f"overwrite needs attributes ({len(codes)}, 3) and image ({len(codes)}, "
+                f"{self.image.shape[1]}), got {tuple(attributes.shape)} and {tuple(image.shape)}"
+            )
+        self.attributes[codes] = attributes.to(self.attributes)
+        self.image[codes] = image.to(self.image)
+        self.title[codes] = 0
+
     def forward(self, states: ItemStates, modalities: Sequence[str] | None = None) -> torch.Tensor:
         """U item states -> (U, M, D) projected modality embeddings e^m (of ``modalities`` only, in their
         order, when given)."""

@@ -9,6 +9,8 @@ import json
 from types import SimpleNamespace
 from typing import Any
 
+import pytest
+import torch
 from test_serve_fuzz import InProcessService, id_scorer, make_callers
 
 import serve.app
@@ -285,3 +287,65 @@ def test_feedback_right_after_a_weight_change_counts_in_the_new_step(tmp_path):
         service.close()
     assert (arm["feedback"], arm["clicks"]) == (1, 1)
     assert (arm["since_weight_change"]["feedback"], arm["since_weight_change"]["clicks"]) == (1, 1)
+
+
+# -- cold-item slots -----------------------------------------------------------------------------------------
+
+
+def _cold_scorer(max_cold_items: int) -> ArmScorer:
+    """An ArmScorer without a checkpoint: two trained items, modality tables of width 2, a Feast that knows
+    every ``n*`` item (category c1, an image vector from its number)."""
+    from collections import OrderedDict
+
+    from torch import nn
+
+    from marn.data.tensors import Vocab
+    from marn.models.layers import ItemModalities
+
+    embedding = ItemModalities.__new__(ItemModalities)
+    nn.Module.__init__(embedding)
+    embedding.register_buffer("attributes", torch.tensor([[0, 0, 0], [1, 0, 0], [1, 0, 0]]))  # PAD, a, b
+    embedding.register_buffer("image", torch.tensor([[0.0, 0.0], [1.0, 1.0], [2.0, 2.0]]))
+    embedding.register_buffer("title", torch.ones(3, 4, dtype=torch.long))
+    embedding.id_tables = nn.ModuleList([nn.Embedding(3, 2)])
+
+    def items(ids: list[str]) -> dict[str, dict[str, Any]]:
+        return {
+            i: {"category_id": "c1", "image_embedding": [float(i[1:]), -float(i[1:])]}
+            if i.startswith("n")
+            else {}
+            for i in ids
+        }
+
+    scorer = object.__new__(ArmScorer)
+    scorer.name, scorer.max_cold_items, scorer.image_encoder = "marn", max_cold_items, None
+    scorer.model = SimpleNamespace(embedding=embedding)
+    scorer.catalog = SimpleNamespace(
+        items=Vocab(("a", "b")), categories=Vocab(("c1",)), brands=Vocab(()), shops=Vocab(())
+    )
+    scorer.fetcher = SimpleNamespace(items=items)
+    scorer._cold, scorer.cold_reused = OrderedDict(), 0
+    return scorer
+
+
+def test_cold_slots_go_to_new_items_by_least_recent_use_and_never_to_a_trained_item():
+    """Review finding 11: once every slot was taken, each later new item was scored as padding."""
+    scorer = _cold_scorer(max_cold_items=3)
+    assert scorer.item_codes(["a", "n1", "n2", "unheard-of"]) == {
+        "a": 1, "n1": 3, "n2": 4, "unheard-of": 0  # Feast knows nothing of it: padding, no slot
+    }  # fmt: skip
+    assert scorer.item_codes(["n3"]) == {"n3": 5}  # the last free slot
+    assert scorer.item_codes(["n2", "n4"]) == {"n2": 4, "n4": 3}  # n1, least recently used, gives its slot
+    assert scorer.item_codes(["n1"]) == {"n1": 5}  # back, in n3's slot (n2 and n4 were used since)
+    assert scorer.cold_reused == 2 and list(scorer._cold) == ["n2", "n4", "n1"]
+    image = scorer.model.embedding.image
+    assert image[:3].tolist() == [[0.0, 0.0], [1.0, 1.0], [2.0, 2.0]]  # the trained rows, untouched
+    assert image[3].tolist() == [4.0, -4.0] and image[5].tolist() == [1.0, -1.0] and len(image) == 6
+    assert scorer.model.embedding.title[3:].sum() == 0  # a cold item has no title
+    many = [f"n{k}" for k in range(10, 16)]  # more new items in one call than there are slots
+    codes = scorer.item_codes(many)
+    assert sorted(c for c in codes.values() if c) == [3, 4, 5] and list(codes.values()).count(0) == 3
+    with pytest.raises(ValueError, match="only rows added by extend"):
+        scorer.model.embedding.overwrite(
+            torch.tensor([2]), torch.zeros(1, 3, dtype=torch.long), torch.zeros(1, 2)
+        )
