@@ -439,8 +439,11 @@ def test_redis_requires_the_password_from_the_secret(target: str) -> None:
     assert "REDISCLI_AUTH" in " ".join(redis["readinessProbe"]["exec"]["command"])  # probes authenticate
 
     serving = [(w, c) for d in docs if d["kind"] == "RayService" for w, c in containers(d)]
-    assert len(serving) >= 2
+    assert len(serving) == 3
     for where, container in serving:  # the scorers: the password from the Secret, read at run time
+        if where.endswith(" head ray-head"):  # hosts no replica (num-cpus 0): needs no password
+            assert REDIS_PASSWORD_ENV not in env_of(container), where
+            continue
         assert secret_ref(env_of(container)[REDIS_PASSWORD_ENV]) == (REDIS_SECRET, "password"), where
 
 
@@ -540,10 +543,11 @@ SERVE_SECRET = "marn-serve"  # key request-id-secret: signs /predict's request i
 
 @needs_kubectl
 @pytest.mark.parametrize("target", TARGETS)
-def test_every_serving_pod_reads_the_signing_key_and_the_callers_from_the_secret(target: str) -> None:
-    """Every RayService pod can host a router replica, so each reads the one signing key and the callers
-    list from the Secret (the variables marn reads: serve.secret_env, serve.callers_env), and no manifest
-    writes either in."""
+def test_every_serving_worker_reads_the_signing_key_and_the_callers_from_the_secret(target: str) -> None:
+    """Every RayService worker can host a router replica, so each reads the one signing key and the callers
+    list from the Secret (the variables marn reads: serve.secret_env, serve.callers_env); the head, which
+    hosts none (num-cpus 0) but runs the public proxy, holds neither (review finding 7); no manifest writes
+    either in."""
     from marn.config import load_config
 
     variable = load_config(str(CLUSTER_CONFIG)).serve.secret_env
@@ -551,7 +555,12 @@ def test_every_serving_pod_reads_the_signing_key_and_the_callers_from_the_secret
     pods = list(containers(service))
     assert len(pods) == 3  # head, serve workers, the ledger worker
     callers = load_config(str(CLUSTER_CONFIG)).serve.callers_env
+    head = service["spec"]["rayClusterConfig"]["headGroupSpec"]
+    assert head["rayStartParams"]["num-cpus"] == "0"
     for where, container in pods:
+        if where.endswith(" head ray-head"):
+            assert not set(env_of(container)) & {variable, callers}, where
+            continue
         assert secret_ref(env_of(container)[variable]) == (SERVE_SECRET, "request-id-secret"), where
         assert secret_ref(env_of(container)[callers]) == (SERVE_SECRET, "callers"), where
     for doc in render(target):
