@@ -236,6 +236,8 @@ def endpoints(docs: list[dict[str, Any]]) -> dict[str, Endpoint]:
         "other_kube_system": Endpoint("other_kube_system", "kube-system", {"k8s-app": "metrics-server"}),
         "kfp_api": Endpoint("kfp_api", "kubeflow", {"app": "ml-pipeline"}),
         "kfp_minio": Endpoint("kfp_minio", "kubeflow", {"app": "minio"}),
+        "kfp_metadata": Endpoint("kfp_metadata", "kubeflow", {"component": "metadata-grpc-server"}),
+        "kfp_mysql": Endpoint("kfp_mysql", "kubeflow", {"app": "mysql"}),
         "caller": Endpoint("caller", "ingress-nginx", {"app": "ingress"}),
         "api_server": Endpoint("api_server", None, ip="10.96.0.1"),
         "internet": Endpoint("internet", None, ip="203.0.113.7"),
@@ -258,6 +260,8 @@ NEEDED = [
     ("serve_worker", "redis", 6379, "TCP"),  # the scorers read Feast online
     ("kfp_task", "redis", 6379, "TCP"),  # the pipeline's features and register tasks write it
     ("kfp_task", "kfp_api", 8887, "TCP"),
+    ("kfp_task", "kfp_api", 8888, "TCP"),
+    ("kfp_task", "kfp_metadata", 8080, "TCP"),
     ("kfp_task", "kfp_minio", 9000, "TCP"),
     ("kfp_task", "api_server", 443, "TCP"),
     ("schedule", "kfp_api", 8888, "TCP"),
@@ -298,6 +302,8 @@ REFUSED = [
     ("caller", "schedule", 8080, "TCP"),  # pods with no ingress rule of their own: the default deny
     ("caller", "submitter", 8265, "TCP"),
     ("kfp_task", "submitter", 443, "TCP"),
+    ("kfp_task", "kfp_mysql", 3306, "TCP"),  # Kubeflow's database: only its services' ports (finding 10)
+    ("kfp_task", "kfp_minio", 9001, "TCP"),  # ... not the object store's console
 ]
 
 
