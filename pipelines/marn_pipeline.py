@@ -19,7 +19,9 @@ from components import courier, deploy, embed, evaluate, features, register, tra
 PIPELINE_NAME = "marn-ctr"
 DATA_PVC = "marn-data"  # the cluster's shared volume for datasets, Feast tables, runs and the registry
 DATA_MOUNT = "/data"
-REDIS_SECRET = "marn-redis"  # kustomize/base: the Redis password, read by marn.features at run time
+REDIS_SECRET = (
+    "marn-redis"  # kustomize/base: the Redis users and passwords, read by marn.features at run time
+)
 
 
 def _on_cluster(task: dsl.PipelineTask, cpu: str, memory: str) -> dsl.PipelineTask:
@@ -30,8 +32,13 @@ def _on_cluster(task: dsl.PipelineTask, cpu: str, memory: str) -> dsl.PipelineTa
 
 
 def _with_feast_secret(task: dsl.PipelineTask) -> dsl.PipelineTask:
+    """Feast's Redis as the read-write ACL user marn-pipeline (kustomize/base/redis.yaml); the scorers read as
+    marn-serving, which cannot write."""
     kubernetes.use_secret_as_env(
-        task, secret_name=REDIS_SECRET, secret_key_to_env={"password": "MARN_REDIS_PASSWORD"}, optional=True
+        task,
+        secret_name=REDIS_SECRET,
+        secret_key_to_env={"pipeline-user": "MARN_REDIS_USER", "pipeline-password": "MARN_REDIS_PASSWORD"},
+        optional=True,  # the local runner: no Secret, Feast on sqlite
     )
     return task
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -160,12 +161,18 @@ def feature_services(views: dict[str, FeatureView]) -> list[FeatureService]:
     ]
 
 
-REDIS_PASSWORD_ENV = "MARN_REDIS_PASSWORD"  # the cluster sets it from the Secret marn-redis (key password)
+# The cluster's Redis has one ACL user per role (kustomize/base/redis.yaml): marn-pipeline writes (the
+# pipeline's Feast tasks), marn-serving only reads (the scorers). Each gets its user and that user's password
+# from the Secret marn-redis; without a user, the password is the default user's (a local redis-server).
+REDIS_PASSWORD_ENV = "MARN_REDIS_PASSWORD"
+REDIS_USER_ENV = "MARN_REDIS_USER"
+_REDIS_USER = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 
-def redis_connection_with_password(connection: str, password: str) -> str:
-    """``host:port[,...]`` plus the password, as Feast's Redis store parses it (comma-separated, each value
-    JSON-decoded when it can be): a password that parsing would change is refused, not silently mangled."""
+def redis_connection_with_password(connection: str, password: str, username: str | None = None) -> str:
+    """``host:port[,...]`` plus the password (and the ACL user), as Feast's Redis store parses it
+    (comma-separated, each value JSON-decoded when it can be): a password that parsing would change is
+    refused, not silently mangled."""
     if not password or any(c in password for c in ",\n\r") or password != password.strip():
         raise ValueError(f"{REDIS_PASSWORD_ENV}: empty, or with a comma, newline or outer spaces")
     try:
@@ -174,9 +181,20 @@ def redis_connection_with_password(connection: str, password: str) -> str:
         decoded = password
     if decoded != password:  # 1234 or 1e10 would reach Redis as a number's text, true as a bool
         raise ValueError(f"{REDIS_PASSWORD_ENV}: Feast would read it as JSON ({type(decoded).__name__})")
-    if "password=" in connection:
-        raise ValueError("feast.redis_connection carries a password: keep it in the environment only")
-    return f"{connection},password={password}"
+    if "password=" in connection or "username=" in connection:
+        raise ValueError("feast.redis_connection carries a password or user: keep them in the environment")
+    if username is None:
+        return f"{connection},password={password}"
+    if not _REDIS_USER.match(username) or not isinstance(_json_or_text(username), str):
+        raise ValueError(f"{REDIS_USER_ENV}: 1-64 letters, digits, '_', '.', '-', not a JSON number or bool")
+    return f"{connection},username={username},password={password}"
+
+
+def _json_or_text(text: str) -> object:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
 
 
 def open_store(repo_dir: str | Path) -> FeatureStore:
@@ -189,8 +207,10 @@ def open_store(repo_dir: str | Path) -> FeatureStore:
     from feast.repo_config import load_repo_config
 
     config = load_repo_config(repo_dir, repo_dir / "feature_store.yaml")
-    password = os.environ.get(REDIS_PASSWORD_ENV)
+    password, username = os.environ.get(REDIS_PASSWORD_ENV), os.environ.get(REDIS_USER_ENV) or None
     online = config.online_config
     if password is not None and isinstance(online, dict) and online.get("type") == "redis":
-        online["connection_string"] = redis_connection_with_password(online["connection_string"], password)
+        online["connection_string"] = redis_connection_with_password(
+            online["connection_string"], password, username
+        )
     return FeatureStore(repo_path=str(repo_dir), config=config)

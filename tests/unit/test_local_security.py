@@ -11,6 +11,7 @@ import pytest
 from marn.config import load_config
 from marn.features.repo import (
     REDIS_PASSWORD_ENV,
+    REDIS_USER_ENV,
     open_store,
     redis_connection_with_password,
     write_feature_store_yaml,
@@ -58,8 +59,15 @@ def test_the_redis_password_joins_the_connection_only_when_feast_reads_it_unchan
     for bad in ("", "with,comma", " padded", "1234", "1e10", "true", "null", '"quoted"'):
         with pytest.raises(ValueError, match=REDIS_PASSWORD_ENV):
             redis_connection_with_password("redis:6379", bad)
-    with pytest.raises(ValueError, match="environment only"):
+    with pytest.raises(ValueError, match="keep them in the environment"):
         redis_connection_with_password("redis:6379,password=old", "new-one")
+    with_user = redis_connection_with_password("redis:6379", "s3cr3t", "marn-serving")
+    assert with_user == "redis:6379,username=marn-serving,password=s3cr3t"  # an ACL user (redis.yaml)
+    for bad in ("", "with,comma", "a b", "1234", "true", "x" * 65):
+        with pytest.raises(ValueError, match=REDIS_USER_ENV):
+            redis_connection_with_password("redis:6379", "s3cr3t", bad)
+    with pytest.raises(ValueError, match="keep them in the environment"):
+        redis_connection_with_password("redis:6379,username=old", "s3cr3t", "new")
 
 
 def test_open_store_adds_the_password_at_run_time_and_writes_it_nowhere(tmp_path, monkeypatch):
@@ -69,5 +77,8 @@ def test_open_store_adds_the_password_at_run_time_and_writes_it_nowhere(tmp_path
     store = open_store(tmp_path / "repo")  # no connection yet: Feast connects on first use
     assert store.config.online_store.connection_string == "127.0.0.1:6390,password=pw-from-the-secret"
     assert "pw-from-the-secret" not in written.read_text()
+    monkeypatch.setenv(REDIS_USER_ENV, "marn-serving")
+    with_user = open_store(tmp_path / "repo").config.online_store.connection_string
+    assert with_user == "127.0.0.1:6390,username=marn-serving,password=pw-from-the-secret"
     monkeypatch.delenv(REDIS_PASSWORD_ENV)
     assert open_store(tmp_path / "repo").config.online_store.connection_string == "127.0.0.1:6390"

@@ -433,24 +433,35 @@ def test_the_base_ships_no_secret_values() -> None:
 
 @needs_kubectl
 @pytest.mark.parametrize("target", TARGETS)
-def test_redis_requires_the_password_from_the_secret(target: str) -> None:
-    from marn.features.repo import REDIS_PASSWORD_ENV
+def test_redis_has_a_read_write_and_a_read_only_user_from_the_secret_and_no_default_user(target: str) -> None:
+    """Review finding 9: one full-rights password, held by the internet-facing serving pods too, let a
+    compromised scorer rewrite every feature or FLUSHALL. tests/integration/test_redis_online.py runs this
+    script against a real redis-server and checks what each user may do."""
+    from marn.features.repo import REDIS_PASSWORD_ENV, REDIS_USER_ENV
 
     docs = render(target)
     (redis,) = [c for _, c in containers(the(docs, "StatefulSet", "marn-redis"))]
     script = " ".join(redis.get("command", []) + redis.get("args", []))
-    assert "requirepass" in script and "redis-server -" in script  # the config, password included, on stdin
+    assert "redis-server -" in script and "requirepass" not in script  # the ACL, passwords included, on stdin
+    assert "user default off" in script
+    assert "+@all -@dangerous" in script and "+@read +@connection -@dangerous" in script
     assert "--protected-mode yes" in script and "protected-mode no" not in script
-    assert secret_ref(env_of(redis)["REDIS_PASSWORD"]) == (REDIS_SECRET, "password")
-    assert "REDISCLI_AUTH" in " ".join(redis["readinessProbe"]["exec"]["command"])  # probes authenticate
+    keys = {"PIPELINE_USER": "pipeline-user", "PIPELINE_PASSWORD": "pipeline-password"}
+    keys |= {"SERVING_USER": "serving-user", "SERVING_PASSWORD": "serving-password"}
+    for variable, key in keys.items():
+        assert secret_ref(env_of(redis)[f"REDIS_{variable}"]) == (REDIS_SECRET, key)
+        assert f"${{REDIS_{variable}:?}}" in script  # a missing key stops the start, never an empty password
+    probe = " ".join(redis["readinessProbe"]["exec"]["command"])
+    assert "REDISCLI_AUTH" in probe and '--user "$REDIS_SERVING_USER"' in probe  # probes authenticate
 
     serving = [(w, c) for d in docs if d["kind"] == "RayService" for w, c in containers(d)]
     assert len(serving) == 3
-    for where, container in serving:  # the scorers: the password from the Secret, read at run time
+    for where, container in serving:  # the scorers: the read-only user, from the Secret, read at run time
         if where.endswith(" head ray-head"):  # hosts no replica (num-cpus 0): needs no password
             assert REDIS_PASSWORD_ENV not in env_of(container), where
             continue
-        assert secret_ref(env_of(container)[REDIS_PASSWORD_ENV]) == (REDIS_SECRET, "password"), where
+        assert secret_ref(env_of(container)[REDIS_USER_ENV]) == (REDIS_SECRET, "serving-user"), where
+        assert secret_ref(env_of(container)[REDIS_PASSWORD_ENV]) == (REDIS_SECRET, "serving-password"), where
 
 
 @needs_kubectl
@@ -468,13 +479,24 @@ def test_no_config_map_or_command_carries_a_password(target: str) -> None:
                     assert "value" not in variable, f"{where}: {variable['name']} written in the manifest"
 
 
-def test_the_pipeline_passes_the_redis_password_as_the_variable_marn_reads() -> None:
-    from marn.features.repo import REDIS_PASSWORD_ENV
+def test_the_pipeline_tasks_reach_redis_as_its_read_write_user(tmp_path) -> None:
+    from marn.config import dump_config, load_config
+    from marn.features.repo import REDIS_PASSWORD_ENV, REDIS_USER_ENV
     from pipelines import marn_pipeline
 
-    source = Path(marn_pipeline.__file__).read_text()
     assert marn_pipeline.REDIS_SECRET == REDIS_SECRET
-    assert f'{{"password": "{REDIS_PASSWORD_ENV}"}}' in source
+    out = marn_pipeline.compile_pipeline(tmp_path / "p.yaml", dump_config(load_config(CLUSTER_CONFIG)))
+    platform = list(yaml.safe_load_all(out.read_text()))[1]["platforms"]["kubernetes"]["deploymentSpec"]
+    feast_tasks = {"exec-features", "exec-register", "exec-register-2"}
+    for name in feast_tasks:
+        (secret,) = platform["executors"][name]["secretAsEnv"]
+        assert (
+            secret["secretName"] == REDIS_SECRET and secret["optional"] is True
+        )  # the local runner has none
+        assert {k["secretKey"]: k["envVar"] for k in secret["keyToEnv"]} == {
+            "pipeline-user": REDIS_USER_ENV,
+            "pipeline-password": REDIS_PASSWORD_ENV,
+        }
     assert "password" not in load_yaml_config(CLUSTER_CONFIG.read_text()).feast.redis_connection
 
 
