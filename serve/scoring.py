@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 DEFAULT_BEHAVIOR = "click"  # a caller-supplied history is item ids only: taken as clicks, time unknown
 REP_CHECK_ITEMS = 32  # items compared between Feast's representations and the model at start-up
 REP_CHECK_TOLERANCE = 1e-4
+IMAGE_CHECK_AGREEING = 0.9  # share of sampled items whose Feast image vector must give their trained row
 
 
 def cold_image_rows(
@@ -124,6 +125,9 @@ class ArmScorer:
                 )
             self.fetcher = own
             self._check_representations()
+        # Cold items read Feast's image vectors (through the COURIER head when the model has one): only
+        # when those are the vectors this model was trained on (review COURIER #6).
+        self.cold_images = self._image_vectors_match()
 
     # -- public ----------------------------------------------------------------------------------------
 
@@ -353,7 +357,7 @@ class ArmScorer:
             )
         ):
             attributes[:, j] = vocab.encode([rows[i].get(column) for i in known])
-        vectors = [rows[i].get("image_embedding") for i in known]
+        vectors = [rows[i].get("image_embedding") if self.cold_images else None for i in known]
         image, mismatched = cold_image_rows(vectors, embedding.image.shape[1], self.image_encoder)
         if mismatched:  # a missing vector is an item without a poster; another width is a setup to know of
             log.warning(
@@ -380,6 +384,36 @@ class ArmScorer:
                 self.cold_reused,
             )
         log.info("%s: %d cold items added from their Feast features", self.name, fresh + len(victims))
+
+    def _image_vectors_match(self) -> bool:
+        """Whether Feast's image vectors are the ones this model's image table was built from: for the
+        first catalogue items with a vector, the row a cold item would get (``cold_image_rows``, through the
+        COURIER head when there is one) must equal the item's trained row. Feast re-embedded with another
+        backbone since training would put cold items in another space: they then get no image (as an item
+        without a poster), with a warning; the trained items are unaffected."""
+        embedding = getattr(self.model, "embedding", None)
+        if not isinstance(embedding, ItemModalities):
+            return True
+        sample = list(self.catalog.items.values[:REP_CHECK_ITEMS])
+        rows = self.fetcher.items(sample)
+        found = [(code, rows[i].get("image_embedding")) for code, i in enumerate(sample, start=1)]
+        found = [(code, vector) for code, vector in found if vector is not None]
+        if not found:
+            return True  # no posters to compare: cold items have none either
+        image, _ = cold_image_rows([v for _, v in found], embedding.image.shape[1], self.image_encoder)
+        trained = embedding.image[torch.tensor([code for code, _ in found])]
+        agreeing = float(((image - trained).abs().amax(dim=1) <= REP_CHECK_TOLERANCE).float().mean())
+        if agreeing < IMAGE_CHECK_AGREEING:
+            log.warning(
+                "%s: Feast's image vectors give the trained rows for %.0f%% of %d sampled items: not the "
+                "vectors (backbone) this model was trained on; cold items get no image until the model is "
+                "retrained on them",
+                self.name,
+                100 * agreeing,
+                len(found),
+            )
+            return False
+        return True
 
     def _check_representations(self) -> None:
         """Feast's representations must be this model's: a stale publication would serve wrong scores."""

@@ -70,6 +70,7 @@ def test_the_courier_switch_runs_the_stage_and_the_models_read_its_vectors(tmp_p
     materialize_features(data, cfg)
     checkpoint = tmp_path / "work" / "registry" / "marn" / version / "model.pt"
     scorer = ArmScorer(checkpoint, FeatureFetcher(work_path(cfg, cfg.feast.repo_dir, "feast")), 8)
+    assert scorer.cold_images  # Feast's backbone vectors, through the head, give the trained COURIER rows
     [scores] = scorer.score([ScoreRequest("someone", ["new-poster", twin])], 1_900_000_000 * 10**6)
     assert len(scores) == 2 and all(0.0 < p < 1.0 for p in scores)
     row = scorer.model.embedding.image[scorer._cold["new-poster"]].numpy()

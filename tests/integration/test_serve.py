@@ -135,6 +135,7 @@ def test_cold_items_use_their_feast_features_and_unknown_everything_still_scores
     from serve.scoring import ScoreRequest
 
     scorer = _scorer(world, "marn")
+    assert scorer.cold_images  # Feast's image vectors are the ones the model was trained on
     known_user, known_item = world["users"][0], world["items"][1]
     [scores] = scorer.score([ScoreRequest("a-new-user", ["never-seen-item", known_item], None)], NOW_US)
     assert len(scores) == 2 and all(0 <= s <= 1 for s in scores)

@@ -324,7 +324,7 @@ def _cold_scorer(max_cold_items: int) -> ArmScorer:
         items=Vocab(("a", "b")), categories=Vocab(("c1",)), brands=Vocab(()), shops=Vocab(())
     )
     scorer.fetcher = SimpleNamespace(items=items)
-    scorer._cold, scorer.cold_reused = OrderedDict(), 0
+    scorer._cold, scorer.cold_reused, scorer.cold_images = OrderedDict(), 0, True
     return scorer
 
 
@@ -349,3 +349,26 @@ def test_cold_slots_go_to_new_items_by_least_recent_use_and_never_to_a_trained_i
         scorer.model.embedding.overwrite(
             torch.tensor([2]), torch.zeros(1, 3, dtype=torch.long), torch.zeros(1, 2)
         )
+
+
+def test_cold_items_get_no_image_when_feasts_vectors_are_not_the_ones_the_model_was_trained_on():
+    """COURIER review #6: Feast re-embedded with another backbone would put cold items in another space."""
+    scorer = _cold_scorer(max_cold_items=3)
+    trained = {"a": [1.0, 1.0], "b": [2.0, 2.0]}  # the image table's rows of a and b
+    known = scorer.fetcher.items
+
+    def feast(vectors: dict[str, list[float] | None]):
+        return lambda ids: {
+            i: {"image_embedding": vectors.get(i)} if i in vectors else known([i])[i] for i in ids
+        }
+
+    scorer.fetcher = SimpleNamespace(items=feast(trained))
+    assert scorer._image_vectors_match()
+    scorer.fetcher = SimpleNamespace(items=feast({"a": None, "b": None}))
+    assert scorer._image_vectors_match()  # nothing to compare: no posters
+    scorer.fetcher = SimpleNamespace(items=feast({"a": [0.5, -3.0], "b": [2.0, 2.0]}))  # another backbone
+    assert not scorer._image_vectors_match()
+    scorer.cold_images = False
+    codes = scorer.item_codes(["n7"])
+    assert scorer.model.embedding.image[codes["n7"]].tolist() == [0.0, 0.0]  # no image, as without a poster
+    assert scorer.model.embedding.attributes[codes["n7"]].tolist() == [1, 0, 0]  # its category still counts
