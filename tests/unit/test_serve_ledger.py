@@ -180,3 +180,26 @@ def test_a_ledger_from_before_claim_ids_is_migrated_in_place(tmp_path):
     assert store.claim_feedback([_claim("r0", "u1", "marn", "i0", True)]) == ["replayed"]  # kept its rows
     assert store.claim_feedback([_claim("r1", "u1", "marn", "i0", True)]) == ["accepted"]
     store.close()
+
+
+def test_two_ledgers_on_one_file_count_every_event_once(tmp_path):
+    """During a RayService upgrade the old and the new cluster's ledgers share the SQLite file (on one node:
+    kustomize/base/rayservice.yaml): their flushes and claims interleave, and SQLite's locks keep the counts
+    exact, the replay set and the assignment salt shared."""
+    old, new = _store(tmp_path), _store(tmp_path)
+    assert old.assignment_salt() == new.assignment_salt()
+    weights = ("weights", {"marn": 0.5, "dupn": 0.5}, 1.0)
+    assert old.apply(Batch("b0", [weights]))
+    for k in range(20):
+        store = (old, new)[k % 2]
+        assert store.apply(Batch(f"b{k + 1}", [_request(f"u{k}", ARMS[k % 2])]))
+        assert store.claim_feedback([_claim(f"r{k}", f"u{k}", ARMS[k % 2], "i1", k % 3 == 0)]) == ["accepted"]
+    assert not new.apply(Batch("b3", [_request("u2", "marn")]))  # a flush the other ledger applied: once
+    assert new.claim_feedback([_claim("r4", "u4", "marn", "i1", True)]) == ["replayed"]  # old counted it
+    for store in (old, new):
+        summary = store.summary()
+        assert sum(a["requests"] for a in summary["arms"].values()) == 20
+        assert sum(a["feedback"] for a in summary["arms"].values()) == 20
+        assert sum(a["clicks"] for a in summary["arms"].values()) == 7  # k = 0, 3, ..., 18
+    old.close()
+    new.close()

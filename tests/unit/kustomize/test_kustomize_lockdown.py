@@ -634,3 +634,16 @@ def test_the_ledger_writes_to_its_own_volume_in_one_pinned_pod(target: str) -> N
     assert offered == {pin: 1}
     others = [g for g in cluster["workerGroupSpecs"] if g is not group]
     assert all(pin not in g.get("rayStartParams", {}).get("resources", "") for g in others)
+    # An upgrade's second RayCluster puts its ledger pod on the running one's node (review finding 8): a
+    # required affinity to its own label, per node, so the ReadWriteOnce claim can attach to both.
+    labels = group["template"]["metadata"]["labels"]
+    (term,) = group["template"]["spec"]["affinity"]["podAffinity"][
+        "requiredDuringSchedulingIgnoredDuringExecution"
+    ]
+    assert term["topologyKey"] == "kubernetes.io/hostname"
+    selector = term["labelSelector"]["matchLabels"]
+    assert selector and all(
+        labels.get(k) == v for k, v in selector.items()
+    )  # matches itself: the first schedules
+    for other in [cluster["headGroupSpec"], *others]:  # ... and no other pod
+        assert not all(other["template"]["metadata"]["labels"].get(k) == v for k, v in selector.items())
