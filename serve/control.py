@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psutil
 import requests
 
 from marn.config import Config
@@ -51,6 +52,9 @@ class ServeState:
     dashboard: str  # http://127.0.0.1:PORT, Serve's REST API
     url: str  # http://127.0.0.1:8000
     config_path: str | None
+    # the process's start time (psutil, unix s): a pid reused by another process after a reboot or crash
+    # has another, so `down` never signals a stranger's process group (None: a state from before this)
+    started_at: float | None = None
 
 
 def arms(cfg: Config) -> list[str]:
@@ -135,12 +139,21 @@ def read_state(cfg: Config) -> ServeState | None:
     if not path.exists():
         return None
     state = ServeState(**json.loads(path.read_text()))
-    try:
-        os.kill(state.pid, 0)
-    except ProcessLookupError:
-        path.unlink()  # the cluster died (reboot, kill): forget it
+    if not _same_process(state):
+        path.unlink()  # the cluster died (reboot, kill), its pid maybe reused since: forget it
         return None
     return state
+
+
+def _same_process(state: ServeState) -> bool:
+    """Whether ``state.pid`` is still the process `up` started (same start time), not a reused pid."""
+    try:
+        started = psutil.Process(state.pid).create_time()
+    except (psutil.NoSuchProcess, psutil.ZombieProcess):
+        return False
+    except psutil.AccessDenied:  # another user's process: not ours
+        return False
+    return state.started_at is None or abs(started - state.started_at) < 1.0
 
 
 def up(cfg: Config, config_path: str | None, say: Callable[[str], None] = print) -> ServeState:
@@ -183,7 +196,12 @@ def up(cfg: Config, config_path: str | None, say: Callable[[str], None] = print)
     dashboard = f"http://127.0.0.1:{cfg.serve.dashboard_port}"
     applications = f"{dashboard}/api/serve/applications/"
     state = ServeState(
-        process.pid, gcs_port, dashboard, f"http://{cfg.serve.host}:{cfg.serve.port}", config_path
+        process.pid,
+        gcs_port,
+        dashboard,
+        f"http://{cfg.serve.host}:{cfg.serve.port}",
+        config_path,
+        psutil.Process(process.pid).create_time(),
     )
     state_path(cfg).write_text(json.dumps(state.__dict__))
     try:

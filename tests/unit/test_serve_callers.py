@@ -258,3 +258,26 @@ def test_serve_up_keys_are_made_once_private_and_an_exported_key_wins(tmp_path, 
     assert caller_key(cfg, "client") == "marn_exported"
     callers = parse_callers(callers_entries(keys))
     assert callers.identify(f"Bearer {keys['client']}").name == "local-client"
+
+
+def test_a_recorded_pid_counts_only_while_it_is_the_same_process(tmp_path):
+    """Review finding 15: after a reboot the pid in serve.json may belong to a stranger, whose process group
+    `marn serve down` would have signalled."""
+    import psutil
+
+    from serve.control import read_state, state_path
+
+    cfg = Config.model_validate({"paths": {"work_dir": str(tmp_path)}})
+    me = psutil.Process(os.getpid()).create_time()
+    fields = {
+        "gcs_port": 1,
+        "dashboard": "http://127.0.0.1:1",
+        "url": "http://127.0.0.1:2",
+        "config_path": None,
+    }
+    path = state_path(cfg)
+    path.parent.mkdir(parents=True)
+    for started_at, alive in ((me, True), (None, True), (me - 3600, False)):  # None: a state from before
+        path.write_text(json.dumps({"pid": os.getpid(), "started_at": started_at, **fields}))
+        state = read_state(cfg)
+        assert (state is not None) == alive and path.exists() == alive, started_at
