@@ -248,7 +248,6 @@ def endpoints(docs: list[dict[str, Any]]) -> dict[str, Endpoint]:
 # (source, destination, port, protocol): what the system needs ...
 NEEDED = [
     ("caller", "serve_worker", 8000, "TCP"),  # the A/B API on every proxy
-    ("caller", "serve_head", 8000, "TCP"),
     ("serve_worker", "serve_head", 6379, "TCP"),  # Ray inside one cluster: GCS
     ("serve_head", "serve_worker", 10005, "TCP"),  # ... and worker ports
     ("ray_worker", "ray_head", 6379, "TCP"),
@@ -275,6 +274,7 @@ NEEDED = [
 ]
 # ... and what it must refuse.
 REFUSED = [
+    ("caller", "serve_head", 8000, "TCP"),  # the head's proxy: left out of the Serve Service (finding 7)
     ("caller", "serve_head", 8265, "TCP"),  # no dashboard, job API or Ray client from outside
     ("caller", "ray_head", 8265, "TCP"),
     ("caller", "ray_head", 10001, "TCP"),
@@ -585,6 +585,7 @@ def test_every_serving_worker_reads_the_signing_key_and_the_callers_from_the_sec
     callers = load_config(str(CLUSTER_CONFIG)).serve.callers_env
     head = service["spec"]["rayClusterConfig"]["headGroupSpec"]
     assert head["rayStartParams"]["num-cpus"] == "0"
+    assert service["spec"]["excludeHeadPodFromServeSvc"] is True  # callers never reach the head's proxy
     for where, container in pods:
         if where.endswith(" head ray-head"):
             assert not set(env_of(container)) & {variable, callers}, where
