@@ -2,12 +2,14 @@
 
 ``LedgerStore`` is the small interface the Serve ``Ledger`` deployment needs; ``SQLiteLedgerStore`` is the
 embedded default (one file under the serve state dir, WAL, one transaction per router flush or feedback
-batch). A Redis store for the cluster would implement the same four methods (a MULTI/EXEC per batch,
-``SET NX`` with an expiry for the replay set); none is written yet.
+batch). A Redis store for the cluster would implement the same methods (a MULTI/EXEC per batch, ``SET NX``
+with an expiry for the replay set); none is written yet.
 
 Exactly once: a router flush carries a batch id, stored in the same transaction as its counts, so a flush
 re-sent after a ledger died between commit and reply is not counted twice. A feedback click is claimed
-(request key, item) in the same transaction that counts it.
+(request key, item) in the same transaction that counts it, with its claim id, so the same call delivered
+twice counts once, and within its response's feedback and click limits. The store also keeps the
+experiment's secret assignment salt, made with it.
 
 ``EventBuffer`` is the router's side: events waiting for the next flush, bounded (see its docstring).
 """
