@@ -15,7 +15,8 @@
 
 The HTTP logic lives in ``RouterCore`` (no Ray) and its routes in ``asgi_app(core)``, a FastAPI app with
 Pydantic request and response models (serve/ab.py): the Serve ``Router`` deployment builds one per replica
-around a core over deployment handles, and tests serve one in-process. Bodies are read bounded (413) and
+around a core over deployment handles, and tests serve one in-process. Callers are checked first (a client
+or operator key, serve/callers.py: 401/403 before any body is read); bodies are then read bounded (413) and
 parsed hardened (400) before FastAPI validates them against the models (422).
 """
 
