@@ -304,9 +304,8 @@ class RouterCore:
     ):
         self.arms, self.score, self.ledger, self.callers = list(arms), score, ledger, callers
         self.salt: bytes | None = None  # the ledger's assignment salt, read at the first /predict
-        self.refused_callers: Counter[str] = (
-            Counter()
-        )  # this replica's 401/403s, by reason (never the ledger)
+        # this replica's 401/403s, by reason (kept here, never in the ledger)
+        self.refused_callers: Counter[str] = Counter()
         self.max_candidates, self.canary = serve_cfg.max_candidates, serve_cfg.canary
         self.signer = RequestSigner(secret, serve_cfg.feedback_window_s)
         # Weights come only from user_config (reconfigure): a router restart re-sends the live weights,
