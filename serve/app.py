@@ -322,6 +322,9 @@ class RouterCore:
         # A weight change the ledger has not been sent yet: feedback waits for it to reach the ledger first,
         # or a click counted meanwhile would land in the old step and be erased with it.
         self.weights_unsent = False
+        # The summary being read from the ledger: concurrent GET /ab calls (and snapshots) share it, so a flood
+        # of them costs one ledger query at a time per replica.
+        self.summary_in_flight: asyncio.Task | None = None
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         settings = RouterSettings.model_validate(user_config)
@@ -439,7 +442,14 @@ class RouterCore:
 
     async def _summary(self) -> ABSummary | None:
         """The ledger's numbers (after a flush) with this replica's weights and canary judgement; None while
-        the ledger is unavailable."""
+        the ledger is unavailable. A caller arriving while a summary is being read gets that one (begun at
+        most one ledger round trip before it asked); a caller that goes away does not cancel it for the
+        others."""
+        if self.summary_in_flight is None or self.summary_in_flight.done():
+            self.summary_in_flight = asyncio.get_running_loop().create_task(self._read_summary())
+        return await asyncio.shield(self.summary_in_flight)
+
+    async def _read_summary(self) -> ABSummary | None:
         await self._flush()
         try:
             summary = await asyncio.wait_for(self.ledger.summary(), LEDGER_TIMEOUT_S)

@@ -212,6 +212,40 @@ def test_a_burst_of_events_gets_one_flush_in_flight_and_every_event_counted_once
     assert set(resent) == {ledger.sent[0]}  # only the batch whose send failed went again
 
 
+class CountingSummaries(SlowLedger):
+    """A ledger whose summary takes a while and counts how often it is read."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.summaries = 0
+
+    async def summary(self) -> dict[str, Any]:
+        self.summaries += 1
+        await asyncio.sleep(0.05)
+        return await super().summary()
+
+
+def test_a_flood_of_ab_reads_costs_one_ledger_summary_at_a_time():
+    async def flood() -> tuple[CountingSummaries, list[Any], list[Any]]:
+        ledger = CountingSummaries()
+        core = RouterCore(["marn", "dupn"], id_scorer, ledger, ServeConfig(), b"k" * 32, make_callers()[0])
+        core.reconfigure({"weights": WEIGHTS})
+        together = await asyncio.gather(*(core.ab() for _ in range(200)))
+        impatient = asyncio.ensure_future(core.ab())  # a caller that goes away mid-read
+        await asyncio.sleep(0.01)
+        impatient.cancel()
+        later = [await core.ab(), await core.ab()]  # one after another: each reads afresh
+        if core.flusher:
+            core.flusher.cancel()
+        return ledger, together, later
+
+    ledger, together, later = asyncio.run(flood())
+    # the 200 at once shared one read; the cancelled caller's read went on and answered the next caller
+    assert ledger.summaries == 1 + 2
+    assert all(s == together[0] for s in together) and together[0].arms["marn"].requests == 0
+    assert all(s.canary is not None for s in later)
+
+
 # -- a hung scorer -------------------------------------------------------------------------------------------
 
 
