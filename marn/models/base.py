@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -19,6 +21,16 @@ class ModelOutput:
     aux: dict[str, torch.Tensor] = field(default_factory=dict)  # its named parts, for logging only
 
 
+def shared_tensor(array: np.ndarray) -> torch.Tensor:
+    """``array`` as a tensor that shares its memory. In a Ray worker the catalogue and feature tables are
+    read-only views of the object store, shared by every worker on the node (an image table can be GiBs),
+    so no copy. Nothing writes such a buffer in place (``ItemModalities.extend`` makes new tensors before
+    ``overwrite`` writes rows), so torch's warning about a non-writable array is silenced here only."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.as_tensor(array)
+
+
 class CTRModel(nn.Module):
     """Base class: a model sees the item catalogue and item features at build time, a batch per call.
 
@@ -30,7 +42,7 @@ class CTRModel(nn.Module):
     def __init__(self, catalog: ItemCatalog, features: ItemFeatures, cfg: ModelConfig):
         super().__init__()
         # (n_items + 1, 3) category, brand, shop codes per item code; a buffer so it moves with .to(device)
-        self.register_buffer("item_attributes", torch.as_tensor(catalog.attributes), persistent=False)
+        self.register_buffer("item_attributes", shared_tensor(catalog.attributes), persistent=False)
 
     def forward(self, batch: dict[str, torch.Tensor], progress: float = 1.0) -> ModelOutput:
         raise NotImplementedError

@@ -20,6 +20,7 @@ from marn.data.item_features import ItemFeatures
 from marn.data.schema import BEHAVIORS
 from marn.data.stats import StatDiscretizer
 from marn.data.tensors import GAP_BUCKETS, ItemCatalog
+from marn.models.base import shared_tensor
 
 MODALITIES = ("ids", "image", "title", "stats")  # paper 3.1.1, in the paper's order
 
@@ -303,9 +304,9 @@ class ItemModalities(nn.Module):
         if unknown or not modalities:
             raise ValueError(f"modalities must be a non-empty subset of {MODALITIES}, got {modalities}")
         self.modalities = tuple(m for m in MODALITIES if m in modalities)
-        self.register_buffer("attributes", torch.as_tensor(catalog.attributes), persistent=False)
-        self.register_buffer("image", torch.as_tensor(features.image), persistent=False)
-        self.register_buffer("title", torch.as_tensor(features.title), persistent=False)
+        self.register_buffer("attributes", shared_tensor(catalog.attributes), persistent=False)
+        self.register_buffer("image", shared_tensor(features.image), persistent=False)
+        self.register_buffer("title", shared_tensor(features.title), persistent=False)
         statistics = features.statistics
         offsets, per_stat = stat_code_offsets(statistics)
         self.register_buffer("stat_offsets", offsets, persistent=False)  # (F, G)
@@ -327,7 +328,7 @@ class ItemModalities(nn.Module):
         if "image" in self.modalities:
             self.project["image"] = nn.Linear(features.image.shape[1], d)
         if "title" in self.modalities:
-            words = torch.as_tensor(features.word_vectors)
+            words = shared_tensor(features.word_vectors)
             self.title_cnn = TitleCNN(words, cfg.title_windows, cfg.title_filters)
             self.project["title"] = nn.Linear(self.title_cnn.out_dim, d)
         if "stats" in self.modalities:

@@ -1,5 +1,8 @@
 """Behavioural tests for every registered model: it learns on synthetic data and can overfit a tiny batch."""
 
+import warnings
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -82,3 +85,32 @@ def test_empty_history_gives_finite_scores(name, tiny_world):
         batch[key] = torch.zeros_like(batch[key])
     with torch.no_grad():
         assert torch.isfinite(model(batch).logits).all()
+
+
+@pytest.mark.parametrize("name", ["marn", "din"])
+def test_read_only_tables_from_the_object_store_are_shared_without_a_warning(name, tiny_world):
+    """In a Ray worker the catalogue and feature arrays are read-only views of the object store: the model
+    shares them (no copy of a large image table) and torch's non-writable-array warning stays out of logs."""
+
+    def read_only(array):
+        view = array.view()
+        view.flags.writeable = False
+        return view
+
+    features = tiny_world.features
+    features = replace(
+        features,
+        image=read_only(features.image),
+        title=read_only(features.title),
+        word_vectors=read_only(features.word_vectors),
+    )
+    catalog = replace(tiny_world.catalog, attributes=read_only(tiny_world.catalog.attributes))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model = build_model(name, catalog, features, tiny_world.model_cfg)
+    shared = {buffer.data_ptr() for buffer in model.buffers()}
+    assert catalog.attributes.ctypes.data in shared
+    if name == "marn":
+        assert features.image.ctypes.data in shared
+    scores = predict(model, tiny_world.valid)
+    assert np.isfinite(scores).all()
