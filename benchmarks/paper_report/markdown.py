@@ -92,6 +92,25 @@ def popularity_markdown(table: dict[str, Any]) -> tuple[str, list[Claim]]:
     return markdown_table(header, rows), [claim]
 
 
+def popularity_ladder_markdown(table: dict[str, Any], names: Sequence[str]) -> str:
+    """Mean AUC per popularity level for each of ``names``, then MARN minus each per level (points): on
+    which items, rare or popular, MARN gains or loses against each row."""
+    levels = table["levels"]
+    means = {n: [float(np.mean(v)) if v else math.nan for v in table[n]] for n in names}
+    header = ["popularity level", *[str(level["level"]) for level in levels]]
+    rows = [["training clicks per item", *[f"{lv['min_count']}-{lv['max_count']}" for lv in levels]]]
+    rows += [[LABELS[n], *[f"{v:.3f}" for v in means[n]]] for n in names]
+    rows += [
+        [
+            f"MARN - {LABELS[n]}",
+            *[f"{100 * (m - o):+.1f}" for m, o in zip(means["marn"], means[n], strict=True)],
+        ]
+        for n in names
+        if n != "marn"
+    ]
+    return markdown_table(header, rows)
+
+
 def cold_markdown(table: dict[str, Any]) -> tuple[str, list[Claim]]:
     ns = list(table["marn"]["recall"])
     pool = table["marn"]["pool"]

@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from benchmarks.paper_report.claims import Claim, table_claims
 from benchmarks.paper_report.figures import (
     attention_by_genre,
@@ -24,6 +26,7 @@ from benchmarks.paper_report.markdown import (
     instrumentation_table,
     markdown_table,
     model_table,
+    popularity_ladder_markdown,
     popularity_markdown,
 )
 from benchmarks.paper_report.runs import (
@@ -74,6 +77,15 @@ def write_report(
     if pop:
         pop_md, pop_claims = popularity_markdown(pop)
         claims += pop_claims
+    # The same levels for MARN's ablation ladder and the strongest other model of Table 2: where MARN's
+    # difference to each comes from (rare or popular items)
+    best_other = max(
+        (n for n in TABLE2 if n in runs and n not in ("marn", "popularity")),
+        key=lambda n: float(np.mean(runs[n].auc)),
+        default=None,
+    )
+    ladder = [n for n in dict.fromkeys([*TABLE3, *([best_other] if best_other else [])]) if n in runs]
+    pop_ladder = popularity_table(work, seeds, ladder) if "marn" in ladder else None
     cold = cold_table(work, seeds)
     batch_side = batch_side_table(work, seeds, cfg.train.batch_size)
     cold_md = ""
@@ -175,6 +187,7 @@ def write_report(
         "t_test": {c.text: c.here for c in claims[:1]},
         "claims": [{"claim": c.text, "here": c.here, "holds": c.holds} for c in claims],
         "popularity": pop,
+        "popularity_by_model": pop_ladder,
         "cold": cold,
         "batch_side": batch_side,
         **extras,
@@ -252,6 +265,15 @@ def write_report(
             "## Table 4 analogue: AUC by item popularity\n\nTest items cut into 10 equal-frequency "
             "levels by their training clicks (level 0 the least popular); AUC of each level's test "
             f"samples, mean over seeds.\n\n{pop_md}"
+        )
+    if pop_ladder:
+        names = [n for n in pop_ladder if n != "levels"]
+        sections.append(
+            "## AUC by item popularity, model by model\n\nThe same levels for MARN's ablation ladder"
+            + (f" and the strongest other model of Table 2 ({LABELS[best_other]})" if best_other else "")
+            + "; the last rows are MARN's "
+            "difference to each, in AUC points per level: where MARN's gap comes from, rare or popular "
+            f"items.\n\n{popularity_ladder_markdown(pop_ladder, names)}"
         )
     if cold_md:
         held = cold.get("held_out") or {}

@@ -162,10 +162,13 @@ def _seed_metrics(root: Path, name: str, seeds: int) -> list[dict[str, Any]]:
     return [json.loads(p.read_text()) for p in paths if p.exists()]
 
 
-def popularity_table(work: Path, seeds: int) -> dict[str, Any] | None:
-    """AUC per item-popularity level, averaged over seeds, for BaseModel+IDs and MARN (Table 4)."""
-    per_model = {}
-    for name in ("base_ids", "marn"):
+def popularity_table(
+    work: Path, seeds: int, names: Sequence[str] = ("base_ids", "marn")
+) -> dict[str, Any] | None:
+    """AUC per item-popularity level, each seed's list per level, for ``names`` (by default BaseModel+IDs and
+    MARN: Table 4); None unless every one of them has a finished seed."""
+    per_model: dict[str, Any] = {}
+    for name in names:
         metrics = _seed_metrics(work / "runs", name, seeds)
         if not metrics:
             return None

@@ -8,7 +8,12 @@ import torch
 
 from benchmarks import paper
 from benchmarks.paper_report.claims import table_claims
-from benchmarks.paper_report.markdown import cold_markdown, model_table, popularity_markdown
+from benchmarks.paper_report.markdown import (
+    cold_markdown,
+    model_table,
+    popularity_ladder_markdown,
+    popularity_markdown,
+)
 from benchmarks.paper_report.runs import TABLE2, TABLE3, Summary
 from benchmarks.paper_report.significance import auc_standard_error, welch
 from marn.data.tensors import PAD, EncodedSamples
@@ -115,6 +120,22 @@ def test_popularity_and_cold_tables():
     markdown, (claim,) = cold_markdown(cold)
     assert "| RANDOM (expected) | 20.0% | 100.0% |" in markdown
     assert claim.holds is True and "2 of 2" in claim.here
+
+
+def test_popularity_ladder_shows_marns_difference_per_level_and_model():
+    levels = [{"level": k, "samples": 10, "min_count": 2 * k, "max_count": 2 * k + 1} for k in range(3)]
+    table = {
+        "levels": levels,
+        "marn": [[0.70, 0.72], [0.80], [0.90]],
+        "base_maf": [[0.69, 0.71], [0.82], []],  # no seed scored level 2: shown as nan, not as 0
+        "dmf": [[0.60], [0.80], [0.95]],
+    }
+    lines = popularity_ladder_markdown(table, ["marn", "base_maf", "dmf"]).splitlines()
+    assert lines[2] == "| training clicks per item | 0-1 | 2-3 | 4-5 |"
+    assert lines[3] == "| MARN | 0.710 | 0.800 | 0.900 |"
+    assert lines[4] == "| BaseModel+MAF | 0.700 | 0.820 | nan |"
+    assert lines[6] == "| MARN - BaseModel+MAF | +1.0 | -2.0 | +nan |"
+    assert lines[7] == "| MARN - DMF | +11.0 | +0.0 | -5.0 |"
 
 
 def test_auc_standard_error_matches_hanley_mcneil():
