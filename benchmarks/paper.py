@@ -53,6 +53,7 @@ import torch
 from benchmarks.paper_report.report import write_report
 from benchmarks.paper_report.runs import (
     BATCH_SIDE_ROWS,
+    FIXED_LAMBDA0,
     REFERENCES,
     SIDE_BATCH_SIZE,
     SWITCH_ROWS,
@@ -168,12 +169,16 @@ def tuned_values(dataset: Dataset, cfg: Config, work: Path, row: str) -> dict[st
 
 def tuned_configs(dataset: Dataset, cfg: Config, rows: list[str], work: Path) -> dict[str, Config]:
     """Each row's config with its variant's tuned lambda0 and schedule horizon (searched first where
-    missing); rows without a discriminator keep the configured values, as lambda0 means nothing to them."""
+    missing), or a ``FIXED_LAMBDA0`` row's own lambda0 with its variant's horizon; rows without a
+    discriminator keep the configured values, as lambda0 means nothing to them."""
     configs = {row: row_config(cfg, row) for row in rows}
     sources = dict.fromkeys(lambda0_source(r) for r in rows if is_adversarial(configs[r]))
     tuned = {source: tuned_values(dataset, row_config(cfg, source), work, source) for source in sources}
+    fixed = {row: {"model.lambda0": value} for row, value in FIXED_LAMBDA0.items()}
     return {
-        row: c.with_overrides(tuned[lambda0_source(row)]) if is_adversarial(c) else c
+        row: c.with_overrides({**tuned[lambda0_source(row)], **fixed.get(row, {})})
+        if is_adversarial(c)
+        else c
         for row, c in configs.items()
     }
 

@@ -41,7 +41,12 @@ SWITCH_ROWS: dict[str, tuple[str, dict[str, str]]] = {
     "marn_before_issue16": ("marn", {"d1_weights": "raw", "reversal_reaches": "embedding"}),
     "marn_pool_per_item": ("marn", {"pool_weights": "per_item"}),
     "marn_lambda_grl": ("marn", {"lambda_role": "reversal"}),
+    "marn_lambda_paper": ("marn", {}),  # lambda0 below instead of MARN's tuned one
 }
+# Rows trained at a fixed lambda0 rather than their search's best (with the search's schedule horizon, so
+# that lambda0 is all that differs): the paper's best for MARN (4.7), beside a search whose validation AUCs
+# lie within one seed's spread of each other.
+FIXED_LAMBDA0 = {"marn_lambda_paper": 0.05}
 LABELS = {
     "popularity": "Popularity (statistics only)",
     "lr": "LR",
@@ -68,6 +73,7 @@ LABELS = {
     "marn_before_issue16": "MARN, raw w and reversal into e^m (before issue 16)",
     "marn_pool_per_item": "MARN, max-pool w per item (M w / sum w)",
     "marn_lambda_grl": "MARN, lambda as the GRL coefficient",
+    "marn_lambda_paper": "MARN, the paper's lambda0 0.05 (not tuned)",
 }
 # The adversary's per-epoch instrumentation in metrics.json (marn.models.marn.MARN.adversarial_diagnostics);
 # the w columns are per modality (w_raw_ids, ...). Runs from before it have none of them.

@@ -59,13 +59,22 @@ def _fake_search(paper, work, row: str, lambda0: float, **model_changes) -> None
 
 
 def test_each_row_trains_with_its_own_variants_lambda0(tmp_path):
-    searched = {"base_maf_adv": 0.7, "base_maf_ddma": 0.2, "marn": 0.05, "marn_lambda_grl": 1.3}
+    searched = {"base_maf_adv": 0.7, "base_maf_ddma": 0.2, "marn": 0.6, "marn_lambda_grl": 1.3}
     for row, value in searched.items():
         _fake_search(paper, tmp_path, row, value)
-    rows = ["lr", "base_maf_adv", "base_maf_ddma", "marn", "marn_w_raw", "marn_lambda_grl"]
+    rows = [
+        "lr",
+        "base_maf_adv",
+        "base_maf_ddma",
+        "marn",
+        "marn_w_raw",
+        "marn_lambda_grl",
+        "marn_lambda_paper",
+    ]
     configs = paper.tuned_configs(None, CONFIG, rows, tmp_path)  # every search exists: no Ray, no data
     lambda0 = {row: cfg.model.lambda0 for row, cfg in configs.items()}
-    assert lambda0 == {**searched, "lr": CONFIG.model.lambda0, "marn_w_raw": 0.05}
+    # marn_lambda_paper: the paper's 0.05 whatever MARN's search found, on that search's horizon
+    assert lambda0 == {**searched, "lr": CONFIG.model.lambda0, "marn_w_raw": 0.6, "marn_lambda_paper": 0.05}
     assert configs["marn_w_raw"].model.d1_weights == "raw"
     horizon = {row: cfg.train.lambda_horizon_epochs for row, cfg in configs.items()}
     assert horizon == {**dict.fromkeys(rows, 2), "lr": None}  # each search's own; lr has no schedule
