@@ -86,9 +86,10 @@ CURVES = "curves.json"
 RESUME = "resume.pt"  # a run's state after its last finished epoch (train_one)
 TIMING = "timing.json"  # wall seconds of every stage and invocation, summed for the results' wall_s
 TICK_S = 60.0  # how often a running stage adds its seconds to TIMING
-# Rough seconds per epoch on one core at configs/paper-movielens.yaml: longest runs start first so the two
-# cores stay busy to the end (an unknown model counts as slow).
+# Rough seconds per epoch on one core at configs/paper-movielens.yaml, for a model no finished run has
+# measured yet (``expected_run_seconds``); an unknown model counts as slow.
 EPOCH_COST = {"lr": 1, "fm": 3, "youtubenet": 22, "base_ids": 18, "base_image": 25}
+TYPICAL_EPOCHS = 18  # epochs a run takes to stop early, for the same rough estimate
 
 
 def paper_models() -> tuple[str, ...]:
@@ -384,6 +385,30 @@ def read_resume(path: Path) -> ResumeState | None:
         raise ValueError(f"{path}: not a readable resume state ({err}); delete it to retrain") from err
 
 
+def measured_run_seconds(work: Path) -> dict[tuple[str, str], float]:
+    """Median wall seconds of the finished runs under WORK, per (experiment, trained model): a switch row
+    counts as the model it trains."""
+    walls: dict[tuple[str, str], list[float]] = {}
+    for path in work.glob(f"*/*/seed-*/{METRICS}"):
+        try:
+            metrics = json.loads(path.read_text())
+            walls.setdefault((path.parents[2].name, metrics["model"]), []).append(float(metrics["wall_s"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # a run being written or from an older layout: no estimate from it
+    return {key: float(np.median(values)) for key, values in walls.items()}
+
+
+def expected_run_seconds(
+    measured: dict[tuple[str, str], float], experiment: str, row: str, cfg: Config
+) -> float:
+    """A pending run's expected wall seconds: the same experiment's finished runs of its model, else the
+    grid's, else ``EPOCH_COST``'s rough figure. Orders the queue (longest first, so that both cores stay busy
+    to the end) and makes the time left that the progress lines show."""
+    model = cfg.train.model
+    found = measured.get((experiment, model)) or measured.get(("runs", model))
+    return found if found is not None else EPOCH_COST.get(row, 60) * TYPICAL_EPOCHS
+
+
 def run_experiment(
     experiment: str, inputs: RunInputs, configs: dict[str, Config], seeds: list[int], work: Path
 ) -> list[str]:
@@ -402,7 +427,10 @@ def run_experiment(
     )
     if not todo:
         return []
-    todo.sort(key=lambda job: -EPOCH_COST.get(job[0], 60))  # longest first: fewer idle cores at the end
+    measured = measured_run_seconds(work)
+    expected = {job: expected_run_seconds(measured, experiment, job[0], configs[job[0]]) for job in todo}
+    todo.sort(key=lambda job: -expected[job])  # longest first: fewer idle cores at the end
+    parallel = max(1, int(configs[models[0]].ray.num_cpus or os.cpu_count() or 1))  # one run per core
     failures: list[str] = []
     started = time.perf_counter()
     with _timed(work, experiment), ray_session(configs[models[0]].ray):
@@ -419,7 +447,9 @@ def run_experiment(
             outcome = ray.get(ready[0])
             finished += 1
             elapsed = time.perf_counter() - started
-            eta = elapsed / finished * (len(todo) - finished)
+            del expected[(model, seed)]
+            # the unfinished runs' expected seconds over the cores (in-flight ones counted whole)
+            eta = sum(expected.values()) / min(parallel, max(len(expected), 1))
             if "error" in outcome:
                 failures.append(f"{experiment}/{model}/seed-{seed}: {outcome['error']}")
                 print(

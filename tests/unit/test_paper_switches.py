@@ -138,3 +138,28 @@ def test_instrumentation_at_the_best_epoch_and_early_stopping():
     assert stopped_early(logged, patience=1) == [False, False]
     stopped = Summary("x", [0.8], [0.8], [3], [1.0], [1], [[0.8, 0.7, 0.7]])
     assert stopped_early(stopped, patience=2) == [True]
+
+
+def test_pending_runs_are_estimated_from_the_finished_runs_of_their_model(tmp_path):
+    def finished(experiment: str, row: str, seed: int, model: str, wall_s: float) -> None:
+        path = paper.run_dir(tmp_path, experiment, row, seed) / "metrics.json"
+        path.parent.mkdir(parents=True)
+        path.write_text(json.dumps({"model": model, "wall_s": wall_s}))
+
+    finished("runs", "marn", 1, "marn", 1000.0)
+    finished("runs", "marn_w_raw", 1, "marn", 1400.0)  # a switch row counts as the model it trains
+    finished("runs", "marn", 2, "marn", 1100.0)
+    finished("batch32", "din", 1, "din", 9000.0)
+    (paper.run_dir(tmp_path, "runs", "lr", 1) / "metrics.json").parent.mkdir(parents=True)
+    (paper.run_dir(tmp_path, "runs", "lr", 1) / "metrics.json").write_text("{")  # being written: skipped
+    measured = paper.measured_run_seconds(tmp_path)
+    assert measured == {("runs", "marn"): 1100.0, ("batch32", "din"): 9000.0}
+
+    def expected(experiment: str, row: str) -> float:
+        return paper.expected_run_seconds(measured, experiment, row, paper.row_config(CONFIG, row))
+
+    assert expected("runs", "marn_lambda_paper") == 1100.0
+    assert expected("cold", "marn") == 1100.0  # no cold run yet: the grid's
+    assert expected("batch32", "din") == 9000.0
+    assert expected("runs", "din") == 60 * paper.TYPICAL_EPOCHS  # nothing measured: the rough figure
+    assert expected("runs", "lr") == paper.EPOCH_COST["lr"] * paper.TYPICAL_EPOCHS
