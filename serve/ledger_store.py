@@ -103,6 +103,12 @@ CREATE TABLE IF NOT EXISTS user_feedback (  -- per user: the canary test's clust
     clicks INTEGER NOT NULL, feedback INTEGER NOT NULL,
     PRIMARY KEY (scope, arm, user_id)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS cluster_sums (  -- user_feedback's aggregates, kept with it: GET /ab reads O(arms)
+    scope TEXT NOT NULL, arm TEXT NOT NULL,
+    users INTEGER NOT NULL, clicks_sq INTEGER NOT NULL, feedback_sq INTEGER NOT NULL,
+    clicks_x_feedback INTEGER NOT NULL,
+    PRIMARY KEY (scope, arm)
+);
 CREATE TABLE IF NOT EXISTS rejected (reason TEXT PRIMARY KEY, count INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS events (  -- the event log: every request, feedback, weight change, rejection
     id INTEGER PRIMARY KEY AUTOINCREMENT, ts REAL NOT NULL, kind TEXT NOT NULL,
@@ -157,6 +163,14 @@ class SQLiteLedgerStore:
         if "claim_id" not in {row[1] for row in self.db.execute("PRAGMA table_info(seen)")}:
             self.db.execute("ALTER TABLE seen ADD COLUMN claim_id TEXT")  # a ledger from before claim ids
         with self._transaction():
+            if self._meta("cluster_sums") is None:  # a ledger from before cluster_sums: summed once here
+                self.db.execute("DELETE FROM cluster_sums")
+                self.db.execute(
+                    "INSERT INTO cluster_sums SELECT scope, arm, COUNT(*), SUM(clicks * clicks), "
+                    "SUM(feedback * feedback), SUM(clicks * feedback) FROM user_feedback GROUP BY scope, arm"
+                )
+                self._set_meta("cluster_sums", "kept")
+        with self._transaction():
             found = self._meta("schema")
             if found is not None and found != SCHEMA_VERSION:
                 raise RuntimeError(f"{self.path}: ledger schema {found}, this code writes {SCHEMA_VERSION}")
@@ -209,6 +223,7 @@ class SQLiteLedgerStore:
         if known is not None:
             self.db.execute("DELETE FROM counters WHERE scope = 'step'")
             self.db.execute("DELETE FROM user_feedback WHERE scope = 'step'")
+            self.db.execute("DELETE FROM cluster_sums WHERE scope = 'step'")
         self._set_meta("weights", json.dumps(weights))
         cursor = self.db.execute(
             "INSERT INTO events (ts, kind, detail) VALUES (?, 'weights', ?)", (now, json.dumps(weights))
@@ -279,12 +294,7 @@ class SQLiteLedgerStore:
                 )
                 for scope in ("total", "step"):
                     self._add(scope, claim.arm, feedback=1, clicks=int(claim.clicked))
-                    self.db.execute(
-                        "INSERT INTO user_feedback (scope, arm, user_id, clicks, feedback) "
-                        "VALUES (?, ?, ?, ?, 1) ON CONFLICT (scope, arm, user_id) DO UPDATE SET "
-                        "clicks = clicks + excluded.clicks, feedback = feedback + 1",
-                        (scope, claim.arm, claim.user_id, int(claim.clicked)),
-                    )
+                    self._add_user_feedback(scope, claim.arm, claim.user_id, int(claim.clicked))
                 self.db.execute(
                     "INSERT INTO events (ts, kind, user_id, arm, item_id, clicked, detail) "
                     "VALUES (?, 'feedback', ?, ?, ?, ?, ?)",
@@ -303,6 +313,35 @@ class SQLiteLedgerStore:
             self.db.execute("DELETE FROM responses WHERE issued_at < ?", (now - self.replay_window_s,))
             self._prune_events()
         return outcomes
+
+    def _add_user_feedback(self, scope: str, arm: str, user_id: str, clicked: int) -> None:
+        """One more feedback event of ``user_id``: its row, and the arm's cluster sums moved by the change
+        of that row (as ``ClusterSums.add`` does in memory), so that no read has to scan every user."""
+        clicks, shown = self.db.execute(
+            "SELECT clicks, feedback FROM user_feedback WHERE scope = ? AND arm = ? AND user_id = ?",
+            (scope, arm, user_id),
+        ).fetchone() or (0, 0)
+        new_clicks, new_shown = clicks + clicked, shown + 1
+        self.db.execute(
+            "INSERT INTO user_feedback (scope, arm, user_id, clicks, feedback) VALUES (?, ?, ?, ?, ?) "
+            "ON CONFLICT (scope, arm, user_id) DO UPDATE SET clicks = excluded.clicks, "
+            "feedback = excluded.feedback",
+            (scope, arm, user_id, new_clicks, new_shown),
+        )
+        deltas = (
+            int(shown == 0),
+            new_clicks**2 - clicks**2,
+            new_shown**2 - shown**2,
+            new_clicks * new_shown - clicks * shown,
+        )
+        self.db.execute(
+            "INSERT INTO cluster_sums (scope, arm, users, clicks_sq, feedback_sq, clicks_x_feedback) "
+            "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (scope, arm) DO UPDATE SET "
+            "users = users + excluded.users, clicks_sq = clicks_sq + excluded.clicks_sq, "
+            "feedback_sq = feedback_sq + excluded.feedback_sq, "
+            "clicks_x_feedback = clicks_x_feedback + excluded.clicks_x_feedback",
+            (scope, arm, *deltas),
+        )
 
     def _refusal(self, claim: FeedbackClaim) -> FeedbackOutcome | Literal["delivered"] | None:
         """Why this claim is not counted, or None; "delivered" when this same claim was counted before. A
@@ -351,10 +390,10 @@ class SQLiteLedgerStore:
             (arm, int(scope == "shadow"), since_event, LATENCY_WINDOW),
         ).fetchall()
         users, clicks_sq, feedback_sq, clicks_x_feedback = self.db.execute(
-            "SELECT COUNT(*), TOTAL(clicks * clicks), TOTAL(feedback * feedback), TOTAL(clicks * feedback) "
-            "FROM user_feedback WHERE scope = ? AND arm = ?",
+            "SELECT users, clicks_sq, feedback_sq, clicks_x_feedback FROM cluster_sums "
+            "WHERE scope = ? AND arm = ?",
             (scope, arm),
-        ).fetchone()
+        ).fetchone() or (0, 0, 0, 0)
         counters = ArmCounters(requests=row[0], errors=row[1], shown=row[2], clicks=row[3])
         counters.clusters = ClusterSums(
             users=users,

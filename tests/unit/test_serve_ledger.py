@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import sqlite3
 import uuid
 
@@ -203,3 +204,59 @@ def test_two_ledgers_on_one_file_count_every_event_once(tmp_path):
         assert sum(a["clicks"] for a in summary["arms"].values()) == 7  # k = 0, 3, ..., 18
     old.close()
     new.close()
+
+
+def _scanned_sums(path, scope: str, arm: str) -> tuple[int, int, int, int]:
+    """The cluster sums from every user's row, as the ledger computed them before it kept them."""
+    row = (
+        sqlite3.connect(path)
+        .execute(
+            "SELECT COUNT(*), TOTAL(clicks * clicks), TOTAL(feedback * feedback), TOTAL(clicks * feedback) "
+            "FROM user_feedback WHERE scope = ? AND arm = ?",
+            (scope, arm),
+        )
+        .fetchone()
+    )
+    return tuple(int(v) for v in row)
+
+
+def _kept_sums(summary: dict, arm: str, scope: str) -> tuple[int, int, int, int]:
+    view = summary["arms"][arm] if scope == "total" else summary["arms"][arm]["since_weight_change"]
+    c = view["clusters"]
+    return (c["users"], c["clicks_sq"], c["feedback_sq"], c["clicks_x_feedback"])
+
+
+def test_the_kept_cluster_sums_equal_a_scan_of_every_users_row(tmp_path):
+    store, rng = _store(tmp_path), random.Random(5)
+    for k in range(300):
+        if k in (100, 200):  # weight changes: the step's rows and sums start again
+            store.apply(Batch(f"w{k}", [("weights", {"marn": k / 1000, "dupn": 1 - k / 1000}, float(k))]))
+        user, arm = f"u{rng.randrange(12)}", rng.choice(ARMS)
+        store.claim_feedback([_claim(f"r{k}", user, arm, "i1", rng.random() < 0.3)])
+        if k % 37 == 0:
+            summary = store.summary()
+            for a in ARMS:
+                for scope in ("total", "step"):
+                    assert _kept_sums(summary, a, scope) == _scanned_sums(
+                        tmp_path / "ledger.sqlite", scope, a
+                    )
+    assert _kept_sums(store.summary(), "marn", "total")[0] == 12  # every user seen on marn over 300 claims
+
+
+def test_a_ledger_from_before_the_kept_sums_gets_them_from_its_rows_once(tmp_path):
+    path = tmp_path / "ledger.sqlite"
+    store = _store(tmp_path)
+    for k, (user, clicked) in enumerate([("u1", True), ("u1", False), ("u2", True), ("u3", False)]):
+        store.claim_feedback([_claim(f"r{k}", user, "marn", "i1", clicked)])
+    before = store.summary()
+    store.close()
+    old = sqlite3.connect(path)  # as a ledger written before the table existed
+    old.execute("DROP TABLE cluster_sums")
+    old.execute("DELETE FROM meta WHERE key = 'cluster_sums'")
+    old.commit()
+    old.close()
+    reopened = _store(tmp_path)
+    assert reopened.summary() == before
+    assert _kept_sums(before, "marn", "total") == (3, 2, 6, 3)  # u1: 1 click of 2, u2: 1 of 1, u3: 0 of 1
+    reopened.claim_feedback([_claim("r9", "u2", "marn", "i1", True)])
+    assert _kept_sums(reopened.summary(), "marn", "total") == _scanned_sums(path, "total", "marn")
