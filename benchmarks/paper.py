@@ -398,15 +398,32 @@ def measured_run_seconds(work: Path) -> dict[tuple[str, str], float]:
     return {key: float(np.median(values)) for key, values in walls.items()}
 
 
+# Stages whose runs cost what the grid's runs of the same model cost (same batch size and budget); a
+# batch-32 run does not, and is not estimated from them.
+LIKE_THE_GRID = ("runs", "cold")
+
+
 def expected_run_seconds(
     measured: dict[tuple[str, str], float], experiment: str, row: str, cfg: Config
-) -> float:
-    """A pending run's expected wall seconds: the same experiment's finished runs of its model, else the
-    grid's, else ``EPOCH_COST``'s rough figure. Orders the queue (longest first, so that both cores stay busy
-    to the end) and makes the time left that the progress lines show."""
+) -> float | None:
+    """A pending run's expected wall seconds: the same stage's finished runs of its model, else (in a stage
+    like the grid) the grid's, else ``EPOCH_COST``'s rough figure; None when nothing comparable is known.
+    Orders the queue (longest first, so that both cores stay busy to the end) and makes the time left that
+    the progress lines show."""
     model = cfg.train.model
-    found = measured.get((experiment, model)) or measured.get(("runs", model))
-    return found if found is not None else EPOCH_COST.get(row, 60) * TYPICAL_EPOCHS
+    found = measured.get((experiment, model))
+    if found is None and experiment in LIKE_THE_GRID:
+        found = measured.get(("runs", model), EPOCH_COST.get(row, 60) * TYPICAL_EPOCHS)
+    return found
+
+
+def time_left(expected: list[float | None], cores: int) -> str:
+    """ "about N min left" for runs of these expected seconds at one per core (runs in flight counted
+    whole), with those of unknown length named apart."""
+    known = [e for e in expected if e is not None]
+    text = f"about {sum(known) / min(cores, max(len(known), 1)) / 60:.0f} min left"
+    unknown = len(expected) - len(known)
+    return text + (f" + {unknown} runs of unknown length" if unknown else "")
 
 
 def run_experiment(
@@ -429,7 +446,8 @@ def run_experiment(
         return []
     measured = measured_run_seconds(work)
     expected = {job: expected_run_seconds(measured, experiment, job[0], configs[job[0]]) for job in todo}
-    todo.sort(key=lambda job: -expected[job])  # longest first: fewer idle cores at the end
+    # longest first (an unknown length counts as longest): fewer idle cores at the end
+    todo.sort(key=lambda job: -(expected[job] if expected[job] is not None else float("inf")))
     parallel = max(1, int(configs[models[0]].ray.num_cpus or os.cpu_count() or 1))  # one run per core
     failures: list[str] = []
     started = time.perf_counter()
@@ -448,8 +466,7 @@ def run_experiment(
             finished += 1
             elapsed = time.perf_counter() - started
             del expected[(model, seed)]
-            # the unfinished runs' expected seconds over the cores (in-flight ones counted whole)
-            eta = sum(expected.values()) / min(parallel, max(len(expected), 1))
+            left = time_left(list(expected.values()), parallel)
             if "error" in outcome:
                 failures.append(f"{experiment}/{model}/seed-{seed}: {outcome['error']}")
                 print(
@@ -461,7 +478,7 @@ def run_experiment(
                 f"[{experiment} {finished}/{len(todo)}] {model:>14} seed {seed}: "
                 f"test AUC {outcome['auc']:.4f} "
                 f"user AUC {outcome['user_auc']:.4f}, {outcome['epochs']} epochs, {outcome['wall_s']:.0f} s "
-                f"(elapsed {elapsed / 60:.1f} min, about {eta / 60:.0f} min left)",
+                f"(elapsed {elapsed / 60:.1f} min, {left})",
                 flush=True,
             )
     return failures
@@ -511,6 +528,79 @@ def run(args: argparse.Namespace) -> int:
     for failure in failures:
         print(f"FAILED {failure}", file=sys.stderr)
     return 1 if failures else 0
+
+
+@dataclass(frozen=True)
+class RowStatus:
+    experiment: str
+    row: str
+    finished: int  # seeds with a metrics.json
+    seeds: int  # seeds the stage trains
+    in_progress: dict[int, int]  # seed -> its last finished epoch (a resume.pt, no metrics.json yet)
+    auc: tuple[float, ...]  # the finished seeds' test AUC
+    left_s: list[float | None]  # expected wall seconds of each unfinished seed (None: unknown)
+
+
+def grid_status(work: Path, cfg: Config, seeds: int, side_batch_seeds: int) -> list[RowStatus]:
+    """Where a grid stands, read from WORK alone (no data, no Ray, nothing written): every stage's rows as
+    ``run`` with these settings trains them, what is finished, what a stop left half done, and the
+    expected time of the rest (``expected_run_seconds``)."""
+    stages = [
+        ("runs", grid_rows(), seeds),
+        ("cold", COLD_MODELS, seeds),
+        ("runs", REFERENCES, seeds),
+        ("batch32", BATCH_SIDE_ROWS, side_batch_seeds),
+    ]
+    measured = measured_run_seconds(work)
+    out = []
+    for experiment, rows, n in stages:
+        for row in rows if n else ():
+            aucs, in_progress, left = [], {}, []
+            for seed in range(1, n + 1):
+                path = run_dir(work, experiment, row, seed)
+                if (path / METRICS).exists():
+                    aucs.append(float(json.loads((path / METRICS).read_text())["auc"]))
+                    continue
+                left.append(expected_run_seconds(measured, experiment, row, row_config(cfg, row)))
+                saved = read_resume(path / RESUME)
+                if saved is not None:
+                    in_progress[seed] = saved.fit.epoch
+            out.append(RowStatus(experiment, row, len(aucs), n, in_progress, tuple(aucs), left))
+    return out
+
+
+def print_status(statuses: list[RowStatus], cores: int) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="paper grid", title_justify="left")
+    for header in (
+        "stage",
+        "row",
+        "seeds done",
+        "in progress (epochs done)",
+        "test AUC so far",
+        "left, 1 core",
+    ):
+        table.add_column(header, justify="left" if header in ("stage", "row") else "right")
+    for s in statuses:
+        auc = (
+            f"{np.mean(s.auc):.4f} ± {np.std(s.auc, ddof=1):.4f}"
+            if len(s.auc) > 1
+            else (f"{s.auc[0]:.4f}" if s.auc else "")
+        )
+        running = ", ".join(f"seed {seed}: {epoch}" for seed, epoch in sorted(s.in_progress.items()))
+        known = [e for e in s.left_s if e is not None]
+        left = " + ".join([f"{sum(known) / 60:.0f} min"] * bool(known) + ["?"] * (len(known) < len(s.left_s)))
+        table.add_row(s.experiment, s.row, f"{s.finished}/{s.seeds}", running, auc, left)
+    console = Console(width=None if sys.stdout.isatty() else 160)  # a log keeps every column whole
+    console.print(table)
+    done, total = sum(s.finished for s in statuses), sum(s.seeds for s in statuses)
+    console.print(
+        f"{done} of {total} runs finished; {time_left([e for s in statuses for e in s.left_s], cores)} at "
+        f"one run per core ({cores} cores; from the finished runs of each model, runs in progress counted "
+        "whole)"
+    )
 
 
 def _record_invocation(work: Path, args: argparse.Namespace) -> None:
@@ -605,6 +695,13 @@ def main(argv: list[str] | None = None) -> int:
         help="tune lambda0 per adversarial variant, train the grid and the held-out-items runs (resumable)",
     )
     report_p = sub.add_parser("report", help="tables, figures and the results JSON from finished runs")
+    status_p = sub.add_parser(
+        "status", help="what is finished, in progress and left, from WORK alone (safe while `run` runs)"
+    )
+    status_p.add_argument("--work", type=Path, required=True)
+    status_p.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
+    status_p.add_argument("--seeds", type=int, default=5)
+    status_p.add_argument("--side-batch-seeds", type=int, default=2)
     for p in (run_p, report_p):
         p.add_argument("--data", type=Path, required=True, help="imported and embedded MovieLens directory")
         p.add_argument("--work", type=Path, required=True, help="runs, tune results and timings live here")
@@ -630,6 +727,10 @@ def main(argv: list[str] | None = None) -> int:
         help="paper-movielens.{json,md} and the figures go here",
     )
     args = parser.parse_args(argv)
+    if args.command == "status":
+        cfg = load_config(args.config)
+        print_status(grid_status(args.work, cfg, args.seeds, args.side_batch_seeds), cfg.ray.num_cpus or 1)
+        return 0
     if args.command == "run" and not 0 <= args.side_batch_seeds <= args.seeds:
         parser.error(f"--side-batch-seeds must lie in [0, --seeds = {args.seeds}]")
     if args.seeds < 2:

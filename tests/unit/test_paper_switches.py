@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from test_paper_tables import _summary
 
 from benchmarks import paper
@@ -14,6 +15,7 @@ from benchmarks.paper_report.markdown import instrumentation_table
 from benchmarks.paper_report.runs import LABELS, SWITCH_ROWS, Summary, instrumentation, stopped_early
 from marn.config import load_config
 from marn.models.marn import VARIANTS
+from marn.train import FitState
 
 CONFIG = load_config(None, {"train": {"lr": 0.1}})
 
@@ -163,3 +165,29 @@ def test_pending_runs_are_estimated_from_the_finished_runs_of_their_model(tmp_pa
     assert expected("batch32", "din") == 9000.0
     assert expected("runs", "din") == 60 * paper.TYPICAL_EPOCHS  # nothing measured: the rough figure
     assert expected("runs", "lr") == paper.EPOCH_COST["lr"] * paper.TYPICAL_EPOCHS
+    assert expected("batch32", "marn") is None  # 32x the steps: the grid's runs say nothing about it
+    assert paper.time_left([600.0, 1200.0, 1800.0], cores=2) == "about 30 min left"
+    assert paper.time_left([600.0, None], cores=2) == "about 10 min left + 1 runs of unknown length"
+
+
+def test_status_reads_finished_half_done_and_missing_runs_from_work_alone(tmp_path):
+    for seed, auc in ((1, 0.90), (2, 0.92)):
+        path = paper.run_dir(tmp_path, "runs", "din", seed) / "metrics.json"
+        path.parent.mkdir(parents=True)
+        path.write_text(json.dumps({"model": "din", "wall_s": 600.0, "auc": auc}))
+    fit = FitState(
+        epoch=4, model_state={}, optimizer_state={}, best_state={}, best_auc=0.8, stale=0, history=(),
+        shuffle_state=torch.Generator().get_state(), rng_state=torch.get_rng_state(),
+    )  # fmt: skip
+    half = paper.run_dir(tmp_path, "runs", "din", 3)
+    half.mkdir(parents=True)
+    paper.write_resume(half / paper.RESUME, paper.ResumeState(fit, (), 120.0, ()))
+    statuses = {
+        (s.experiment, s.row): s for s in paper.grid_status(tmp_path, CONFIG, seeds=3, side_batch_seeds=1)
+    }
+    din = statuses[("runs", "din")]
+    assert (din.finished, din.seeds, din.auc, din.in_progress) == (2, 3, (0.90, 0.92), {3: 4})
+    assert din.left_s == [600.0]  # seed 3, counted whole
+    assert statuses[("batch32", "din")].seeds == 1 and statuses[("batch32", "din")].left_s == [None]
+    assert statuses[("cold", "marn")].finished == 0
+    assert set(statuses) >= {("runs", r) for r in paper.grid_rows()}
