@@ -322,8 +322,8 @@ class RouterCore:
         # A weight change the ledger has not been sent yet: feedback waits for it to reach the ledger first,
         # or a click counted meanwhile would land in the old step and be erased with it.
         self.weights_unsent = False
-        # The summary being read from the ledger: concurrent GET /ab calls (and snapshots) share it, so a flood
-        # of them costs one ledger query at a time per replica.
+        # The summary being read from the ledger: concurrent GET /ab calls (and snapshots) share it, so a
+        # flood of them costs one ledger query at a time per replica.
         self.summary_in_flight: asyncio.Task | None = None
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
