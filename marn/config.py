@@ -117,6 +117,10 @@ class ModelConfig(Strict):
     # "loss_weight": loss = L_ctr + lambda (L_Ds + L_D0 + L_adv); "reversal": DANN's use of the schedule,
     # lambda scales only what I and S_m get from the discriminators, which learn at full rate.
     lambda_role: Literal["loss_weight", "reversal"] = "loss_weight"
+    # Ds, the discriminator on s^m: "shared_with_d1", the paper's (3.3.3: "the discriminating matrix of Ds
+    # is shared with D1"), so D1 must also keep telling the s^m apart; "own": a separate one, D1 free to
+    # follow the c^m wherever I moves them.
+    ds_weights: Literal["shared_with_d1", "own"] = "shared_with_d1"
     dropout: float = Field(0.0, ge=0, lt=1)
 
 

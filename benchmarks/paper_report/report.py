@@ -231,8 +231,8 @@ def write_report(
         sections.append(
             "## MARN's adversary, one switch at a time\n\nMARN as configured (the faithful reading: w over "
             "its batch mean in D1's loss, the reversed gradient stopped at I, the raw w in the max-pool, "
-            "lambda weighting the discriminator losses, lambda0 tuned) against MARN with one of those "
-            "choices flipped.\n\n" + model_table(runs, switches, paper=False)
+            "lambda weighting the discriminator losses, lambda0 tuned, Ds on D1's weights) against MARN with "
+            "one of those choices flipped.\n\n" + model_table(runs, switches, paper=False)
         )
     adversary = instrumentation_table(runs, [*TABLE3, *SWITCH_ROWS])
     if adversary:

@@ -42,6 +42,7 @@ SWITCH_ROWS: dict[str, tuple[str, dict[str, str]]] = {
     "marn_pool_per_item": ("marn", {"pool_weights": "per_item"}),
     "marn_lambda_grl": ("marn", {"lambda_role": "reversal"}),
     "marn_lambda_paper": ("marn", {}),  # lambda0 below instead of MARN's tuned one
+    "marn_ds_own": ("marn", {"ds_weights": "own"}),
 }
 # Rows trained at a fixed lambda0 rather than their search's best (with the search's schedule horizon, so
 # that lambda0 is all that differs): the paper's best for MARN (4.7), beside a search whose validation AUCs
@@ -74,6 +75,7 @@ LABELS = {
     "marn_pool_per_item": "MARN, max-pool w per item (M w / sum w)",
     "marn_lambda_grl": "MARN, lambda as the GRL coefficient",
     "marn_lambda_paper": "MARN, the paper's lambda0 0.05 (not tuned)",
+    "marn_ds_own": "MARN, Ds with its own weights (not D1's)",
 }
 # The adversary's per-epoch instrumentation in metrics.json (marn.models.marn.MARN.adversarial_diagnostics);
 # the w columns are per modality (w_raw_ids, ...). Runs from before it have none of them.

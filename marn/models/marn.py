@@ -342,6 +342,8 @@ class MARN(CTRModel):
                 raise ValueError("adversarial variants need at least two modalities")
             self.invariant = nn.Linear(cfg.modality_dim, d)  # I: shared across modalities
             self.d1 = self._discriminator(d, m)  # modality discriminator (also Ds: shared weights)
+            if cfg.ds_weights == "own" and variant.adversarial == "ddma":
+                self.ds = self._discriminator(d, m)  # a switch: Ds apart from D1
         if variant.adversarial == "ddma":
             self.d0 = self._discriminator(d, m)  # importance discriminator
         if variant.sequence == "apgru":
@@ -351,6 +353,11 @@ class MARN(CTRModel):
             self.sequence = nn.GRU(d, cfg.sequence_dim, batch_first=True)
         self.predict = MLP(cfg.sequence_dim + d, cfg.hidden, out_dim=1, dropout=cfg.dropout)  # paper 3.4.2
         self.register_buffer("modality_labels", torch.arange(m), persistent=False)
+
+    @property
+    def ds_discriminator(self) -> nn.Module:
+        """Ds: D1 itself (the paper's shared discriminating matrix) unless ``ds_weights="own"``."""
+        return self.ds if self.cfg.ds_weights == "own" else self.d1
 
     def _discriminator(self, dim: int, classes: int) -> nn.Module:
         if self.cfg.discriminator_hidden:
@@ -475,7 +482,7 @@ class MARN(CTRModel):
             ds_input = parts.ds_input[real]  # S_m(e^m), e^m detached
             if extractor_scale != 1.0:
                 ds_input = grad_reverse(ds_input, -extractor_scale)  # S_m's gradient scaled, not reversed
-            losses["ds"] = self._modality_ce(self.d1(ds_input))
+            losses["ds"] = self._modality_ce(self.ds_discriminator(ds_input))
         return losses
 
     def adversary(
@@ -537,7 +544,7 @@ class MARN(CTRModel):
         ds_inputs = [p["ds_input"] for p, _ in computed]  # S_m(e^m), e^m detached
         if extractor_scale != 1.0:
             ds_inputs = [grad_reverse(x, -extractor_scale) for x in ds_inputs]  # S_m's share scaled
-        ds_logits = [self.d1(x) for x in ds_inputs]
+        ds_logits = [self.ds_discriminator(x) for x in ds_inputs]
         losses |= {"d0": mean(ce(d0_logits)), "ds": mean(ce(ds_logits))}
         with torch.no_grad():
             diagnostics |= {"d0_acc": accuracy(d0_logits), "ds_acc": accuracy(ds_logits)}
@@ -576,7 +583,7 @@ class MARN(CTRModel):
         if self.variant.adversarial == "adv":
             return out  # w = 1
         out["d0_acc"] = self._modality_accuracy(parts.d0_logits[real])
-        out["ds_acc"] = self._modality_accuracy(self.d1(parts.ds_input[real]))
+        out["ds_acc"] = self._modality_accuracy(self.ds_discriminator(parts.ds_input[real]))
         w = parts.w[real]  # (U', M)
         kinds = {"w_raw": w, "w_norm": _over_batch_mean(w)}
         if self.cfg.pool_weights != "raw":

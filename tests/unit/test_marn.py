@@ -298,12 +298,30 @@ def _build(world, name="marn", seed=0, **switches):
 
 def test_adversarial_switches_are_validated():
     for field, bad in (("d1_weights", "mean"), ("pool_weights", "item"), ("reversal_reaches", "e"),
-                       ("lambda_role", "grl")):  # fmt: skip
+                       ("lambda_role", "grl"), ("ds_weights", "shared")):  # fmt: skip
         with pytest.raises(ValueError, match=field):
             ModelConfig.model_validate({field: bad})
     defaults = ModelConfig()
     assert (defaults.d1_weights, defaults.pool_weights) == ("batch_mean", "raw")
     assert (defaults.reversal_reaches, defaults.lambda_role) == ("invariant", "loss_weight")
+    assert defaults.ds_weights == "shared_with_d1"
+
+
+def test_ds_with_its_own_weights_leaves_d1_to_the_invariant_features(tiny_world, items):
+    """``ds_weights="own"``: L_Ds trains a third discriminator and S_m, never D1; L_adv still trains D1."""
+    model = _build(tiny_world, ds_weights="own")
+    losses = model.adversarial_losses(items, model.decompose(items))
+    losses["ds"].backward(retain_graph=True)
+    assert _zero_or_none(_grads(model.d1)) and not _zero_or_none(_grads(model.ds))
+    assert not _zero_or_none(_grads(model.specific)) and _zero_or_none(_grads(model.embedding))
+    model.zero_grad()
+    losses["adv"].backward()
+    assert not _zero_or_none(_grads(model.d1)) and _zero_or_none(_grads(model.ds))
+    names = sorted(n for n, _ in model.named_parameters() if n.startswith(("d0.", "d1.", "ds.")))
+    assert names == ["d0.bias", "d0.weight", "d1.bias", "d1.weight", "ds.bias", "ds.weight"]
+    # the training path (factored, with instrumentation) reads the same Ds
+    out = model(tiny_world.train.batch(torch.arange(64)))
+    assert torch.isfinite(out.aux_loss) and "ds_acc" in out.aux
 
 
 @pytest.mark.parametrize("name", ["marn", "base_maf_adv"])
