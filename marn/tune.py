@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from marn.config import Config, ConfigError
+from marn.config import Config, ConfigError, ModelConfig
 from marn.data.item_features import ItemFeatures
 from marn.data.samples import Samples
 from marn.data.schema import Dataset
@@ -173,7 +173,10 @@ def result_overrides(report: Any, cfg: Config, source: str) -> dict[str, Any]:
             raise ConfigError(f"{source}: its overrides must be a mapping of config keys")
     else:
         overrides = tuned_overrides(report["best"], report.get("search", {}).get("max_epochs"))
-    searched = {k: v for k, v in report["model_config"].items() if k != "lambda0"}
+    # A setting added after the search ran is absent from its model_config: the search ran with what the
+    # code did then, which every new setting's default keeps.
+    defaults = ModelConfig().model_dump(mode="json")
+    searched = {k: v for k, v in {**defaults, **report["model_config"]}.items() if k != "lambda0"}
     wanted = {k: v for k, v in cfg.model.model_dump(mode="json").items() if k != "lambda0"}
     if report["model"] != cfg.train.model or searched != wanted:
         changed = sorted(k for k in wanted.keys() | searched.keys() if searched.get(k) != wanted.get(k))

@@ -191,3 +191,17 @@ def test_status_reads_finished_half_done_and_missing_runs_from_work_alone(tmp_pa
     assert statuses[("batch32", "din")].seeds == 1 and statuses[("batch32", "din")].left_s == [None]
     assert statuses[("cold", "marn")].finished == 0
     assert set(statuses) >= {("runs", r) for r in paper.grid_rows()}
+
+
+def test_a_search_from_before_a_new_setting_counts_as_run_with_its_default(tmp_path):
+    _fake_search(paper, tmp_path, "marn", 0.4)
+    path = tmp_path / "tune" / "marn" / "tune.json"
+    report = json.loads(path.read_text())
+    del report["model_config"]["ds_weights"]  # written before the setting existed
+    path.write_text(json.dumps(report))
+    configs = paper.tuned_configs(None, CONFIG, ["marn", "marn_ds_own"], tmp_path)
+    assert configs["marn"].model.lambda0 == configs["marn_ds_own"].model.lambda0 == 0.4
+    report["model_config"]["ds_weights"] = "own"  # a search that did run with another value: refused
+    path.write_text(json.dumps(report))
+    with pytest.raises(ValueError, match="ds_weights"):
+        paper.tuned_configs(None, CONFIG, ["marn"], tmp_path)
