@@ -40,6 +40,11 @@ YAML_HEADER = (
 )
 
 
+# feature_store.yaml's registry_store_type: Feast imports the class by this path (the name must end in
+# "RegistryStore"); a string here, so that writing the yaml does not import Feast.
+ATOMIC_FILE_REGISTRY_STORE = "marn.features.registry_store.AtomicFileRegistryStore"
+
+
 def write_feature_store_yaml(repo_dir: str | Path, cfg: Config) -> Path:
     """``repo_dir/feature_store.yaml`` from ``cfg.feast``: local provider, file registry, dask offline store,
     sqlite (local) or redis (cluster) online store. Relative paths resolve against the repo dir."""
@@ -51,7 +56,12 @@ def write_feature_store_yaml(repo_dir: str | Path, cfg: Config) -> Path:
     settings = {
         "project": cfg.feast.project,
         "provider": "local",
-        "registry": f"{TABLES_DIR}/registry.db",
+        # written whole (marn.features.registry_store): serving replicas read it while a version registers
+        "registry": {
+            "registry_type": "file",
+            "path": f"{TABLES_DIR}/registry.db",
+            "registry_store_type": ATOMIC_FILE_REGISTRY_STORE,
+        },
         "online_store": online,
         "offline_store": {"type": "file"},  # dask over parquet
         "entity_key_serialization_version": 3,

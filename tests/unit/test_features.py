@@ -74,7 +74,11 @@ def test_yaml_local_is_sqlite_with_file_registry_and_offline_store(tmp_path):
     assert settings == {
         "project": "shop",
         "provider": "local",
-        "registry": "data/registry.db",
+        "registry": {
+            "registry_type": "file",
+            "path": "data/registry.db",
+            "registry_store_type": "marn.features.registry_store.AtomicFileRegistryStore",
+        },
         "online_store": {"type": "sqlite", "path": "data/online_store.db"},
         "offline_store": {"type": "file"},
         "entity_key_serialization_version": 3,
@@ -85,7 +89,8 @@ def test_yaml_cluster_uses_redis_with_the_configured_connection(tmp_path):
     cfg = load_config(None, {"feast": {"online_store": "redis", "redis_connection": "redis.feast:6379,db=1"}})
     settings = yaml.safe_load(write_feature_store_yaml(tmp_path, cfg).read_text())
     assert settings["online_store"] == {"type": "redis", "connection_string": "redis.feast:6379,db=1"}
-    assert settings["offline_store"] == {"type": "file"} and settings["registry"] == "data/registry.db"
+    assert settings["offline_store"] == {"type": "file"}
+    assert settings["registry"]["path"] == "data/registry.db"
 
 
 def test_committed_example_yaml_is_the_generated_one(tmp_path):
