@@ -48,13 +48,17 @@ bench: $(STAMP)  ## model speed table (train samples/s, inference latency) incl.
 # The paper's experiments read the research data from ../shared (never copied here); work goes to PAPER_WORK.
 SHARED     ?= ../shared
 PAPER_WORK ?= .marn/paper
+# Finished runs are kept here, committed, so the grid goes on across machines (benchmarks/paper_ledger.py);
+# PAPER_LEDGER= (empty) trains everything from scratch and keeps nothing.
+PAPER_LEDGER ?= benchmarks/results/paper-movielens-runs
 paper: $(STAMP)  ## Tables 2-5, Figures 4-6 on ../shared MovieLens (hours on 2 cores; resumable)
 	@test -d $(SHARED)/datasets/movielens-100k || { echo "no $(SHARED)/datasets/movielens-100k (SHARED=...)"; exit 1; }
 	test -f $(PAPER_WORK)/data/events.parquet || $(BIN)/marn data import movielens \
 		--src $(SHARED)/datasets/movielens-100k --media $(SHARED)/datasets/movielens-100k-media --out $(PAPER_WORK)/data
 	test -f $(PAPER_WORK)/data/image_embeddings.parquet || $(BIN)/marn embed --data $(PAPER_WORK)/data \
 		--weights $(SHARED)/models/mobilenet_v2-b0353104.pth --config configs/paper-movielens.yaml
-	OMP_NUM_THREADS=1 $(BIN)/python -m benchmarks.paper run --data $(PAPER_WORK)/data --work $(PAPER_WORK)
+	OMP_NUM_THREADS=1 $(BIN)/python -m benchmarks.paper run --data $(PAPER_WORK)/data --work $(PAPER_WORK) \
+		$(if $(PAPER_LEDGER),--ledger $(PAPER_LEDGER))
 	$(MAKE) paper-report
 
 paper-report: $(STAMP)  ## rewrite benchmarks/results/paper-movielens.{md,json} and figures from finished runs

@@ -42,6 +42,7 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from benchmarks import paper_ledger
 from benchmarks.paper_report.report import write_report
 from benchmarks.paper_report.runs import (
     BATCH_SIDE_ROWS,
@@ -427,10 +429,16 @@ def time_left(expected: list[float | None], cores: int) -> str:
 
 
 def run_experiment(
-    experiment: str, inputs: RunInputs, configs: dict[str, Config], seeds: list[int], work: Path
+    experiment: str,
+    inputs: RunInputs,
+    configs: dict[str, Config],
+    seeds: list[int],
+    work: Path,
+    on_finished: Callable[[], object] = lambda: None,
 ) -> list[str]:
     """Train every (row, seed) not yet done, two at a time on Ray (``configs``: each row's config, all with
-    the same ``ray`` section); return the failures' descriptions."""
+    the same ``ray`` section); ``on_finished()`` after each run that finishes. Returns the failures'
+    descriptions."""
     import ray
 
     from marn.ray_runtime import ray_session
@@ -481,6 +489,7 @@ def run_experiment(
                 f"(elapsed {elapsed / 60:.1f} min, {left})",
                 flush=True,
             )
+            on_finished()
     return failures
 
 
@@ -504,27 +513,36 @@ def run(args: argparse.Namespace) -> int:
     dataset = read_dataset(args.data)
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
+    if args.ledger:  # before anything else: finished runs and searches are not done again
+        restored = paper_ledger.restore(args.ledger, work, args.data)
+        print(f"[ledger] {len(restored)} files restored from {args.ledger}", flush=True)
     _record_invocation(work, args)
+
+    def save() -> None:
+        if args.ledger:
+            paper_ledger.save(work, args.ledger, args.data)
+
     rows = list(grid_rows(args.models))
     cold_rows = [] if args.no_cold else list(COLD_MODELS)
     side_rows = list(BATCH_SIDE_ROWS) if args.side_batch_seeds else []
     configs = tuned_configs(dataset, cfg, list(dict.fromkeys(rows + cold_rows + side_rows)), work)
+    save()
     inputs = prepare_inputs(dataset, cfg)
     seeds = list(range(1, args.seeds + 1))
-    failures = run_experiment("runs", inputs, {r: configs[r] for r in rows}, seeds, work)
+    failures = run_experiment("runs", inputs, {r: configs[r] for r in rows}, seeds, work, save)
     if cold_rows:
         held_inputs, held_out = cold_inputs(dataset, inputs, args.cold_share, args.cold_seed)
         _write_json(
             work / "cold" / "held_out.json",
             {"share": args.cold_share, "seed": args.cold_seed, "items": held_out.tolist()},
         )
-        failures += run_experiment("cold", held_inputs, {r: configs[r] for r in cold_rows}, seeds, work)
+        failures += run_experiment("cold", held_inputs, {r: configs[r] for r in cold_rows}, seeds, work, save)
     if not args.no_references:  # after the paper's own grid: it comes first when time is short
         references = {r: row_config(cfg, r) for r in REFERENCES}
-        failures += run_experiment("runs", inputs, references, seeds, work)
+        failures += run_experiment("runs", inputs, references, seeds, work, save)
     if args.side_batch_seeds:  # last: the costliest runs per sample (32x the optimiser steps)
         side = {r: configs[r].with_overrides({"train.batch_size": SIDE_BATCH_SIZE}) for r in side_rows}
-        failures += run_experiment("batch32", inputs, side, seeds[: args.side_batch_seeds], work)
+        failures += run_experiment("batch32", inputs, side, seeds[: args.side_batch_seeds], work, save)
     for failure in failures:
         print(f"FAILED {failure}", file=sys.stderr)
     return 1 if failures else 0
@@ -698,6 +716,13 @@ def main(argv: list[str] | None = None) -> int:
     status_p = sub.add_parser(
         "status", help="what is finished, in progress and left, from WORK alone (safe while `run` runs)"
     )
+    save_p = sub.add_parser(
+        "save",
+        help="copy WORK's finished runs and searches into a ledger (what `run --ledger` does after each run)",
+    )
+    save_p.add_argument("--data", type=Path, required=True)
+    save_p.add_argument("--work", type=Path, required=True)
+    save_p.add_argument("--ledger", type=Path, required=True)
     status_p.add_argument("--work", type=Path, required=True)
     status_p.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
     status_p.add_argument("--seeds", type=int, default=5)
@@ -709,6 +734,13 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--seeds", type=int, default=5, help="training seeds 1..N per model")
     run_p.add_argument(
         "--models", type=lambda s: s.split(","), default=None, help="a subset of the rows (default: all)"
+    )
+    run_p.add_argument(
+        "--ledger",
+        type=Path,
+        default=None,
+        help="restore finished runs from this directory first and save each new one there "
+        "(benchmarks/paper_ledger.py; the Makefile's `paper` uses benchmarks/results/paper-movielens-runs)",
     )
     run_p.add_argument("--no-references", action="store_true", help="skip DeepCTR-Torch's DIN and DIEN")
     run_p.add_argument("--no-cold", action="store_true", help="skip the held-out-items runs (Table 5)")
@@ -730,6 +762,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "status":
         cfg = load_config(args.config)
         print_status(grid_status(args.work, cfg, args.seeds, args.side_batch_seeds), cfg.ray.num_cpus or 1)
+        return 0
+    if args.command == "save":
+        copied = paper_ledger.save(args.work, args.ledger, args.data)
+        print(f"{len(copied)} files saved to {args.ledger}: {', '.join(map(str, copied)) or 'none new'}")
         return 0
     if args.command == "run" and not 0 <= args.side_batch_seeds <= args.seeds:
         parser.error(f"--side-batch-seeds must lie in [0, --seeds = {args.seeds}]")

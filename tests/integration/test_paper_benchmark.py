@@ -62,11 +62,21 @@ def finished(tmp_path_factory):
         str(root / "paper.yaml"),
     ]
     common += ["--seeds", "2"]
-    run = _paper("run", *common, "--models", ",".join(MODELS))
+    ledger = ["--ledger", str(root / "ledger")]
+    run = _paper("run", *common, "--models", ",".join(MODELS), *ledger)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     report = _paper("report", *common, "--out", str(root / "out"))
     assert report.returncode == 0, report.stdout[-3000:] + report.stderr[-3000:]
-    again = _paper("run", *common, "--models", ",".join(MODELS))
+    # Another machine: an empty WORK and the ledger the first one left (benchmarks/paper_ledger.py).
+    elsewhere = [str(root / "work2") if arg == str(root / "work") else arg for arg in common]
+    again = _paper("run", *elsewhere, "--models", ",".join(MODELS), *ledger)
+    from_ledger = _paper(
+        "report",
+        *[str(root / "ledger") if arg == str(root / "work") else arg for arg in common],
+        "--out",
+        str(root / "out-ledger"),
+    )
+    assert from_ledger.returncode == 0, from_ledger.stdout[-3000:] + from_ledger.stderr[-3000:]
     return root, run.stdout, again
 
 
@@ -85,9 +95,19 @@ def test_the_grid_trains_every_model_and_seed_once(finished):
         for seed in (1, 2):
             run = root / "work" / "runs" / model / f"seed-{seed}"
             assert (run / "metrics.json").exists() and (run / "curves.json").exists()
-    # A second run resumes: nothing is tuned or trained again.
-    assert again.returncode == 0 and "Ray Tune" not in again.stdout
+    # A second run on an empty WORK with the first one's ledger: nothing is tuned or trained again.
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "Ray Tune" not in again.stdout
     assert f"{len(MODELS)} models x 2 seeds: {2 * len(MODELS)} done, 0 to train" in again.stdout
+    assert not list((root / "ledger").glob("**/resume.pt"))
+
+
+def test_the_report_from_the_ledger_alone_is_the_report_from_work(finished):
+    root, _, _ = finished
+    from_work = json.loads((root / "out" / "paper-movielens.json").read_text())
+    from_ledger = json.loads((root / "out-ledger" / "paper-movielens.json").read_text())
+    assert from_ledger["models"] == from_work["models"]
+    assert (root / "out-ledger" / "paper-movielens" / "fig5-tsne.png").exists()
 
 
 def test_results_json_has_the_promised_shape(finished):
