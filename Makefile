@@ -48,7 +48,7 @@ bench: $(STAMP)  ## model speed table (train samples/s, inference latency) incl.
 # The paper's experiments read the research data from ../shared (never copied here); work goes to PAPER_WORK.
 SHARED     ?= ../shared
 PAPER_WORK ?= .marn/paper
-# Finished runs are kept here, committed, so the grid goes on across machines (benchmarks/paper_ledger.py);
+# Finished runs are kept here, committed, so the grid goes on across machines (benchmarks/ledger.py);
 # PAPER_LEDGER= (empty) trains everything from scratch and keeps nothing.
 PAPER_LEDGER ?= benchmarks/results/paper-movielens-runs
 paper: $(STAMP)  ## Tables 2-5, Figures 4-6 on ../shared MovieLens (hours on 2 cores; resumable)

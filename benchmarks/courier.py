@@ -36,12 +36,14 @@ import json
 import shlex
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from benchmarks import ledger
 from benchmarks.paper import DEFAULT_CONFIG, row_config, train_one
 from benchmarks.paper_report import significance
 from benchmarks.work_claim import claim_work, work_settings
@@ -58,6 +60,14 @@ COURIER_ARMS = ("courier", "courier_permuted")  # the arms whose vectors come fr
 # DATA's own COURIER files: never read here (the seed dirs train their own), so not part of WORK's claim
 COURIER_FILES = (COURIER_EMBEDDINGS, COURIER_HEAD, COURIER_METRICS)
 MODELS = ("marn", "din")
+# What --ledger keeps (benchmarks/ledger.py): the runs' metrics, each head's metrics, vector table and weights
+# (about 1.4 MB: a table is read with the head that wrote it)
+LEDGER = ledger.Layout(
+    finished=f"*/*/seed-*/{METRICS}",
+    kept=("claim.json",),
+    beside=((f"courier/seed-*/{COURIER_METRICS}", (COURIER_METRICS, COURIER_EMBEDDINGS, COURIER_HEAD)),),
+    data_exclude=COURIER_FILES,
+)
 # (arm, reference): what each paired delta answers
 COMPARISONS = (
     ("courier", "imagenet"),  # the method's claim: behaviour-trained vectors beat generic ones
@@ -94,13 +104,13 @@ def permuted_rows(image: np.ndarray, seed: int) -> np.ndarray:
 def courier_dir(data: Path, work: Path, cfg: Config, seed: int, samples: Samples) -> Path:
     """``WORK/courier/seed-K``: the dataset's files linked, COURIER trained there with ``seed`` (once)."""
     out = work / "courier" / f"seed-{seed}"
-    if (out / COURIER_EMBEDDINGS).exists():
-        return out
     out.mkdir(parents=True, exist_ok=True)
-    for entry in data.iterdir():
+    for entry in data.iterdir():  # also beside a table restored from a ledger, which keeps no links
         link = out / entry.name
         if entry.name not in COURIER_FILES and not link.exists():
             link.symlink_to(entry.resolve())
+    if (out / COURIER_EMBEDDINGS).exists():
+        return out
     started = time.perf_counter()
     print(f"[courier] training the head, seed {seed}", flush=True)
     summary = train_courier(
@@ -148,9 +158,16 @@ def arm_config(arm: str, cfg: Config, seed: int) -> Config:
 
 
 def run_arms(
-    data: Path, cfg: Config, work: Path, seeds: list[int], arms: list[str], models: list[str]
+    data: Path,
+    cfg: Config,
+    work: Path,
+    seeds: list[int],
+    arms: list[str],
+    models: list[str],
+    on_finished: Callable[[], object] = lambda: None,
 ) -> dict[str, dict[str, dict[int, dict[str, Any]]]]:
-    """model -> arm -> seed -> that run's metrics.json (trained unless it exists)."""
+    """model -> arm -> seed -> that run's metrics.json (trained unless it exists; ``on_finished()`` after
+    each one trained)."""
     unknown = sorted(set(arms) - set(ARMS))
     if unknown:
         raise ValueError(f"unknown arm(s) {unknown}; known: {', '.join(ARMS)}")
@@ -172,6 +189,8 @@ def run_arms(
                         inputs = arm_inputs(arm, data, work, cfg, seed, samples, imagenet)
                     print(f"[courier] {model} {arm} seed {seed}", flush=True)
                     train_one(inputs, row_config(arm_config(arm, cfg, seed), model), model, seed, str(run))
+                    named_arm(run / METRICS, arm)
+                    on_finished()
                 out.setdefault(model, {}).setdefault(arm, {})[seed] = named_arm(run / METRICS, arm)
     return out
 
@@ -261,12 +280,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     parser.add_argument("--models", nargs="+", default=list(MODELS))
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "courier-movielens")
+    parser.add_argument(
+        "--ledger", type=Path, default=None, help="restore finished runs from here first, save new ones here"
+    )
     args = parser.parse_args(argv)
     if args.seeds < 1:
         parser.error("--seeds must be at least 1")
     command = "python -m benchmarks.courier " + shlex.join(sys.argv[1:] if argv is None else argv)
     seeds = list(range(1, args.seeds + 1))
-    runs = run_arms(args.data, load_config(args.config), args.work, seeds, args.arms, args.models)
+    if args.ledger:
+        restored = ledger.restore(LEDGER, args.ledger, args.work, args.data)
+        print(f"[ledger] {len(restored)} files restored from {args.ledger}", flush=True)
+
+    def save() -> None:
+        if args.ledger:
+            ledger.save(LEDGER, args.work, args.ledger, args.data)
+
+    runs = run_arms(args.data, load_config(args.config), args.work, seeds, args.arms, args.models, save)
     summary = summarise(runs, args.work, command)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(summary, indent=2, allow_nan=True) + "\n")

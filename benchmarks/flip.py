@@ -27,12 +27,14 @@ import argparse
 import json
 import shlex
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from benchmarks import ledger
 from benchmarks.paper_report import significance
 from benchmarks.work_claim import claim_work, work_settings
 from marn.config import Config, load_config
@@ -62,6 +64,9 @@ ARMS = {
     "flip_id_no_mlm": Arm("id", pretrained=True, losses=("icl", "mtm")),
     "flip_id_icl_only": Arm("id", pretrained=True, losses=("icl",)),
 }
+# What --ledger keeps (benchmarks/ledger.py): each run's metrics and the claim; a pretraining is redone
+# (one per seed and loss set) when a later strategy of it is still to run
+LEDGER = ledger.Layout(finished=f"*/seed-*/{FLIP_METRICS}", kept=("claim.json",))
 # (arm, reference): what each paired delta answers
 COMPARISONS = (
     ("flip_id", "random_init"),  # does alignment pretraining help the served ID tower?
@@ -82,8 +87,10 @@ def run_arms(
     seeds: list[int],
     arms: list[str],
     encoder: TextEncoder | None = None,
+    on_finished: Callable[[], object] = lambda: None,
 ) -> dict[str, dict[int, dict[str, Any]]]:
-    """arm -> seed -> that run's flip_metrics.json (trained unless it exists)."""
+    """arm -> seed -> that run's flip_metrics.json (trained unless it exists; ``on_finished()`` after each
+    one trained)."""
     unknown = [a for a in arms if a not in ARMS]
     if unknown:
         raise ValueError(f"unknown arm(s) {unknown}; known: {', '.join(ARMS)}")
@@ -108,6 +115,7 @@ def run_arms(
                     work / "pretrained" / f"seed-{seed}-{'-'.join(spec.losses)}.pt"
                 )  # shared by strategies
                 run_flip(dataset, cfg.with_overrides(overrides), run, inputs, spec.pretrained, False, store)
+                on_finished()
             out.setdefault(arm, {})[seed] = json.loads((run / FLIP_METRICS).read_text())
     return out
 
@@ -164,16 +172,28 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, default=5, help="seeds 1..N per arm")
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "flip-movielens")
+    parser.add_argument(
+        "--ledger", type=Path, default=None, help="restore finished runs from here first, save new ones here"
+    )
     args = parser.parse_args(argv)
     if args.seeds < 1:
         parser.error("--seeds must be at least 1")
     command = "python -m benchmarks.flip " + shlex.join(sys.argv[1:] if argv is None else argv)
+    if args.ledger:
+        restored = ledger.restore(LEDGER, args.ledger, args.work, args.data)
+        print(f"[ledger] {len(restored)} files restored from {args.ledger}", flush=True)
+
+    def save() -> None:
+        if args.ledger:
+            ledger.save(LEDGER, args.work, args.ledger, args.data)
+
     runs = run_arms(
         read_dataset(args.data),
         load_config(args.config),
         args.work,
         list(range(1, args.seeds + 1)),
         args.arms,
+        on_finished=save,
     )
     summary = summarise(runs, command)
     args.out.parent.mkdir(parents=True, exist_ok=True)

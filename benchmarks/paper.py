@@ -51,7 +51,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from benchmarks import paper_ledger
+from benchmarks import ledger
 from benchmarks.paper_report.report import write_report
 from benchmarks.paper_report.runs import (
     BATCH_SIDE_ROWS,
@@ -88,6 +88,14 @@ CURVES = "curves.json"
 RESUME = "resume.pt"  # a run's state after its last finished epoch (train_one)
 TIMING = "timing.json"  # wall seconds of every stage and invocation, summed for the results' wall_s
 TICK_S = 60.0  # how often a running stage adds its seconds to TIMING
+COMMANDS = "command.json"  # every invocation of ``run``, with its commit
+# What the grid's ledger keeps (benchmarks/ledger.py): the report reads nothing else.
+LEDGER = ledger.Layout(
+    finished=f"*/*/seed-*/{METRICS}",
+    kept=("tune/*/tune.json", "cold/held_out.json"),
+    beside=((f"runs/marn/seed-1/{METRICS}", ("model.pt", CURVES)),),  # Figures 4-6 read MARN seed 1
+    running=(TIMING, COMMANDS),
+)
 # Rough seconds per epoch on one core at configs/paper-movielens.yaml, for a model no finished run has
 # measured yet (``expected_run_seconds``); an unknown model counts as slow.
 EPOCH_COST = {"lr": 1, "fm": 3, "youtubenet": 22, "base_ids": 18, "base_image": 25}
@@ -514,13 +522,13 @@ def run(args: argparse.Namespace) -> int:
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
     if args.ledger:  # before anything else: finished runs and searches are not done again
-        restored = paper_ledger.restore(args.ledger, work, args.data)
+        restored = ledger.restore(LEDGER, args.ledger, work, args.data)
         print(f"[ledger] {len(restored)} files restored from {args.ledger}", flush=True)
     _record_invocation(work, args)
 
     def save() -> None:
         if args.ledger:
-            paper_ledger.save(work, args.ledger, args.data)
+            ledger.save(LEDGER, work, args.ledger, args.data)
 
     rows = list(grid_rows(args.models))
     cold_rows = [] if args.no_cold else list(COLD_MODELS)
@@ -623,7 +631,7 @@ def print_status(statuses: list[RowStatus], cores: int) -> None:
 
 def _record_invocation(work: Path, args: argparse.Namespace) -> None:
     """Append this ``run`` to ``WORK/command.json``: the report names every command and the code's commit."""
-    path = work / "command.json"
+    path = work / COMMANDS
     invocations = json.loads(path.read_text())["invocations"] if path.exists() else []
     invocations.append(
         {
@@ -740,7 +748,7 @@ def main(argv: list[str] | None = None) -> int:
         type=Path,
         default=None,
         help="restore finished runs from this directory first and save each new one there "
-        "(benchmarks/paper_ledger.py; the Makefile's `paper` uses benchmarks/results/paper-movielens-runs)",
+        "(benchmarks/ledger.py; the Makefile's `paper` uses benchmarks/results/paper-movielens-runs)",
     )
     run_p.add_argument("--no-references", action="store_true", help="skip DeepCTR-Torch's DIN and DIEN")
     run_p.add_argument("--no-cold", action="store_true", help="skip the held-out-items runs (Table 5)")
@@ -764,7 +772,7 @@ def main(argv: list[str] | None = None) -> int:
         print_status(grid_status(args.work, cfg, args.seeds, args.side_batch_seeds), cfg.ray.num_cpus or 1)
         return 0
     if args.command == "save":
-        copied = paper_ledger.save(args.work, args.ledger, args.data)
+        copied = ledger.save(LEDGER, args.work, args.ledger, args.data)
         print(f"{len(copied)} files saved to {args.ledger}: {', '.join(map(str, copied)) or 'none new'}")
         return 0
     if args.command == "run" and not 0 <= args.side_batch_seeds <= args.seeds:

@@ -9,6 +9,7 @@ import pytest
 import torch
 from conftest import TINY_MODEL, write_posters  # tests/ is on sys.path
 
+from benchmarks import courier, ledger
 from benchmarks.courier import ARMS, COMPARISONS, markdown, pca_rows, permuted_rows, run_arms, summarise
 from marn.config import load_config
 from marn.data.schema import COURIER_EMBEDDINGS, read_dataset
@@ -103,6 +104,21 @@ def test_the_harness_trains_every_arm_per_seed_and_pairs_them(poster_world, tmp_
     again = run_arms(poster_world, cfg, work, [1], ["courier"], ["din"])  # finished runs are read back
     assert again["din"]["courier"][1] == runs["din"]["courier"][1]
     assert (work / "din" / "courier" / "seed-1" / "metrics.json").stat().st_mtime_ns == stamp
+    # Another machine: a ledger of the first WORK restored into an empty one trains nothing again, and a new
+    # model's courier arm reads the restored head's table through links made again (benchmarks/ledger.py).
+    book, elsewhere = tmp_path / "ledger", tmp_path / "elsewhere"
+    assert ledger.save(courier.LEDGER, work, book, poster_world)
+    ledger.restore(courier.LEDGER, book, elsewhere, poster_world)
+    trained = []
+    restored = run_arms(
+        poster_world, cfg, elsewhere, [1, 2], list(ARMS), ["din"], on_finished=lambda: trained.append(1)
+    )
+    assert trained == [] and restored == runs
+    table = elsewhere / "courier" / "seed-1" / COURIER_EMBEDDINGS
+    stamp = table.stat().st_mtime_ns
+    run_arms(poster_world, cfg, elsewhere, [1], ["courier"], ["lr"], on_finished=lambda: trained.append(1))
+    assert trained == [1] and table.stat().st_mtime_ns == stamp  # the restored head, not a new one
+    assert (elsewhere / "courier" / "seed-1" / "events.parquet").is_symlink()
     refused = r"(?s)config\.train\.epochs: 1 -> 2.*another --work"  # WORK is claimed for one config
     with pytest.raises(ValueError, match=refused):
         run_arms(poster_world, cfg.with_overrides({"train.epochs": 2}), work, [1], ["courier"], ["din"])

@@ -378,6 +378,7 @@ def test_the_pipeline_switch_needs_the_candidate_to_be_the_flip_tower_and_the_id
 
 
 def test_the_benchmark_pairs_arms_by_seed_and_resumes_from_finished_runs(world, encoder, tmp_path):
+    from benchmarks import flip, ledger
     from benchmarks.flip import markdown, run_arms, summarise
 
     cfg = load_config(None, SETTINGS)
@@ -398,6 +399,15 @@ def test_the_benchmark_pairs_arms_by_seed_and_resumes_from_finished_runs(world, 
     assert resumed["random_init"][1] == {"auc": 0.25}  # read back, not retrained
     with pytest.raises(ValueError, match="unknown arm"):
         run_arms(world, cfg, tmp_path, [1], ["flip_everything"], encoder)
+    # Another machine: the ledger of this WORK restored into an empty one trains nothing again.
+    book, elsewhere = tmp_path.parent / f"{tmp_path.name}-ledger", tmp_path.parent / f"{tmp_path.name}-2"
+    trained: list[int] = []
+    ledger.save(flip.LEDGER, tmp_path, book, world.root)
+    ledger.restore(flip.LEDGER, book, elsewhere, world.root)
+    again = run_arms(
+        world, cfg, elsewhere, [1, 2], ["random_init", "flip_id"], encoder, lambda: trained.append(1)
+    )
+    assert trained == [] and again["flip_id"] == runs["flip_id"]
 
 
 @pytest.mark.slow
