@@ -52,6 +52,7 @@ import pandas as pd
 import torch
 
 from benchmarks import ledger
+from benchmarks.paper_report.markdown import mean_sd
 from benchmarks.paper_report.report import write_report
 from benchmarks.paper_report.runs import (
     BATCH_SIDE_ROWS,
@@ -351,6 +352,7 @@ def train_one(inputs: RunInputs, cfg: Config, row: str, seed: int, out_dir: str)
             "lambda0": run_cfg.model.lambda0 if is_adversarial(run_cfg) else None,
             "threads": torch.get_num_threads(),
             "resumed_after_epochs": resumed_after,
+            "commit": git_commit(),  # the code that finished it: a ledger's runs span sessions
         },
     )
     (out / RESUME).unlink(missing_ok=True)
@@ -610,11 +612,7 @@ def print_status(statuses: list[RowStatus], cores: int) -> None:
     ):
         table.add_column(header, justify="left" if header in ("stage", "row") else "right")
     for s in statuses:
-        auc = (
-            f"{np.mean(s.auc):.4f} ± {np.std(s.auc, ddof=1):.4f}"
-            if len(s.auc) > 1
-            else (f"{s.auc[0]:.4f}" if s.auc else "")
-        )
+        auc = mean_sd(s.auc) if s.auc else ""
         running = ", ".join(f"seed {seed}: {epoch}" for seed, epoch in sorted(s.in_progress.items()))
         known = [e for e in s.left_s if e is not None]
         left = " + ".join([f"{sum(known) / 60:.0f} min"] * bool(known) + ["?"] * (len(known) < len(s.left_s)))

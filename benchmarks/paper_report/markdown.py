@@ -13,7 +13,8 @@ from benchmarks.paper_report.claims import Claim
 from benchmarks.paper_report.runs import INSTRUMENTS, LABELS, PAPER_AUC, Summary, instrumentation
 
 
-def _fmt(values: Sequence[float]) -> str:
+def mean_sd(values: Sequence[float]) -> str:
+    """``mean ± sd`` over seeds (one value alone as it is), as every table of the report shows AUC."""
     return f"{np.mean(values):.4f} ± {np.std(values, ddof=1):.4f}" if len(values) > 1 else f"{values[0]:.4f}"
 
 
@@ -41,8 +42,8 @@ def model_table(runs: dict[str, Summary], names: Sequence[str], paper: bool = Tr
         rows.append(
             [
                 LABELS[name],
-                _fmt(s.auc),
-                _fmt(s.user_auc),
+                mean_sd(s.auc),
+                mean_sd(s.user_auc),
                 len(s.auc),
                 f"{np.mean(s.epochs):.1f}",
                 f"{np.mean(s.best_epochs):.1f}",
@@ -121,7 +122,7 @@ def cold_markdown(table: dict[str, Any]) -> tuple[str, list[Claim]]:
             [
                 LABELS[name],
                 *[_fmt_percent(r["recall"][n]) for n in ns],
-                _fmt(r["auc"]),
+                mean_sd(r["auc"]),
             ]
         )
     header = ["model", *[f"recall@{n}" for n in ns], "test AUC (all items)"]
@@ -144,8 +145,8 @@ def batch_side_markdown(table: dict[str, Any]) -> str:
                 [
                     LABELS.get(name, name),
                     batch,
-                    _fmt(r["auc"]),
-                    _fmt(r["user_auc"]),
+                    mean_sd(r["auc"]),
+                    mean_sd(r["user_auc"]),
                     f"{np.mean(r['epochs_run']):.1f} (best {np.mean(r['best_epoch']):.1f})",
                     f"{np.mean(r['wall_s']) / 60:.1f}",
                     str(len(r["auc"])),

@@ -95,6 +95,7 @@ def test_the_grid_trains_every_model_and_seed_once(finished):
         for seed in (1, 2):
             run = root / "work" / "runs" / model / f"seed-{seed}"
             assert (run / "metrics.json").exists() and (run / "curves.json").exists()
+            assert len(json.loads((run / "metrics.json").read_text())["commit"]) == 40  # the code it ran
     # A second run on an empty WORK with the first one's ledger: nothing is tuned or trained again.
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert "Ray Tune" not in again.stdout
