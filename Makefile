@@ -51,6 +51,8 @@ PAPER_WORK ?= .marn/paper
 # Finished runs are kept here, committed, so the grid goes on across machines (benchmarks/ledger.py);
 # PAPER_LEDGER= (empty) trains everything from scratch and keeps nothing.
 PAPER_LEDGER ?= benchmarks/results/paper-movielens-runs
+# Minutes the machine is yours for (empty: no limit): no run starts that is not expected to end within them.
+PAPER_BUDGET_MIN ?=
 paper: $(STAMP)  ## Tables 2-5, Figures 4-6 on ../shared MovieLens (hours on 2 cores; resumable)
 	@test -d $(SHARED)/datasets/movielens-100k || { echo "no $(SHARED)/datasets/movielens-100k (SHARED=...)"; exit 1; }
 	test -f $(PAPER_WORK)/data/events.parquet || $(BIN)/marn data import movielens \
@@ -58,7 +60,7 @@ paper: $(STAMP)  ## Tables 2-5, Figures 4-6 on ../shared MovieLens (hours on 2 c
 	test -f $(PAPER_WORK)/data/image_embeddings.parquet || $(BIN)/marn embed --data $(PAPER_WORK)/data \
 		--weights $(SHARED)/models/mobilenet_v2-b0353104.pth --config configs/paper-movielens.yaml
 	OMP_NUM_THREADS=1 $(BIN)/python -m benchmarks.paper run --data $(PAPER_WORK)/data --work $(PAPER_WORK) \
-		$(if $(PAPER_LEDGER),--ledger $(PAPER_LEDGER))
+		$(if $(PAPER_LEDGER),--ledger $(PAPER_LEDGER)) $(if $(PAPER_BUDGET_MIN),--budget-min $(PAPER_BUDGET_MIN))
 	$(MAKE) paper-report
 
 paper-report: $(STAMP)  ## rewrite benchmarks/results/paper-movielens.{md,json} and figures from finished runs

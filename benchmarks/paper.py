@@ -445,10 +445,12 @@ def run_experiment(
     seeds: list[int],
     work: Path,
     on_finished: Callable[[], object] = lambda: None,
+    deadline: float | None = None,
 ) -> list[str]:
-    """Train every (row, seed) not yet done, two at a time on Ray (``configs``: each row's config, all with
-    the same ``ray`` section); ``on_finished()`` after each run that finishes. Returns the failures'
-    descriptions."""
+    """Train every (row, seed) not yet done, one per core on Ray (``configs``: each row's config, all with
+    the same ``ray`` section); ``on_finished()`` after each run that finishes. With a ``deadline``
+    (``time.time()`` seconds) a run starts only when it is expected to end before it (``next_run``); the
+    rest is left for the next invocation. Returns the failures' descriptions."""
     import ray
 
     from marn.ray_runtime import ray_session
@@ -472,10 +474,15 @@ def run_experiment(
     with _timed(work, experiment), ray_session(configs[models[0]].ray):
         remote = ray.remote(num_cpus=1, max_retries=0)(_guarded_train_one)
         shared = ray.put(inputs)  # the features and encoded splits go to the object store once
-        pending = {
-            remote.remote(shared, configs[m], m, s, str(run_dir(work, experiment, m, s))): (m, s)
-            for m, s in todo
-        }
+        queue, pending = list(todo), {}
+
+        def start_runs() -> None:  # fill the free cores, longest first, with what fits the deadline
+            while len(pending) < parallel and (job := next_run(queue, expected, time.time(), deadline)):
+                queue.remove(job)
+                m, s = job
+                pending[remote.remote(shared, configs[m], m, s, str(run_dir(work, experiment, m, s)))] = job
+
+        start_runs()
         finished = 0
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1)
@@ -491,6 +498,7 @@ def run_experiment(
                     f"[{experiment} {finished}/{len(todo)}] {model} seed {seed} FAILED: {outcome['error']}",
                     flush=True,
                 )
+                start_runs()
                 continue
             print(
                 f"[{experiment} {finished}/{len(todo)}] {model:>14} seed {seed}: "
@@ -500,7 +508,29 @@ def run_experiment(
                 flush=True,
             )
             on_finished()
+            start_runs()
+    if queue:
+        print(
+            f"[{experiment}] {len(queue)} runs left for the next invocation: none is expected to end before "
+            f"the deadline ({time_left([expected[job] for job in queue], parallel)})",
+            flush=True,
+        )
     return failures
+
+
+def next_run(
+    queue: list[tuple[str, int]],
+    expected: dict[tuple[str, int], float | None],
+    now: float,
+    deadline: float | None,
+) -> tuple[str, int] | None:
+    """The first run of ``queue`` (longest first) that is expected to end by ``deadline``; without a
+    deadline the first one. A run of unknown length never fits a deadline. None when nothing fits."""
+    for job in queue:
+        seconds = expected[job]
+        if deadline is None or (seconds is not None and now + seconds <= deadline):
+            return job
+    return None
 
 
 def _guarded_train_one(inputs: RunInputs, cfg: Config, model: str, seed: int, out_dir: str) -> dict[str, Any]:
@@ -519,6 +549,7 @@ def _guarded_train_one(inputs: RunInputs, cfg: Config, model: str, seed: int, ou
 
 def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    deadline = time.time() + 60 * args.budget_min if args.budget_min else None
     cfg = load_config(args.config)
     dataset = read_dataset(args.data)
     work = args.work
@@ -539,20 +570,24 @@ def run(args: argparse.Namespace) -> int:
     save()
     inputs = prepare_inputs(dataset, cfg)
     seeds = list(range(1, args.seeds + 1))
-    failures = run_experiment("runs", inputs, {r: configs[r] for r in rows}, seeds, work, save)
+    failures = run_experiment("runs", inputs, {r: configs[r] for r in rows}, seeds, work, save, deadline)
     if cold_rows:
         held_inputs, held_out = cold_inputs(dataset, inputs, args.cold_share, args.cold_seed)
         _write_json(
             work / "cold" / "held_out.json",
             {"share": args.cold_share, "seed": args.cold_seed, "items": held_out.tolist()},
         )
-        failures += run_experiment("cold", held_inputs, {r: configs[r] for r in cold_rows}, seeds, work, save)
+        failures += run_experiment(
+            "cold", held_inputs, {r: configs[r] for r in cold_rows}, seeds, work, save, deadline
+        )
     if not args.no_references:  # after the paper's own grid: it comes first when time is short
         references = {r: row_config(cfg, r) for r in REFERENCES}
-        failures += run_experiment("runs", inputs, references, seeds, work, save)
+        failures += run_experiment("runs", inputs, references, seeds, work, save, deadline)
     if args.side_batch_seeds:  # last: the costliest runs per sample (32x the optimiser steps)
         side = {r: configs[r].with_overrides({"train.batch_size": SIDE_BATCH_SIZE}) for r in side_rows}
-        failures += run_experiment("batch32", inputs, side, seeds[: args.side_batch_seeds], work, save)
+        failures += run_experiment(
+            "batch32", inputs, side, seeds[: args.side_batch_seeds], work, save, deadline
+        )
     for failure in failures:
         print(f"FAILED {failure}", file=sys.stderr)
     return 1 if failures else 0
@@ -747,6 +782,14 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="restore finished runs from this directory first and save each new one there "
         "(benchmarks/ledger.py; the Makefile's `paper` uses benchmarks/results/paper-movielens-runs)",
+    )
+    run_p.add_argument(
+        "--budget-min",
+        type=float,
+        default=None,
+        help="start a training run only if it is expected to end within this many minutes of the start "
+        "(from the finished runs of its model), so that a machine taken back at a known time loses no "
+        "half-done run; the rest is left for the next invocation (runs of unknown length never start)",
     )
     run_p.add_argument("--no-references", action="store_true", help="skip DeepCTR-Torch's DIN and DIEN")
     run_p.add_argument("--no-cold", action="store_true", help="skip the held-out-items runs (Table 5)")

@@ -150,3 +150,17 @@ def test_report_shows_every_table_and_figure(finished):
     }
     for figure in figures:
         assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"paper-movielens/{figure.name}" in report
+
+
+def test_a_budget_starts_only_the_runs_expected_to_end_within_it(tmp_path):
+    synthesize(tmp_path / "data", load_config(None, {"synth": {"users": 60, "items": 30}}).synth)
+    common = ["--data", str(tmp_path / "data"), "--work", str(tmp_path / "work"), "--seeds", "2"]
+    common += ["--config", str(REPO / "configs" / "local.yaml"), "--models", "lr", "--no-cold"]
+    common += ["--no-references", "--side-batch-seeds", "0"]
+    short = _paper("run", *common, "--budget-min", "0.05")  # 3 s: an LR run is expected to take ~18 s
+    assert short.returncode == 0, short.stdout[-3000:] + short.stderr[-3000:]
+    assert "[runs] 2 runs left for the next invocation" in short.stdout
+    assert not list((tmp_path / "work" / "runs").glob("*/*/metrics.json"))
+    enough = _paper("run", *common, "--budget-min", "30")
+    assert enough.returncode == 0, enough.stdout[-3000:] + enough.stderr[-3000:]
+    assert len(list((tmp_path / "work" / "runs").glob("lr/seed-*/metrics.json"))) == 2

@@ -170,6 +170,18 @@ def test_pending_runs_are_estimated_from_the_finished_runs_of_their_model(tmp_pa
     assert paper.time_left([600.0, None], cores=2) == "about 10 min left + 1 runs of unknown length"
 
 
+def test_under_a_deadline_the_longest_run_that_ends_before_it_starts_next():
+    queue = [("marn", 1), ("din", 1), ("lr", 1), ("marn", 9)]  # longest first, as run_experiment sorts
+    expected = {("marn", 1): 1200.0, ("din", 1): 600.0, ("lr", 1): 30.0, ("marn", 9): None}
+    assert paper.next_run(queue, expected, now=0.0, deadline=None) == ("marn", 1)
+    assert paper.next_run(queue, expected, now=0.0, deadline=1200.0) == ("marn", 1)
+    assert paper.next_run(queue, expected, now=1.0, deadline=1200.0) == ("din", 1)
+    assert paper.next_run(queue, expected, now=1000.0, deadline=1200.0) == ("lr", 1)
+    assert paper.next_run(queue, expected, now=1190.0, deadline=1200.0) is None
+    assert paper.next_run([("marn", 9)], expected, now=0.0, deadline=1e12) is None  # unknown length
+    assert paper.next_run([("marn", 9)], expected, now=0.0, deadline=None) == ("marn", 9)
+
+
 def test_status_reads_finished_half_done_and_missing_runs_from_work_alone(tmp_path):
     for seed, auc in ((1, 0.90), (2, 0.92)):
         path = paper.run_dir(tmp_path, "runs", "din", seed) / "metrics.json"
