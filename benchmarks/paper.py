@@ -149,10 +149,12 @@ def lambda0_source(row: str) -> str:
 # --------------------------------------------------------------------------------------------------------
 
 
-def tuned_values(dataset: Dataset, cfg: Config, work: Path, row: str) -> dict[str, Any]:
+def tuned_values(
+    dataset: Dataset, cfg: Config, work: Path, row: str, on_searched: Callable[[], object] = lambda: None
+) -> dict[str, Any]:
     """The overrides of ``WORK/tune/ROW/tune.json`` for ``cfg`` (``row_config``'s): the best lambda0 and the
-    search's schedule horizon (lr is the grid's own), searching first when it does not exist yet. A search
-    of another model config or learning rate is refused, not reused."""
+    search's schedule horizon (lr is the grid's own), searching first when it does not exist yet (then
+    ``on_searched()``). A search of another model config or learning rate is refused, not reused."""
     path = work / "tune" / row / TUNE_FILE
     cfg = cfg.with_overrides({"tune.model": cfg.train.model})
     if not path.exists():
@@ -165,6 +167,7 @@ def tuned_values(dataset: Dataset, cfg: Config, work: Path, row: str) -> dict[st
             tune_hyperparameters(dataset, cfg, path.parent)
         # Ray Tune leaves its own SIGINT handler behind, which would swallow Ctrl+C during the grid.
         signal.signal(signal.SIGINT, signal.default_int_handler)
+        on_searched()
     report = json.loads(path.read_text())
     if report["search"]["lr_range"][0] != cfg.train.lr or report["search"]["lr_range"][1] != cfg.train.lr:
         raise ValueError(
@@ -179,13 +182,23 @@ def tuned_values(dataset: Dataset, cfg: Config, work: Path, row: str) -> dict[st
     return overrides
 
 
-def tuned_configs(dataset: Dataset, cfg: Config, rows: list[str], work: Path) -> dict[str, Config]:
+def tuned_configs(
+    dataset: Dataset,
+    cfg: Config,
+    rows: list[str],
+    work: Path,
+    on_searched: Callable[[], object] = lambda: None,
+) -> dict[str, Config]:
     """Each row's config with its variant's tuned lambda0 and schedule horizon (searched first where
-    missing), or a ``FIXED_LAMBDA0`` row's own lambda0 with its variant's horizon; rows without a
-    discriminator keep the configured values, as lambda0 means nothing to them."""
+    missing, ``on_searched()`` after each search), or a ``FIXED_LAMBDA0`` row's own lambda0 with its
+    variant's horizon; rows without a discriminator keep the configured values, as lambda0 means nothing to
+    them."""
     configs = {row: row_config(cfg, row) for row in rows}
     sources = dict.fromkeys(lambda0_source(r) for r in rows if is_adversarial(configs[r]))
-    tuned = {source: tuned_values(dataset, row_config(cfg, source), work, source) for source in sources}
+    tuned = {
+        source: tuned_values(dataset, row_config(cfg, source), work, source, on_searched)
+        for source in sources
+    }
     fixed = {row: {"model.lambda0": value} for row, value in FIXED_LAMBDA0.items()}
     return {
         row: c.with_overrides({**tuned[lambda0_source(row)], **fixed.get(row, {})})
@@ -566,8 +579,7 @@ def run(args: argparse.Namespace) -> int:
     rows = list(grid_rows(args.models))
     cold_rows = [] if args.no_cold else list(COLD_MODELS)
     side_rows = list(BATCH_SIDE_ROWS) if args.side_batch_seeds else []
-    configs = tuned_configs(dataset, cfg, list(dict.fromkeys(rows + cold_rows + side_rows)), work)
-    save()
+    configs = tuned_configs(dataset, cfg, list(dict.fromkeys(rows + cold_rows + side_rows)), work, save)
     inputs = prepare_inputs(dataset, cfg)
     seeds = list(range(1, args.seeds + 1))
     failures = run_experiment("runs", inputs, {r: configs[r] for r in rows}, seeds, work, save, deadline)
