@@ -477,10 +477,18 @@ def run_experiment(
     )
     if not todo:
         return []
-    measured = measured_run_seconds(work)
-    expected = {job: expected_run_seconds(measured, experiment, job[0], configs[job[0]]) for job in todo}
-    # longest first (an unknown length counts as longest): fewer idle cores at the end
-    todo.sort(key=lambda job: -(expected[job] if expected[job] is not None else float("inf")))
+    expected: dict[tuple[str, int], float | None] = {}
+
+    def estimate(jobs: list[tuple[str, int]]) -> None:
+        """Expected seconds of ``jobs`` from the runs finished so far; ``jobs`` sorted longest first (an
+        unknown length counts as longest): fewer idle cores at the end."""
+        measured = measured_run_seconds(work)
+        expected.update(
+            {job: expected_run_seconds(measured, experiment, job[0], configs[job[0]]) for job in jobs}
+        )
+        jobs.sort(key=lambda job: -(expected[job] if expected[job] is not None else float("inf")))
+
+    estimate(todo)
     parallel = max(1, int(configs[models[0]].ray.num_cpus or os.cpu_count() or 1))  # one run per core
     failures: list[str] = []
     started = time.perf_counter()
@@ -521,6 +529,7 @@ def run_experiment(
                 flush=True,
             )
             on_finished()
+            estimate(queue)  # a first finished run of a model replaces its rough figure
             start_runs()
     if queue:
         print(
