@@ -89,6 +89,7 @@ CURVES = "curves.json"
 RESUME = "resume.pt"  # a run's state after its last finished epoch (train_one)
 TIMING = "timing.json"  # wall seconds of every stage and invocation, summed for the results' wall_s
 TICK_S = 60.0  # how often a running stage adds its seconds to TIMING
+UNFINISHED = 3  # run's exit status when a budget left runs for the next invocation (no report yet)
 COMMANDS = "command.json"  # every invocation of ``run``, with its commit
 # What the grid's ledger keeps (benchmarks/ledger.py): the report reads nothing else.
 LEDGER = ledger.Layout(
@@ -459,11 +460,11 @@ def run_experiment(
     work: Path,
     on_finished: Callable[[], object] = lambda: None,
     deadline: float | None = None,
-) -> list[str]:
+) -> tuple[list[str], int]:
     """Train every (row, seed) not yet done, one per core on Ray (``configs``: each row's config, all with
     the same ``ray`` section); ``on_finished()`` after each run that finishes. With a ``deadline``
     (``time.time()`` seconds) a run starts only when it is expected to end before it (``next_run``); the
-    rest is left for the next invocation. Returns the failures' descriptions."""
+    rest is left for the next invocation. Returns the failures' descriptions and the number of runs left."""
     import ray
 
     from marn.ray_runtime import ray_session
@@ -476,7 +477,7 @@ def run_experiment(
         flush=True,
     )
     if not todo:
-        return []
+        return [], 0
     expected: dict[tuple[str, int], float | None] = {}
 
     def estimate(jobs: list[tuple[str, int]]) -> None:
@@ -537,7 +538,7 @@ def run_experiment(
             f"the deadline ({time_left([expected[job] for job in queue], parallel)})",
             flush=True,
         )
-    return failures
+    return failures, len(queue)
 
 
 def next_run(
@@ -591,27 +592,36 @@ def run(args: argparse.Namespace) -> int:
     configs = tuned_configs(dataset, cfg, list(dict.fromkeys(rows + cold_rows + side_rows)), work, save)
     inputs = prepare_inputs(dataset, cfg)
     seeds = list(range(1, args.seeds + 1))
-    failures = run_experiment("runs", inputs, {r: configs[r] for r in rows}, seeds, work, save, deadline)
+    stages = [run_experiment("runs", inputs, {r: configs[r] for r in rows}, seeds, work, save, deadline)]
     if cold_rows:
         held_inputs, held_out = cold_inputs(dataset, inputs, args.cold_share, args.cold_seed)
         _write_json(
             work / "cold" / "held_out.json",
             {"share": args.cold_share, "seed": args.cold_seed, "items": held_out.tolist()},
         )
-        failures += run_experiment(
-            "cold", held_inputs, {r: configs[r] for r in cold_rows}, seeds, work, save, deadline
-        )
+        stages += [
+            run_experiment(
+                "cold", held_inputs, {r: configs[r] for r in cold_rows}, seeds, work, save, deadline
+            )
+        ]
     if not args.no_references:  # after the paper's own grid: it comes first when time is short
         references = {r: row_config(cfg, r) for r in REFERENCES}
-        failures += run_experiment("runs", inputs, references, seeds, work, save, deadline)
+        stages += [run_experiment("runs", inputs, references, seeds, work, save, deadline)]
     if args.side_batch_seeds:  # last: the costliest runs per sample (32x the optimiser steps)
         side = {r: configs[r].with_overrides({"train.batch_size": SIDE_BATCH_SIZE}) for r in side_rows}
-        failures += run_experiment(
-            "batch32", inputs, side, seeds[: args.side_batch_seeds], work, save, deadline
-        )
+        stages += [
+            run_experiment("batch32", inputs, side, seeds[: args.side_batch_seeds], work, save, deadline)
+        ]
+    failures = [failure for stage_failures, _ in stages for failure in stage_failures]
     for failure in failures:
         print(f"FAILED {failure}", file=sys.stderr)
-    return 1 if failures else 0
+    if failures:
+        return 1
+    left = sum(n for _, n in stages)
+    if left:
+        print(f"{left} runs left for the next invocation (--budget-min): the grid is unfinished", flush=True)
+        return UNFINISHED
+    return 0
 
 
 @dataclass(frozen=True)
