@@ -288,14 +288,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--seeds must be at least 1")
     command = "python -m benchmarks.courier " + shlex.join(sys.argv[1:] if argv is None else argv)
     seeds = list(range(1, args.seeds + 1))
-    if args.ledger:
-        restored = ledger.restore(LEDGER, args.ledger, args.work, args.data)
-        print(f"[ledger] {len(restored)} files restored from {args.ledger}", flush=True)
-
-    def save() -> None:
-        if args.ledger:
-            ledger.save(LEDGER, args.work, args.ledger, args.data)
-
+    save = ledger.attach(LEDGER, args.ledger, args.work, args.data)
     runs = run_arms(args.data, load_config(args.config), args.work, seeds, args.arms, args.models, save)
     summary = summarise(runs, args.work, command)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -179,14 +179,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.seeds < 1:
         parser.error("--seeds must be at least 1")
     command = "python -m benchmarks.flip " + shlex.join(sys.argv[1:] if argv is None else argv)
-    if args.ledger:
-        restored = ledger.restore(LEDGER, args.ledger, args.work, args.data)
-        print(f"[ledger] {len(restored)} files restored from {args.ledger}", flush=True)
-
-    def save() -> None:
-        if args.ledger:
-            ledger.save(LEDGER, args.work, args.ledger, args.data)
-
+    save = ledger.attach(LEDGER, args.ledger, args.work, args.data)
     runs = run_arms(
         read_dataset(args.data),
         load_config(args.config),

@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -101,6 +101,20 @@ def restore(layout: Layout, ledger: Path, work: Path, data: Path) -> list[Path]:
             _copy(ledger / rel, work / rel)
             copied.append(rel)
     return copied
+
+
+def attach(layout: Layout, ledger: Path | None, work: Path, data: Path) -> Callable[[], None]:
+    """What a harness's ``--ledger`` does: restore into ``work`` now, and return the ``save`` to call after
+    each finished run (a no-op without a ledger)."""
+    if ledger is None:
+        return lambda: None
+    restored = restore(layout, ledger, work, data)
+    print(f"[ledger] {len(restored)} files restored from {ledger}", flush=True)
+
+    def save_finished() -> None:
+        save(layout, work, ledger, data)
+
+    return save_finished
 
 
 def _check_same_data(ledger: Path, fingerprint: dict[str, Any], data: Path) -> None:

@@ -577,14 +577,9 @@ def run(args: argparse.Namespace) -> int:
     dataset = read_dataset(args.data)
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
-    if args.ledger:  # before anything else: finished runs and searches are not done again
-        restored = ledger.restore(LEDGER, args.ledger, work, args.data)
-        print(f"[ledger] {len(restored)} files restored from {args.ledger}", flush=True)
+    # before anything else: finished runs and searches are not done again
+    save = ledger.attach(LEDGER, args.ledger, work, args.data)
     _record_invocation(work, args)
-
-    def save() -> None:
-        if args.ledger:
-            ledger.save(LEDGER, work, args.ledger, args.data)
 
     rows = list(grid_rows(args.models))
     cold_rows = [] if args.no_cold else list(COLD_MODELS)

@@ -138,3 +138,16 @@ def test_flip_keeps_its_runs_metrics_and_not_the_pretrainings(tmp_path):
     ledger.save(flip.LEDGER, work, book, data)
     kept = {str(p.relative_to(book)) for p in book.rglob("*") if p.is_file()}
     assert kept == {"ledger.json", "flip_id/seed-3/flip_metrics.json"}
+
+
+def test_attach_restores_now_and_saves_when_called(tmp_path):
+    work, data, book = _work(tmp_path), _data(tmp_path / "data"), tmp_path / "ledger"
+    ledger.save(PAPER, work, book, data)
+    ledger.attach(PAPER, None, tmp_path / "none", data)()  # no ledger: nothing restored or saved
+    assert not (tmp_path / "none").exists()
+    fresh = tmp_path / "fresh"
+    save = ledger.attach(PAPER, book, fresh, data)
+    assert (fresh / "runs" / "din" / "seed-1" / "metrics.json").exists()
+    _finished(fresh, "runs", "lr", 2)
+    save()
+    assert (book / "runs" / "lr" / "seed-2" / "metrics.json").exists()
